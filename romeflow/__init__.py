@@ -1,0 +1,3 @@
+"""romeflow: factual edits of language models (ROME) as versioned, reproducible artifacts."""
+
+__version__ = "0.1.0"

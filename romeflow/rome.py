@@ -1,0 +1,310 @@
+"""ROME: Rank-One Model Editing (Meng et al. 2022), one readable function per equation.
+
+    key     Eq. 3  k* = mean_j k(x_j + s)                    the subject's key, prefix-averaged
+    value   Eq. 4  v* = W k* + δ,  δ = argmin L(δ)           the value that makes the model say o*
+    insert  Eq. 2  Ŵ = W + Λ (C⁻¹k*)ᵀ                        the least-disturbing rank-one update
+
+Shapes: d_in is the width of the key (the MLP's hidden size), d_out the width of the value (the
+model width). W is always handled as (d_out, d_in), whatever the storage orientation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import torch
+
+from .models import LoadedModel, edited_module, edited_module_name, final_hidden, keys_at, logits_at, weight_out_in
+from .prompts import (encode, fill, flush_denormals, mean_per_pair, pad, subject_last_index, target_logprobs,
+                      teacher_forced)
+
+
+@dataclass(frozen=True)
+class RomeParams:
+    """Hyper-parameters (the ``rome:`` section of params.yaml)."""
+
+    layer: int = 4
+    symmetric_keys: bool = True  # r-ROME: prefix-averaged k* on both sides of Λ (False: the paper's code)
+    prefix_lengths: tuple[int, ...] = (5, 10)  # tokens generated per context prefix, per group
+    prefixes_per_length: int = 10
+    prefix_starts: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    seed: int = 0  # for the context prefixes
+    lr: float = 0.5
+    steps: int = 20
+    early_stop_nll: float = 0.05  # stop once the mean target NLL is below this
+    weight_decay: float = 0.5  # on (‖δ‖ / ‖W k*‖)²
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖W k*‖
+    essence_prompt: str = "{} is a"
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "RomeParams":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ROME hyper-parameter(s): {', '.join(sorted(unknown))}")
+        for f in fields(cls):
+            if f.name in d and isinstance(getattr(cls, f.name, None), tuple):
+                d[f.name] = tuple(d[f.name])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    subject: str
+    relation: str  # a prompt template with {} where the subject goes
+    target: str  # the new object o*
+    target_true: str | None = None  # the old object, for reporting
+
+    @property
+    def prompt(self) -> str:
+        return fill(self.relation, self.subject)
+
+
+@dataclass
+class RankOneUpdate:
+    """ΔW = u vᵀ on the (d_out, d_in) view of one module."""
+
+    module: str
+    layer: int
+    u: torch.Tensor  # (d_out,) Λ
+    v: torch.Tensor  # (d_in,)  C⁻¹ k*
+
+
+@dataclass
+class EditResult:
+    request: EditRequest
+    update: RankOneUpdate
+    k_star: torch.Tensor  # (d_in,)
+    v_star: torch.Tensor  # (d_out,)
+    nll_trace: list[float]  # mean target NLL at each v* step
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Context prefixes x_j (Eq. 3 and 4 average over them)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def context_prefixes(lm: LoadedModel, params: RomeParams) -> list[str]:
+    """Short texts sampled from the model itself (top-5 sampling, seeded), each ending in '. '.
+
+    The bare prompt (prefix '') comes first. Returns 1 + len(prefix_lengths) · prefixes_per_length.
+    """
+    tok, model = lm.tokenizer, lm.model
+    generator = torch.Generator().manual_seed(params.seed)
+    banned = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
+    prefixes = [""]
+    for length in params.prefix_lengths:
+        starts = [params.prefix_starts[i % len(params.prefix_starts)] for i in range(params.prefixes_per_length)]
+        seqs = [tok(s).input_ids for s in starts]
+        for _ in range(length):
+            b = pad(seqs, tok.pad_token_id)
+            hidden = final_hidden(model, b.input_ids, b.attention_mask)  # (B, T, d)
+            logits = logits_at(model, hidden[torch.arange(len(seqs)), b.lengths - 1])  # (B, vocab)
+            logits[:, banned] = -torch.inf
+            top = logits.topk(5, dim=-1)
+            pick = torch.multinomial(top.values.softmax(-1), 1, generator=generator)  # (B, 1)
+            nxt = top.indices.gather(1, pick)[:, 0]
+            seqs = [s + [int(t)] for s, t in zip(seqs, nxt)]
+        for s in seqs:
+            text = tok.decode(s, skip_special_tokens=True).replace("{", "").replace("}", "")
+            prefixes.append(" ".join(text.split()) + ". ")
+    return prefixes
+
+
+# --------------------------------------------------------------------------------------------------
+# Eq. 3: the key
+# --------------------------------------------------------------------------------------------------
+
+
+def subject_keys(lm: LoadedModel, layer: int, templates: list[str], subject: str) -> torch.Tensor:
+    """The key at the last subject token of each filled template: (N, d_in)."""
+    batch = encode(lm.tokenizer, [fill(t, subject) for t in templates])
+    where = torch.tensor([subject_last_index(lm.tokenizer, t, subject) for t in templates])
+    keys = keys_at(lm.model, [layer], batch.input_ids, batch.attention_mask)[layer]  # (N, T, d_in)
+    return keys[torch.arange(len(templates)), where]
+
+
+def key(lm: LoadedModel, layer: int, subject: str, prefixes: list[str]) -> torch.Tensor:
+    """Eq. 3: k* = (1/N) Σ_j k(x_j + s), the subject's key averaged over context prefixes. (d_in,)
+
+    Causality makes the key at the last subject token independent of what follows the subject, so
+    the template is just prefix + subject.
+    """
+    return subject_keys(lm, layer, [p + "{}" for p in prefixes], subject).mean(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Eq. 4: the value
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_at(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+    """A forward hook adding δ (d_out,) to the module output (B, T, d_out) at the given positions."""
+
+    def hook(_module, _inputs, output):
+        where = torch.zeros(output.shape[:2] + (1,), dtype=output.dtype)  # (B, T, 1)
+        where[rows, cols] = 1.0
+        return output + where * delta
+
+    return hook
+
+
+def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
+          params: RomeParams) -> tuple[torch.Tensor, list[float]]:
+    """Eq. 4: v* = W k* + δ, with δ minimising
+
+        L(δ) = mean_j NLL(o* | x_j + p)  +  kl_factor · KL(P_δ[· | p'] ‖ P[· | p'])  +  wd · (‖δ‖/‖W k*‖)²
+
+    where δ is added to the module output at the last subject token of every prompt, p' is the
+    essence prompt ("{subject} is a", scored at its last token), and ‖δ‖ is clamped to
+    clamp_norm_factor · ‖W k*‖ after each Adam step. Returns (v* (d_out,), NLL per step).
+    """
+    tok, model = lm.tokenizer, lm.model
+    module = edited_module(model, layer)
+    templates = [p + request.relation for p in prefixes]
+    rewrite = teacher_forced(tok, [fill(t, request.subject) for t in templates], [request.target] * len(templates))
+    rewrite_at = (torch.arange(len(templates)),
+                  torch.tensor([subject_last_index(tok, t, request.subject) for t in templates]))
+    essence = encode(tok, [fill(params.essence_prompt, request.subject)])
+    essence_at = (torch.tensor([0]), torch.tensor([subject_last_index(tok, params.essence_prompt, request.subject)]))
+    essence_last = int(essence.lengths[0]) - 1
+
+    def essence_logprobs() -> torch.Tensor:  # (vocab,) next-token log-probs after p'
+        hidden = final_hidden(model, essence.input_ids, essence.attention_mask)[0, essence_last]
+        return logits_at(model, hidden).log_softmax(-1)
+
+    with torch.no_grad():
+        v_now = module(k_star[None])[0]  # (d_out,) W k*: what the layer gives the subject now
+        base_essence = essence_logprobs()
+    max_norm = params.clamp_norm_factor * v_now.norm()
+    delta = torch.zeros_like(v_now, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=params.lr)
+    trace: list[float] = []
+    for _ in range(params.steps):
+        handle = module.register_forward_hook(_add_at(delta, *rewrite_at))
+        try:
+            nll = -mean_per_pair(target_logprobs(model, rewrite), rewrite).mean()
+        finally:
+            handle.remove()
+        trace.append(nll.item())
+        if nll.item() < params.early_stop_nll:
+            break
+        handle = module.register_forward_hook(_add_at(delta, *essence_at))
+        try:
+            edited_essence = essence_logprobs()
+        finally:
+            handle.remove()
+        kl = (edited_essence.exp() * (edited_essence - base_essence)).sum()
+        decay = (delta.norm() / v_now.norm()) ** 2
+        loss = nll + params.kl_factor * kl + params.weight_decay * decay
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    return (v_now + delta).detach(), trace
+
+
+# --------------------------------------------------------------------------------------------------
+# Eq. 2: the rank-one insert
+# --------------------------------------------------------------------------------------------------
+
+
+class Solver:
+    """Solves C x = k by a Cholesky factorisation of the second moment, computed once (float64)."""
+
+    def __init__(self, second_moment: torch.Tensor):
+        factor, info = torch.linalg.cholesky_ex(second_moment.double())
+        if info.item() != 0:
+            raise ValueError("the key second moment C is not positive definite: compute it over more tokens")
+        self.factor = factor  # (d_in, d_in) lower-triangular L with C = L Lᵀ
+
+    def __call__(self, k: torch.Tensor) -> torch.Tensor:  # (d_in,) -> C⁻¹ k (d_in,)
+        return torch.cholesky_solve(k.double()[:, None], self.factor)[:, 0].float()
+
+
+def insert(solve: Callable[[torch.Tensor], torch.Tensor], k_star: torch.Tensor, v_star: torch.Tensor,
+           k_d: torch.Tensor, w_k_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2: Ŵ = W + Λ (C⁻¹k*)ᵀ with Λ = (v* − W k_d) / ((C⁻¹k*)ᵀ k_d), so that Ŵ k_d = v*.
+
+    k_d = k* is r-ROME (symmetric); k_d = the bare prompt's key is the paper's original code.
+    Returns the factors (u = Λ (d_out,), v = C⁻¹k* (d_in,)) of ΔW = u vᵀ.
+    """
+    c_inv_k = solve(k_star)  # (d_in,)
+    lam = (v_star - w_k_d) / (c_inv_k @ k_d)  # (d_out,)
+    return lam, c_inv_k
+
+
+def add_rank_one(model: torch.nn.Module, module_name: str, u: torch.Tensor, v: torch.Tensor) -> None:
+    """W += u vᵀ in place, on the (d_out, d_in) view of the module's weight."""
+    weight_out_in(model, module_name).add_(torch.outer(u, v))
+
+
+# --------------------------------------------------------------------------------------------------
+# The editor: the three equations in sequence, edits applied one after another
+# --------------------------------------------------------------------------------------------------
+
+
+class Rome:
+    """Edits a loaded model in place. Caches the context prefixes and one solver per layer."""
+
+    name = "rome"
+
+    def __init__(self, lm: LoadedModel, params: RomeParams, second_moment: Callable[[int], torch.Tensor]):
+        self.lm, self.params, self._second_moment = lm, params, second_moment
+        self._prefixes: list[str] | None = None
+        self._solvers: dict[int, Solver] = {}
+
+    @property
+    def prefixes(self) -> list[str]:
+        if self._prefixes is None:
+            self._prefixes = context_prefixes(self.lm, self.params)
+        return self._prefixes
+
+    def solver(self, layer: int) -> Solver:
+        if layer not in self._solvers:
+            self._solvers[layer] = Solver(self._second_moment(layer))
+        return self._solvers[layer]
+
+    def compute(self, request: EditRequest, layer: int | None = None) -> EditResult:
+        """k*, v* and the rank-one factors for one edit, on the model as it is now (not modified)."""
+        layer = self.params.layer if layer is None else layer
+        module = edited_module(self.lm.model, layer)
+        clock = time.perf_counter
+        with flush_denormals():
+            t0 = clock()
+            prefixes = self.prefixes
+            t1 = clock()
+            k_star = key(self.lm, layer, request.subject, prefixes)  # (d_in,)
+            t2 = clock()
+            v_star, trace = value(self.lm, layer, request, prefixes, k_star, self.params)  # (d_out,)
+            t3 = clock()
+            k_d = k_star if self.params.symmetric_keys else subject_keys(self.lm, layer, ["{}"], request.subject)[0]
+            with torch.no_grad():
+                u, v = insert(self.solver(layer), k_star, v_star, k_d, module(k_d[None])[0])
+            t4 = clock()
+        update = RankOneUpdate(edited_module_name(self.lm.model, layer), layer, u, v)
+        timings = {"prefixes": t1 - t0, "key": t2 - t1, "value": t3 - t2, "insert": t4 - t3}
+        return EditResult(request, update, k_star, v_star, trace, timings)
+
+    def apply(self, requests: list[EditRequest], layers: list[int | None] | None = None,
+              progress: Callable[[int, EditResult], None] | None = None) -> list[EditResult]:
+        """Apply edits one after another; each is computed on the model with the previous ones in place."""
+        results = []
+        for i, (request, layer) in enumerate(zip(requests, layers or [None] * len(requests), strict=True)):
+            result = self.compute(request, layer)
+            add_rank_one(self.lm.model, result.update.module, result.update.u, result.update.v)
+            results.append(result)
+            if progress:
+                progress(i, result)
+        return results

@@ -1,0 +1,187 @@
+"""Second-moment statistics C = E[k kᵀ] of the edited module's input (the keys) over generic text.
+
+C is what makes ROME's update minimal: Eq. 2 spreads the change along C⁻¹k*, the direction that
+disturbs the other keys least. It is estimated once per (model, layer, corpus, token count) and
+cached as safetensors with its provenance in the header.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .io import atomic_path
+from .models import LoadedModel, edited_module_name, keys_at, sha256_file
+from .prompts import pad
+
+WIKI_EXCERPT = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    id: str  # human-readable name
+    sha256: str  # of the raw files: the cache key and the provenance
+    documents: Callable[[], Iterator[str]]  # plain-text documents, in a fixed order
+
+
+def wikipedia_corpus() -> Corpus:
+    """The English Wikipedia excerpt shipped in the gensim wheel, cleaned of wiki markup."""
+    import gensim
+
+    path = Path(gensim.__file__).parent / WIKI_EXCERPT
+
+    def documents() -> Iterator[str]:
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+        with bz2.BZ2File(path) as f:
+            for _title, text, _pageid in extract_pages(f, filter_namespaces=("0",)):
+                clean = filter_wiki(text).replace("'''", "").replace("''", "")
+                if clean.lstrip().upper().startswith("#REDIRECT"):
+                    continue
+                paragraphs = [p.strip() for p in re.split(r"\n\s*\n", clean) if len(p.strip()) > 40]
+                if paragraphs:
+                    yield "\n".join(paragraphs)
+
+    return Corpus("wikipedia-gensim-excerpt", sha256_file(path), documents)
+
+
+def text_files_corpus(paths: Iterable[str | os.PathLike]) -> Corpus:
+    """User-supplied plain-text files, one document each, in the order given."""
+    paths = [Path(p) for p in paths]
+    h = hashlib.sha256()
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: corpus file not found")
+        h.update(f"{p.name}:{sha256_file(p)}\n".encode())
+
+    def documents() -> Iterator[str]:
+        for p in paths:
+            yield p.read_text(encoding="utf-8", errors="replace")
+
+    return Corpus("files:" + ",".join(p.name for p in paths), h.hexdigest(), documents)
+
+
+def token_rows(lm: LoadedModel, corpus: Corpus, n_tokens: int, seq_len: int) -> Iterator[list[int]]:
+    """Pack the corpus into rows of ``seq_len`` text tokens (plus <bos> where the model uses one).
+
+    Stops after exactly ``n_tokens`` text tokens; raises if the corpus is too short.
+    """
+    tok = lm.tokenizer
+    head = [tok.bos_token_id] if lm.adds_bos else []
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    buffer: list[int] = []
+    left = n_tokens
+    for doc in corpus.documents():
+        buffer += tok(doc, add_special_tokens=False).input_ids + eos
+        while len(buffer) >= seq_len and left > 0:
+            take = min(seq_len, left)
+            yield head + buffer[:take]
+            buffer, left = buffer[seq_len:], left - take
+        if left == 0:
+            return
+    if left > 0 and buffer:
+        take = min(len(buffer), left)
+        yield head + buffer[:take]
+        left -= take
+    if left > 0:
+        raise ValueError(f"corpus {corpus.id} has only {n_tokens - left} tokens, {n_tokens} asked for")
+
+
+@torch.no_grad()
+def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int,
+                   seq_len: int = 256, batch_size: int = 8, progress: bool = True) -> dict[int, torch.Tensor]:
+    """C_l = E[k kᵀ] for every layer l in ``layers``, in one pass over the corpus.
+
+    k is the input of the edited module W_proj (d_in,). Every text token counts once; <bos> and
+    padding do not. Returns {l: (d_in, d_in)} float32.
+    """
+    sums = {l: 0.0 for l in layers}
+    counted = 0
+    skip = 1 if lm.adds_bos else 0
+    rows = token_rows(lm, corpus, n_tokens, seq_len)
+    with tqdm(total=n_tokens, unit="tok", desc="second moments", disable=not progress, leave=False) as bar:
+        while batch := [r for _, r in zip(range(batch_size), rows)]:
+            b = pad(batch, lm.tokenizer.pad_token_id)
+            counts = b.attention_mask.bool()  # (B, T): the positions that enter C
+            counts[:, :skip] = False
+            for l, k in keys_at(lm.model, layers, b.input_ids, b.attention_mask).items():
+                k = k[counts].float()  # (n, d_in)
+                sums[l] = sums[l] + k.T @ k  # (d_in, d_in)
+            counted += int(counts.sum())
+            bar.update(int(counts.sum()))
+    return {l: sums[l] / counted for l in layers}
+
+
+# --------------------------------------------------------------------------------------------------
+# Files and the cache
+# --------------------------------------------------------------------------------------------------
+
+STATS_FORMAT = "romeflow.stats/1"
+
+
+@dataclass
+class Stats:
+    second_moment: torch.Tensor  # (d_in, d_in) float32
+    meta: dict
+    sha256: str  # of the file: what deltas record as their provenance
+
+    @property
+    def layer(self) -> int:
+        return self.meta["layer"]
+
+
+def stats_meta(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, seq_len: int) -> dict:
+    return {"format": STATS_FORMAT, "model": lm.name, "model_fingerprint": lm.fingerprint, "layer": layer,
+            "module": edited_module_name(lm.model, layer), "corpus_id": corpus.id,
+            "corpus_sha256": corpus.sha256, "tokens": n_tokens, "seq_len": seq_len,
+            "romeflow_version": __version__}
+
+
+def save_stats(path: str | os.PathLike, second_moment: torch.Tensor, meta: dict) -> Stats:
+    with atomic_path(path) as tmp:
+        save_file({"second_moment": second_moment.contiguous()}, tmp, metadata={"romeflow": json.dumps(meta, sort_keys=True)})
+    return load_stats(path)
+
+
+def load_stats(path: str | os.PathLike) -> Stats:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: statistics file not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["romeflow"])
+            c = f.get_tensor("second_moment")
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: not a romeflow statistics file ({e})") from e
+    if meta.get("format") != STATS_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {STATS_FORMAT}")
+    return Stats(c, meta, sha256_file(path))
+
+
+def cached_stats_path(cache: Path, lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int) -> Path:
+    return cache / "stats" / f"{lm.fingerprint[:16]}-L{layer}-{corpus.sha256[:12]}-{n_tokens}.safetensors"
+
+
+def get_stats(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int, cache: Path,
+              seq_len: int = 256, progress: bool = True) -> dict[int, Stats]:
+    """Statistics for each layer: from the cache when (model, layer, corpus, tokens) match, else computed
+    (all missing layers in one pass) and cached."""
+    paths = {l: cached_stats_path(cache, lm, l, corpus, n_tokens) for l in layers}
+    missing = [l for l, p in paths.items() if not p.exists()]
+    if missing:
+        computed = second_moments(lm, missing, corpus, n_tokens, seq_len, progress=progress)
+        for l in missing:
+            save_stats(paths[l], computed[l], stats_meta(lm, l, corpus, n_tokens, seq_len))
+    return {l: load_stats(p) for l, p in paths.items()}
