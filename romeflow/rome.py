@@ -10,6 +10,7 @@ model width). W is always handled as (d_out, d_in), whatever the storage orienta
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
@@ -17,8 +18,8 @@ from typing import Callable
 import torch
 
 from .models import LoadedModel, edited_module, edited_module_name, final_hidden, keys_at, logits_at, weight_out_in
-from .prompts import (encode, fill, flush_denormals, mean_per_pair, pad, subject_last_index, target_logprobs,
-                      teacher_forced)
+from .prompts import (TargetBatch, encode, fill, flush_denormals, mean_per_pair, pad, subject_last_index,
+                      target_logprobs, teacher_forced)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,67 @@ def _add_at(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
     return hook
 
 
+@dataclass
+class _Scorer:
+    """Target log-probs of teacher-forced prompts, with δ hooked in at each prompt's last subject token."""
+
+    run: Callable[[], torch.Tensor]  # () -> (n,) log P(target token | prefix), in TargetBatch order
+    delta_at: tuple[torch.Tensor, torch.Tensor]  # (rows, cols) of the last subject tokens in what `run` feeds
+
+
+def _full_scorer(model, tb: TargetBatch, subject_at: torch.Tensor) -> _Scorer:
+    """The reference computation: every step runs every token of every prompt."""
+    return _Scorer(lambda: target_logprobs(model, tb), (torch.arange(len(subject_at)), subject_at))
+
+
+def _cached_scorer(model, tb: TargetBatch, subject_at: torch.Tensor, pad_id: int) -> _Scorer:
+    """Like ``_full_scorer``, but the tokens before the last subject token run once, into a KV cache.
+
+    δ enters at the last subject token, so by causality the keys and values of every earlier token, at
+    every layer, are the same at every step. Each row is shifted right so that its last subject token
+    lands in column P (left padding before it, right padding after it, as in batched generation):
+
+        row i:  [pad .. pad  x_j + subject[:-1] | subject[-1]  rest of p  o*[:-1]  pad .. pad]
+                 columns 0 .. P-1: the prefix,  | columns P .. P+S-1: the suffix,
+                 run once, no grad, kept as KV  | run at every step against the cached prefix
+
+    Explicit position ids keep every token at its unshifted position, and the real tokens of a row
+    stay contiguous (so sliding windows see the same neighbours): the result equals the uncached
+    computation up to float rounding.
+    """
+    ids, lengths = tb.batch.input_ids, tb.batch.lengths  # (B, T), (B,)
+    B = ids.shape[0]
+    P = int(subject_at.max())  # width of the prefix part
+    S = int((lengths - subject_at).max())  # width of the suffix part
+    shift = P - subject_at  # (B,) left padding of each row
+    input_ids = torch.full((B, P + S), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + S), dtype=torch.long)
+    position_ids = torch.zeros((B, P + S), dtype=torch.long)
+    for i in range(B):
+        n, s = int(lengths[i]), int(shift[i])
+        input_ids[i, s:s + n] = ids[i, :n]
+        attention_mask[i, s:s + n] = 1
+        position_ids[i, s:s + n] = torch.arange(n)
+
+    backbone = model.base_model  # without the output head: only the scored positions need it
+    prefix_cache = None
+    if P > 0:
+        with torch.no_grad():
+            prefix_cache = backbone(input_ids=input_ids[:, :P], attention_mask=attention_mask[:, :P],
+                                    position_ids=position_ids[:, :P], use_cache=True).past_key_values
+    cols = tb.positions + shift[tb.rows] - P  # (n,) suffix column whose output predicts each target token
+
+    def run() -> torch.Tensor:  # (n,)
+        cache = copy.deepcopy(prefix_cache)  # a forward appends its tokens to the cache it is given
+        hidden = backbone(input_ids=input_ids[:, P:], attention_mask=attention_mask,  # mask: (B, P + S)
+                          position_ids=position_ids[:, P:], past_key_values=cache,
+                          use_cache=True).last_hidden_state  # (B, S, d)
+        logits = logits_at(model, hidden[tb.rows, cols])  # (n, vocab)
+        return logits.log_softmax(-1).gather(1, tb.token_ids[:, None])[:, 0]
+
+    return _Scorer(run, (torch.arange(B), torch.zeros(B, dtype=torch.long)))  # subject[-1]: column 0
+
+
 def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
           params: RomeParams) -> tuple[torch.Tensor, list[float]]:
     """Eq. 4: v* = W k* + δ, with δ minimising
@@ -167,13 +229,23 @@ def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str]
     where δ is added to the module output at the last subject token of every prompt, p' is the
     essence prompt ("{subject} is a", scored at its last token), and ‖δ‖ is clamped to
     clamp_norm_factor · ‖W k*‖ after each Adam step. Returns (v* (d_out,), NLL per step).
+
+    The rewrite prompts' tokens before the last subject token do not depend on δ: they run once, into
+    a KV cache, and each step runs only the rest (``_cached_scorer``).
     """
+    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=True)
+
+
+def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
+           params: RomeParams, cache_prefix: bool) -> tuple[torch.Tensor, list[float]]:
+    """``value``; cache_prefix=False runs every token at every step (the reference the tests compare with)."""
     tok, model = lm.tokenizer, lm.model
     module = edited_module(model, layer)
     templates = [p + request.relation for p in prefixes]
     rewrite = teacher_forced(tok, [fill(t, request.subject) for t in templates], [request.target] * len(templates))
-    rewrite_at = (torch.arange(len(templates)),
-                  torch.tensor([subject_last_index(tok, t, request.subject) for t in templates]))
+    subject_at = torch.tensor([subject_last_index(tok, t, request.subject) for t in templates])  # (N,)
+    scorer = (_cached_scorer(model, rewrite, subject_at, tok.pad_token_id) if cache_prefix
+              else _full_scorer(model, rewrite, subject_at))
     essence = encode(tok, [fill(params.essence_prompt, request.subject)])
     essence_at = (torch.tensor([0]), torch.tensor([subject_last_index(tok, params.essence_prompt, request.subject)]))
     essence_last = int(essence.lengths[0]) - 1
@@ -190,9 +262,9 @@ def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str]
     opt = torch.optim.Adam([delta], lr=params.lr)
     trace: list[float] = []
     for _ in range(params.steps):
-        handle = module.register_forward_hook(_add_at(delta, *rewrite_at))
+        handle = module.register_forward_hook(_add_at(delta, *scorer.delta_at))
         try:
-            nll = -mean_per_pair(target_logprobs(model, rewrite), rewrite).mean()
+            nll = -mean_per_pair(scorer.run(), rewrite).mean()
         finally:
             handle.remove()
         trace.append(nll.item())

@@ -1,0 +1,68 @@
+"""params.yaml: the single source of hyper-parameters (model, statistics, ROME)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .models import DEFAULT_MODEL
+from .rome import RomeParams
+from .statistics import Corpus, text_files_corpus, wikipedia_corpus
+
+
+class ConfigError(ValueError):
+    """An invalid params file; str(error) is the one-line message for the user."""
+
+
+@dataclass(frozen=True)
+class StatsParams:
+    corpus: str | tuple[str, ...] = "wikipedia"  # 'wikipedia' (the gensim excerpt) or text files
+    tokens: int = 100_000
+    seq_len: int = 256
+
+    def corpus_source(self) -> Corpus:
+        if self.corpus == "wikipedia":
+            return wikipedia_corpus()
+        return text_files_corpus([self.corpus] if isinstance(self.corpus, str) else self.corpus)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = DEFAULT_MODEL
+    stats: StatsParams = field(default_factory=StatsParams)
+    rome: RomeParams = field(default_factory=RomeParams)
+    raw: dict = field(default_factory=dict)  # the whole file, for sections other modules own
+
+
+def load_settings(path: str | Path | None) -> Settings:
+    """Read params.yaml; a missing default file means all defaults, a missing named file is an error."""
+    if path is None:
+        path = Path("params.yaml")
+        if not path.exists():
+            return Settings()
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections")
+    try:
+        stats_raw = dict(raw.get("stats") or {})
+        unknown = set(stats_raw) - {f.name for f in fields(StatsParams)}
+        if unknown:
+            raise ValueError(f"unknown field '{sorted(unknown)[0]}'")
+        if isinstance(stats_raw.get("corpus"), list):
+            stats_raw["corpus"] = tuple(stats_raw["corpus"])
+        stats = StatsParams(**stats_raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: stats: {e}") from e
+    try:
+        rome = RomeParams.from_dict(raw.get("rome"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: rome: {e}") from e
+    return Settings(str(raw.get("model", DEFAULT_MODEL)), stats, rome, raw)

@@ -1,0 +1,120 @@
+"""Edit manifests: YAML files of (subject, relation, target), validated by schemas/manifest.schema.json.
+
+Every problem is reported as one line naming the file, the edit and the field, e.g.
+``edits/x.yaml: edits[2].target: must not be empty``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .rome import EditRequest
+from .schemas import validate
+
+
+class ManifestError(ValueError):
+    """An invalid manifest; str(error) is the one-line message for the user."""
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    prompt: str
+    answer: str | None = None  # None: "whatever the unedited model says now"
+
+
+@dataclass(frozen=True)
+class ManifestEdit:
+    subject: str
+    relation: str
+    target: str
+    target_true: str | None = None
+    paraphrases: tuple[str, ...] = ()
+    neighbors: tuple[Neighbor, ...] = ()
+    layer: int | None = None
+
+    @property
+    def request(self) -> EditRequest:
+        return EditRequest(self.subject, self.relation, self.target, self.target_true)
+
+    @property
+    def prompt(self) -> str:
+        return self.request.prompt
+
+    def canonical(self) -> dict:
+        d = asdict(self)
+        d["paraphrases"] = list(self.paraphrases)
+        d["neighbors"] = [asdict(n) for n in self.neighbors]
+        return d
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: str
+    name: str  # file stem: the manifest's name in params.yaml, deltas/ and reports/
+    sha256: str  # of the file's bytes
+    edits: tuple[ManifestEdit, ...]
+    model: str | None = None
+    layer: int | None = None
+    description: str = ""
+
+    def layer_of(self, edit: ManifestEdit, default: int) -> int:
+        return next(l for l in (edit.layer, self.layer, default) if l is not None)
+
+    def canonical(self) -> dict:
+        """What the manifest means, independent of its formatting."""
+        return {"model": self.model, "layer": self.layer, "edits": [e.canonical() for e in self.edits]}
+
+
+def _fail(path, where: str, what: str):
+    raise ManifestError(f"{path}: {where}: {what}")
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read manifest ({e.strerror})") from e
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ManifestError(f"{path}: invalid YAML{at}: {problem}") from e
+    if data is None:
+        _fail(path, "(top level)", "the manifest is empty")
+    errors = validate("manifest", data)
+    if errors:
+        _fail(path, *errors[0])
+    edits = []
+    seen: dict[tuple[str, str], int] = {}
+    for i, e in enumerate(data["edits"]):
+        where = f"edits[{i}]"
+        subject, relation = e["subject"].strip(), e["relation"]
+        if relation.count("{}") != 1:
+            _fail(path, f"{where}.relation", "must contain {} exactly once")
+        for j, para in enumerate(e.get("paraphrases", [])):
+            if subject not in para:
+                _fail(path, f"{where}.paraphrases[{j}]", f"subject '{subject}' not found in the prompt")
+        if e.get("target_true") is not None and e["target_true"].strip() == e["target"].strip():
+            _fail(path, f"{where}.target", "is the same as target_true")
+        key = (subject, relation)
+        if key in seen:
+            first = data["edits"][seen[key]]
+            if first["target"].strip() == e["target"].strip():
+                _fail(path, where, f"duplicate of edits[{seen[key]}]")
+            _fail(path, f"{where}.target", f"conflicts with edits[{seen[key]}] "
+                  f"('{first['target']}' vs '{e['target']}' for the same subject and relation)")
+        seen[key] = i
+        neighbors = tuple(Neighbor(n) if isinstance(n, str) else Neighbor(n["prompt"], n.get("answer"))
+                          for n in e.get("neighbors", []))
+        edits.append(ManifestEdit(subject, relation, e["target"].strip(),
+                                  e["target_true"].strip() if e.get("target_true") else None,
+                                  tuple(e.get("paraphrases", [])), neighbors, e.get("layer")))
+    return Manifest(str(path), path.stem, hashlib.sha256(raw).hexdigest(), tuple(edits),
+                    data.get("model"), data.get("layer"), data.get("description", ""))
