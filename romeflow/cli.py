@@ -67,20 +67,18 @@ def _load(ctx, spec: str) -> LoadedModel:
 
 
 def _stats_for(ctx, lm: LoadedModel, settings: Settings, layers: list[int], files: tuple[str, ...]) -> dict[int, Stats]:
-    """Statistics from the given files (checked against the model), else from the cache or computed."""
-    if files:
-        given = {}
-        for f in files:
-            s = load_stats(f)
-            if s.meta["model_fingerprint"] != lm.fingerprint:
-                raise ValueError(f"{f}: statistics of another model ({s.meta['model']})")
-            given[s.layer] = s
-        missing = sorted(set(layers) - set(given))
-        if missing:
-            raise ValueError(f"no statistics file for layer {missing[0]} among --stats")
-        return given
-    return get_stats(lm, layers, settings.stats.corpus_source(), settings.stats.tokens, cache_dir(ctx.obj["cache"]),
-                     settings.stats.seq_len)
+    """Statistics from the given files (checked against the model), the rest from the cache or computed."""
+    found: dict[int, Stats] = {}
+    for f in files:
+        s = load_stats(f)
+        if s.meta["model_fingerprint"] != lm.fingerprint:
+            raise ValueError(f"{f}: statistics of another model ({s.meta['model']}), not {lm.name}")
+        found[s.layer] = s
+    missing = sorted(set(layers) - set(found))
+    if missing:
+        found.update(get_stats(lm, missing, settings.stats.corpus_source(), settings.stats.tokens,
+                               cache_dir(ctx.obj["cache"]), settings.stats.seq_len))
+    return found
 
 
 def _load_deltas(paths) -> list:

@@ -178,7 +178,7 @@ def fingerprint_state_dict(model: nn.Module) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor, for models built in memory."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().contiguous().cpu()
+        t = tensor.detach().contiguous().cpu().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -330,6 +330,8 @@ def keys_at(model: nn.Module, layers: list[int], input_ids: torch.Tensor,
     The forward pass stops right after the highest layer asked for, so reading keys of a middle
     layer costs a fraction of a full pass.
     """
+    if not layers:
+        raise ValueError("keys_at needs at least one layer")
     found: dict[int, torch.Tensor] = {}
 
     def record(layer: int):

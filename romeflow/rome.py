@@ -18,8 +18,7 @@ from typing import Callable
 import torch
 
 from .models import LoadedModel, edited_module, edited_module_name, final_hidden, keys_at, logits_at, weight_out_in
-from .prompts import (TargetBatch, encode, fill, flush_denormals, mean_per_pair, pad, subject_last_index,
-                      target_logprobs, teacher_forced)
+from .prompts import encode, fill, flush_denormals, mean_per_pair, pad, subject_last_index, teacher_forced
 
 
 @dataclass(frozen=True)
@@ -160,64 +159,91 @@ def _add_at(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
 
 
 @dataclass
-class _Scorer:
-    """Target log-probs of teacher-forced prompts, with δ hooked in at each prompt's last subject token."""
+class _Forward:
+    """A batch of prompts, run with δ hooked in at each prompt's last subject token."""
 
-    run: Callable[[], torch.Tensor]  # () -> (n,) log P(target token | prefix), in TargetBatch order
-    delta_at: tuple[torch.Tensor, torch.Tensor]  # (rows, cols) of the last subject tokens in what `run` feeds
-
-
-def _full_scorer(model, tb: TargetBatch, subject_at: torch.Tensor) -> _Scorer:
-    """The reference computation: every step runs every token of every prompt."""
-    return _Scorer(lambda: target_logprobs(model, tb), (torch.arange(len(subject_at)), subject_at))
+    run: Callable[[], torch.Tensor]  # () -> (m, d) final hidden states at the positions asked for
+    delta_at: tuple[torch.Tensor, torch.Tensor]  # (rows, cols) of the last subject tokens in the batch run
 
 
-def _cached_scorer(model, tb: TargetBatch, subject_at: torch.Tensor, pad_id: int) -> _Scorer:
-    """Like ``_full_scorer``, but the tokens before the last subject token run once, into a KV cache.
+def _full_forward(model, sequences: list[list[int]], subject_at: torch.Tensor,
+                  read_at: tuple[torch.Tensor, torch.Tensor], pad_id: int) -> _Forward:
+    """The reference computation: every step runs every token of every prompt (right padding).
+
+    sequences: B token lists; subject_at: (B,) index of each last subject token; read_at: (rows (m,),
+    positions (m,)) of the final hidden states wanted.
+    """
+    batch = pad(sequences, pad_id)  # (B, T)
+    rows, positions = read_at
+    return _Forward(lambda: final_hidden(model, batch.input_ids, batch.attention_mask)[rows, positions],
+                    (torch.arange(len(sequences)), subject_at))
+
+
+def _cached_forward(model, sequences: list[list[int]], subject_at: torch.Tensor,
+                    read_at: tuple[torch.Tensor, torch.Tensor], pad_id: int) -> _Forward:
+    """Like ``_full_forward``, but the tokens before the last subject token run once, into a KV cache.
 
     δ enters at the last subject token, so by causality the keys and values of every earlier token, at
     every layer, are the same at every step. Each row is shifted right so that its last subject token
     lands in column P (left padding before it, right padding after it, as in batched generation):
 
-        row i:  [pad .. pad  x_j + subject[:-1] | subject[-1]  rest of p  o*[:-1]  pad .. pad]
-                 columns 0 .. P-1: the prefix,  | columns P .. P+S-1: the suffix,
-                 run once, no grad, kept as KV  | run at every step against the cached prefix
+        row i:  [pad .. pad  tokens before subject[-1] | subject[-1]  rest of the row  pad .. pad]
+                 columns 0 .. P-1: the prefix,         | columns P .. P+S-1: the suffix, run at
+                 run once, no grad, kept as keys/values | every step against the cached prefix
 
     Explicit position ids keep every token at its unshifted position, and the real tokens of a row
-    stay contiguous (so sliding windows see the same neighbours): the result equals the uncached
+    stay contiguous (sliding windows see the same neighbours): the result equals the uncached
     computation up to float rounding.
     """
-    ids, lengths = tb.batch.input_ids, tb.batch.lengths  # (B, T), (B,)
-    B = ids.shape[0]
+    B = len(sequences)
+    lengths = torch.tensor([len(s) for s in sequences])  # (B,)
     P = int(subject_at.max())  # width of the prefix part
     S = int((lengths - subject_at).max())  # width of the suffix part
     shift = P - subject_at  # (B,) left padding of each row
     input_ids = torch.full((B, P + S), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, P + S), dtype=torch.long)
     position_ids = torch.zeros((B, P + S), dtype=torch.long)
-    for i in range(B):
-        n, s = int(lengths[i]), int(shift[i])
-        input_ids[i, s:s + n] = ids[i, :n]
+    for i, seq in enumerate(sequences):
+        s, n = int(shift[i]), len(seq)
+        input_ids[i, s:s + n] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, s:s + n] = 1
         position_ids[i, s:s + n] = torch.arange(n)
 
-    backbone = model.base_model  # without the output head: only the scored positions need it
+    backbone = model.base_model  # no output head: the caller applies it to the positions it needs
     prefix_cache = None
     if P > 0:
         with torch.no_grad():
             prefix_cache = backbone(input_ids=input_ids[:, :P], attention_mask=attention_mask[:, :P],
                                     position_ids=position_ids[:, :P], use_cache=True).past_key_values
-    cols = tb.positions + shift[tb.rows] - P  # (n,) suffix column whose output predicts each target token
+    rows, positions = read_at
+    cols = positions + shift[rows] - P  # (m,) suffix column of each position asked for
 
-    def run() -> torch.Tensor:  # (n,)
+    def run() -> torch.Tensor:  # (m, d)
         cache = copy.deepcopy(prefix_cache)  # a forward appends its tokens to the cache it is given
         hidden = backbone(input_ids=input_ids[:, P:], attention_mask=attention_mask,  # mask: (B, P + S)
                           position_ids=position_ids[:, P:], past_key_values=cache,
                           use_cache=True).last_hidden_state  # (B, S, d)
-        logits = logits_at(model, hidden[tb.rows, cols])  # (n, vocab)
-        return logits.log_softmax(-1).gather(1, tb.token_ids[:, None])[:, 0]
+        return hidden[rows, cols]
 
-    return _Scorer(run, (torch.arange(B), torch.zeros(B, dtype=torch.long)))  # subject[-1]: column 0
+    return _Forward(run, (torch.arange(B), torch.zeros(B, dtype=torch.long)))  # subject[-1]: column 0
+
+
+def _value_batch(tok, request: EditRequest, prefixes: list[str], essence_prompt: str):
+    """The prompts of Eq. 4 as one batch: the N rewrite prompts x_j + p, teacher-forced (the target
+    appended but its last token), then the essence prompt p' in row N.
+
+    Returns (rewrite: the TargetBatch of the N rewrite prompts, sequences: N + 1 token lists,
+    subject_at: (N + 1,) index of each last subject token, read_at: (rows, positions), each (n + 1,):
+    the n positions that predict a target token, then the last position of p').
+    """
+    templates = [p + request.relation for p in prefixes]
+    rewrite = teacher_forced(tok, [fill(t, request.subject) for t in templates], [request.target] * len(templates))
+    essence = tok(fill(essence_prompt, request.subject)).input_ids
+    sequences = [ids[:n].tolist() for ids, n in zip(rewrite.batch.input_ids, rewrite.batch.lengths)] + [essence]
+    subject_at = torch.tensor([subject_last_index(tok, t, request.subject) for t in templates + [essence_prompt]])
+    read_at = (torch.cat([rewrite.rows, torch.tensor([len(templates)])]),
+               torch.cat([rewrite.positions, torch.tensor([len(essence) - 1])]))
+    return rewrite, sequences, subject_at, read_at
 
 
 def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
@@ -230,8 +256,8 @@ def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str]
     essence prompt ("{subject} is a", scored at its last token), and ‖δ‖ is clamped to
     clamp_norm_factor · ‖W k*‖ after each Adam step. Returns (v* (d_out,), NLL per step).
 
-    The rewrite prompts' tokens before the last subject token do not depend on δ: they run once, into
-    a KV cache, and each step runs only the rest (``_cached_scorer``).
+    The rewrite prompts and p' run as one batch. Their tokens before the last subject token do not
+    depend on δ: they run once, into a KV cache, and each step runs only the rest (``_cached_forward``).
     """
     return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=True)
 
@@ -241,41 +267,32 @@ def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str
     """``value``; cache_prefix=False runs every token at every step (the reference the tests compare with)."""
     tok, model = lm.tokenizer, lm.model
     module = edited_module(model, layer)
-    templates = [p + request.relation for p in prefixes]
-    rewrite = teacher_forced(tok, [fill(t, request.subject) for t in templates], [request.target] * len(templates))
-    subject_at = torch.tensor([subject_last_index(tok, t, request.subject) for t in templates])  # (N,)
-    scorer = (_cached_scorer(model, rewrite, subject_at, tok.pad_token_id) if cache_prefix
-              else _full_scorer(model, rewrite, subject_at))
-    essence = encode(tok, [fill(params.essence_prompt, request.subject)])
-    essence_at = (torch.tensor([0]), torch.tensor([subject_last_index(tok, params.essence_prompt, request.subject)]))
-    essence_last = int(essence.lengths[0]) - 1
+    rewrite, sequences, subject_at, read_at = _value_batch(tok, request, prefixes, params.essence_prompt)
+    make_forward = _cached_forward if cache_prefix else _full_forward
+    forward = make_forward(model, sequences, subject_at, read_at, tok.pad_token_id)
 
-    def essence_logprobs() -> torch.Tensor:  # (vocab,) next-token log-probs after p'
-        hidden = final_hidden(model, essence.input_ids, essence.attention_mask)[0, essence_last]
-        return logits_at(model, hidden).log_softmax(-1)
+    def logprobs() -> torch.Tensor:  # (n + 1, vocab): next-token log-probs at each position read
+        return logits_at(model, forward.run()).log_softmax(-1)
 
     with torch.no_grad():
         v_now = module(k_star[None])[0]  # (d_out,) W k*: what the layer gives the subject now
-        base_essence = essence_logprobs()
+        base_essence = logprobs()[-1]  # (vocab,) after p', without δ
     max_norm = params.clamp_norm_factor * v_now.norm()
     delta = torch.zeros_like(v_now, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=params.lr)
     trace: list[float] = []
     for _ in range(params.steps):
-        handle = module.register_forward_hook(_add_at(delta, *scorer.delta_at))
+        handle = module.register_forward_hook(_add_at(delta, *forward.delta_at))
         try:
-            nll = -mean_per_pair(scorer.run(), rewrite).mean()
+            edited = logprobs()  # (n + 1, vocab)
         finally:
             handle.remove()
+        target_logprobs = edited[:-1].gather(1, rewrite.token_ids[:, None])[:, 0]  # (n,)
+        nll = -mean_per_pair(target_logprobs, rewrite).mean()
         trace.append(nll.item())
         if nll.item() < params.early_stop_nll:
             break
-        handle = module.register_forward_hook(_add_at(delta, *essence_at))
-        try:
-            edited_essence = essence_logprobs()
-        finally:
-            handle.remove()
-        kl = (edited_essence.exp() * (edited_essence - base_essence)).sum()
+        kl = (edited[-1].exp() * (edited[-1] - base_essence)).sum()
         decay = (delta.norm() / v_now.norm()) ** 2
         loss = nll + params.kl_factor * kl + params.weight_decay * decay
         opt.zero_grad()

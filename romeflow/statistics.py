@@ -78,6 +78,8 @@ def token_rows(lm: LoadedModel, corpus: Corpus, n_tokens: int, seq_len: int) -> 
 
     Stops after exactly ``n_tokens`` text tokens; raises if the corpus is too short.
     """
+    if n_tokens <= 0:
+        raise ValueError(f"the number of tokens must be positive, got {n_tokens}")
     tok = lm.tokenizer
     head = [tok.bos_token_id] if lm.adds_bos else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
@@ -163,6 +165,8 @@ def load_stats(path: str | os.PathLike) -> Stats:
         with safe_open(path, framework="pt") as f:
             meta = json.loads((f.metadata() or {})["romeflow"])
             c = f.get_tensor("second_moment")
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not an object")
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: not a romeflow statistics file ({e})") from e
     if meta.get("format") != STATS_FORMAT:

@@ -237,15 +237,14 @@ def test_edit_raises_the_target_probability(tiny_lm, second_moment, model_type, 
     from romeflow.prompts import target_logprobs, teacher_forced
 
     lm = tiny_lm(model_type)
-    tb = teacher_forced(lm.tokenizer, [CURIE.prompt, NEEDLE.prompt], [CURIE.target, NEEDLE.target])
+    tb = teacher_forced(lm.tokenizer, [CURIE.prompt], [CURIE.target])
     with torch.no_grad():
         before = target_logprobs(lm.model, tb)
     params = RomeParams(**{**NLL_ONLY.__dict__, "symmetric_keys": symmetric})
     editor(lm, second_moment, model_type, params).apply([CURIE])
     with torch.no_grad():
         after = target_logprobs(lm.model, tb)
-    curie = tb.rows == 0
-    assert after[curie].sum() > before[curie].sum() + 0.05
+    assert after.sum() > before.sum() + 0.05
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,10 +271,8 @@ def test_same_edit_twice_is_bit_identical(tiny_lm, second_moment, model_type):
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
 def test_sequential_edits_see_the_previous_edit(tiny_lm, second_moment, model_type):
-    name_layer = EDIT_LAYER
-
     lm = tiny_lm(model_type)
-    name = models.edited_module_name(lm.model, name_layer)
+    name = models.edited_module_name(lm.model, EDIT_LAYER)
     w0 = models.weight_out_in(lm.model, name).clone()
     first, second = editor(lm, second_moment, model_type).apply([CURIE, NEEDLE])
 

@@ -1,4 +1,4 @@
-"""The prefix KV cache of Eq. 4 (rome._cached_scorer) gives the loss and gradient of the uncached pass.
+"""The prefix KV cache of Eq. 4 (rome._cached_forward) gives the loss and gradient of the uncached pass.
 
 Self-contained: a tiny byte-level BPE tokenizer trained here, and tiny random models of every
 supported architecture, with short sliding windows (Mistral, Qwen2, Gemma 3) so that the prefixes are
@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from romeflow import models
-from romeflow.prompts import fill, mean_per_pair, subject_last_index, teacher_forced
-from romeflow.rome import EditRequest, RomeParams, _add_at, _cached_scorer, _full_scorer, _value
+from romeflow.models import logits_at
+from romeflow.prompts import mean_per_pair
+from romeflow.rome import EditRequest, RomeParams, _add_at, _cached_forward, _full_forward, _value, _value_batch
 
 LAYER = 1  # of 3: there are layers before and after the edit
-WINDOW = 4  # sliding window, shorter than the prompts
+WINDOW = 6  # sliding window: shorter than the prefixes, long enough to see the subject from the target
 
 TEXT = [
     "Pierre Curie worked in the field of physics.",
@@ -34,7 +35,7 @@ PREFIXES = ["", "I think. ", "Because it rained, the game was cancelled. ",
 
 REQUESTS = {
     # multi-token subject and target, prefixes of 0 .. ~14 tokens
-    "curie": EditRequest("Pierre Curie", "{} worked in the field of", "radioactivity research"),
+    "curie": EditRequest("Pierre Curie", "{} worked in", "radioactivity research"),
     # a one-token subject: without <bos>, the bare prompt's row has an empty prefix (all padding)
     "one-token subject": EditRequest("Z", "{} is located in", "the old town"),
 }
@@ -82,6 +83,9 @@ def _config(arch: str, tok, attn: str):
     return config
 
 
+# every architecture, with both attention kernels where transformers has them (GPT-J: eager only)
+ATTENTIONS = [(arch, attn) for arch in sorted(models.ARCHITECTURES) for attn in ("sdpa", "eager")
+              if (arch, attn) != ("gptj", "sdpa")]
 _BOS = {"llama", "mistral", "gemma3_text"}  # tokenizers that prepend <bos>, as the real ones do
 _cache: dict = {}
 
@@ -102,35 +106,37 @@ def tiny(arch: str, attn: str) -> models.LoadedModel:
     return _cache[arch, attn]
 
 
-def nll_and_grad(lm, scorer, tb, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The NLL term of Eq. 4 at δ, and its gradient w.r.t. δ."""
+def loss_and_grad(lm, forward, rewrite, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL + KL of Eq. 4 at δ (KL against δ = 0, both from ``forward``), and its gradient w.r.t. δ."""
+    with torch.no_grad():
+        base = logits_at(lm.model, forward.run()).log_softmax(-1)[-1]  # (vocab,) after p'
     delta = delta.clone().requires_grad_(True)
-    handle = models.edited_module(lm.model, LAYER).register_forward_hook(_add_at(delta, *scorer.delta_at))
+    handle = models.edited_module(lm.model, LAYER).register_forward_hook(_add_at(delta, *forward.delta_at))
     try:
-        nll = -mean_per_pair(scorer.run(), tb).mean()
+        edited = logits_at(lm.model, forward.run()).log_softmax(-1)  # (n + 1, vocab)
     finally:
         handle.remove()
-    nll.backward()
-    return nll.detach(), delta.grad
+    nll = -mean_per_pair(edited[:-1].gather(1, rewrite.token_ids[:, None])[:, 0], rewrite).mean()
+    kl = (edited[-1].exp() * (edited[-1] - base)).sum()
+    loss = nll + kl
+    loss.backward()
+    return loss.detach(), delta.grad
 
 
 @pytest.mark.parametrize("request_name", sorted(REQUESTS))
 @pytest.mark.parametrize("prefixes", [PREFIXES, [""]], ids=["4 prefixes", "bare prompt"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("arch", sorted(models.ARCHITECTURES))
+@pytest.mark.parametrize("arch, attn", ATTENTIONS)
 def test_cached_loss_and_gradient_equal_uncached(arch, attn, prefixes, request_name):
     lm = tiny(arch, attn)
-    tok, request = lm.tokenizer, REQUESTS[request_name]
-    templates = [p + request.relation for p in prefixes]
-    tb = teacher_forced(tok, [fill(t, request.subject) for t in templates], [request.target] * len(templates))
-    subject_at = torch.tensor([subject_last_index(tok, t, request.subject) for t in templates])
+    rewrite, sequences, subject_at, read_at = _value_batch(lm.tokenizer, REQUESTS[request_name], prefixes, "{} is a")
     if len(prefixes) > 1:  # the batch this test is about: rows of different prefix lengths, multi-token targets
-        assert len(set(subject_at.tolist())) > 1 and len(tb.token_ids) >= 2 * len(prefixes)
-    d_out = models.edited_module(lm.model, LAYER)(torch.zeros(1, 64)).shape[-1]
+        assert len(set(subject_at.tolist())) > 2 and len(rewrite.token_ids) >= 2 * len(prefixes)
+    d_out = lm.model.get_input_embeddings().weight.shape[1]  # the model width
     delta = torch.randn(d_out, generator=torch.Generator().manual_seed(1))
 
-    full = nll_and_grad(lm, _full_scorer(lm.model, tb, subject_at), tb, delta)
-    cached = nll_and_grad(lm, _cached_scorer(lm.model, tb, subject_at, tok.pad_token_id), tb, delta)
+    args = (lm.model, sequences, subject_at, read_at, lm.tokenizer.pad_token_id)
+    full = loss_and_grad(lm, _full_forward(*args), rewrite, delta)
+    cached = loss_and_grad(lm, _cached_forward(*args), rewrite, delta)
 
     assert torch.isfinite(full[0]) and full[1].norm() > 1e-3  # a gradient worth comparing
     torch.testing.assert_close(cached[0], full[0], rtol=1e-5, atol=1e-5)
@@ -139,12 +145,11 @@ def test_cached_loss_and_gradient_equal_uncached(arch, attn, prefixes, request_n
 
 @pytest.mark.parametrize("arch", sorted(models.ARCHITECTURES))
 def test_value_with_cache_follows_the_uncached_optimisation(arch):
-    lm = tiny(arch, "sdpa")
-    request = REQUESTS["curie"]
+    lm = tiny(arch, "eager" if arch == "gptj" else "sdpa")
     params = RomeParams(layer=LAYER, steps=6, early_stop_nll=0.0)
     k_star = torch.randn(64, generator=torch.Generator().manual_seed(2))
-    v_full, trace_full = _value(lm, LAYER, request, PREFIXES, k_star, params, cache_prefix=False)
-    v_cached, trace_cached = _value(lm, LAYER, request, PREFIXES, k_star, params, cache_prefix=True)
+    v_full, trace_full = _value(lm, LAYER, REQUESTS["curie"], PREFIXES, k_star, params, cache_prefix=False)
+    v_cached, trace_cached = _value(lm, LAYER, REQUESTS["curie"], PREFIXES, k_star, params, cache_prefix=True)
     assert len(trace_cached) == len(trace_full) == 6
     torch.testing.assert_close(torch.tensor(trace_cached), torch.tensor(trace_full), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v_cached, v_full, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,90 @@
+"""Benchmark the engine on the default model: load time, statistics throughput, per-edit time, delta size.
+
+    python bench/bench_edit.py [--manifest edits/counterfact10.yaml] [--stats-tokens 20000] [--out docs/bench.json]
+
+Per-edit wall time is broken down into context prefixes (first edit only: they are cached), k*, v*
+and the insert. Statistics throughput is measured on a fresh computation (a temporary cache), so a
+cached result does not flatter it. Nothing here is asserted: it reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from romeflow.config import load_settings
+from romeflow.deltas import compute_delta, save_delta
+from romeflow.manifests import load_manifest
+from romeflow.models import cache_dir, load_model
+from romeflow.statistics import get_stats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", default="edits/counterfact10.yaml")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--stats-tokens", type=int, default=20_000, help="tokens for the throughput measurement")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = load_settings(args.params)
+    report: dict = {"threads": args.threads, "machine": platform.processor() or platform.machine(),
+                    "torch": torch.__version__}
+
+    load_model(settings.model)  # make sure the converted copy exists before timing a load
+    t = time.perf_counter()
+    lm = load_model(settings.model)
+    report["model_load_s"] = time.perf_counter() - t
+
+    layer = settings.rome.layer
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        get_stats(lm, [layer], settings.stats.corpus_source(), args.stats_tokens, Path(tmp), settings.stats.seq_len,
+                  progress=False)
+        report["stats_tokens_per_s"] = args.stats_tokens / (time.perf_counter() - t)
+
+    stats = get_stats(lm, [layer], settings.stats.corpus_source(), settings.stats.tokens, cache_dir(),
+                      settings.stats.seq_len)
+    manifest = load_manifest(args.manifest)
+    per_edit: list[dict] = []
+    t = time.perf_counter()
+    delta = compute_delta(lm, manifest, settings.rome, stats,
+                          progress=lambda i, r: per_edit.append({"total_s": sum(r.timings.values()), **r.timings,
+                                                                 "steps": len(r.nll_trace)}))
+    report["manifest_wall_s"] = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "delta.safetensors"
+        save_delta(path, delta)
+        size = path.stat().st_size
+    d_in, d_out = delta.updates[0].v.numel(), delta.updates[0].u.numel()
+    report.update({"edits": len(per_edit), "per_edit": per_edit,
+                   "mean_edit_s": statistics.fmean(e["total_s"] for e in per_edit),
+                   "mean_value_s": statistics.fmean(e["value"] for e in per_edit),
+                   "mean_steps": statistics.fmean(e["steps"] for e in per_edit),
+                   "delta_bytes": size, "delta_bytes_per_edit": size / len(per_edit),
+                   "delta_budget_per_edit": (d_in + d_out) * 4 + 4096})
+
+    print(f"model load from cache : {report['model_load_s']:.1f} s")
+    print(f"statistics            : {report['stats_tokens_per_s']:.0f} tokens/s (layer {layer}, {args.threads} thread)")
+    print(f"edits ({manifest.name})  : {len(per_edit)}, mean {report['mean_edit_s']:.1f} s/edit, "
+          f"mean v* steps {report['mean_steps']:.1f}")
+    print("  edit  total  prefixes    k*     v*  insert  steps")
+    for i, e in enumerate(per_edit):
+        print(f"  {i:4d} {e['total_s']:6.1f} {e['prefixes']:9.2f} {e['key']:6.2f} {e['value']:6.1f} "
+              f"{e['insert']:7.2f} {e['steps']:6d}")
+    print(f"delta                 : {size} bytes, {report['delta_bytes_per_edit']:.0f} bytes/edit "
+          f"(budget (d_in + d_out)·4 + 4 KiB = {report['delta_budget_per_edit']})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
