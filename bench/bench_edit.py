@@ -58,7 +58,7 @@ def main() -> None:
     t = time.perf_counter()
     delta = compute_delta(lm, manifest, settings.rome, stats,
                           progress=lambda i, r: per_edit.append({"total_s": sum(r.timings.values()), **r.timings,
-                                                                 "steps": len(r.nll_trace)}))
+                                                                 "steps": len(r.nll_trace) - 1}))
     report["manifest_wall_s"] = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "delta.safetensors"

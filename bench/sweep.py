@@ -100,12 +100,12 @@ def main() -> None:
             post = record_metrics(score_record(lm, rec))
             w.copy_(saved)
             row = {"config": cid, "layer": layer, "case_id": rec.case_id, "pre": pre_cache[rec.case_id],
-                   "post": post, "seconds": seconds, "steps": len(result.nll_trace),
+                   "post": post, "seconds": seconds, "steps": len(result.nll_trace) - 1,
                    "final_nll": result.nll_trace[-1], "timings": result.timings}
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"layer {layer} [{i + 1}/{len(records)}] case {rec.case_id}: ES {post['ES']:.0f} PS {post['PS']:.0f} "
-                  f"NS {post['NS']:.0f} steps {len(result.nll_trace)} {seconds:.1f}s", flush=True)
+                  f"NS {post['NS']:.0f} steps {len(result.nll_trace) - 1} {seconds:.1f}s", flush=True)
 
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     by_config: dict[str, list[dict]] = {}

@@ -17,7 +17,8 @@ from rich.table import Table
 from . import __version__
 from .config import ConfigError, Settings, load_settings
 from .deltas import DeltaError, EditedModel, compute_delta, load_delta, save_delta
-from .evaluation import greedy_continuation, next_token_top
+from .evaluation import evaluate_manifest, greedy_continuation, next_token_top
+from .io import write_json_atomic
 from .manifests import ManifestError, load_manifest
 from .models import LoadedModel, ModelError, cache_dir, load_model
 from .statistics import Stats, get_stats, load_stats, save_stats, text_files_corpus
@@ -117,6 +118,32 @@ def apply(ctx, manifest, out, model_spec, stats_files):
         fmt = lambda d, k: f"{d[k]:.4f}" if k in d else "-"  # noqa: E731
         table.add_row(str(meta["index"]), e.prompt, e.target, fmt(b, "p_target"), fmt(a, "p_target"),
                       fmt(b, "p_true"), fmt(a, "p_true"))
+    console.print(table)
+
+
+@main.command("eval")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--delta", "deltas", multiple=True, type=click.Path(dir_okay=False),
+              help="Delta file(s) [default: deltas/<manifest name>.safetensors].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the report (JSON) here.")
+@click.option("--model", "model_spec", default=None, help="Model [default: the deltas' base model].")
+@click.pass_context
+def evaluate(ctx, manifest, deltas, out, model_spec):
+    """Score a manifest's edits (rewrite, paraphrases, neighbours) before and after its delta."""
+    m = load_manifest(manifest)
+    loaded = _load_deltas(deltas or [Path("deltas") / f"{m.name}.safetensors"])
+    lm = _load(ctx, model_spec or loaded[0].meta["base_model"]["name"])
+    report = {"manifest": {"name": m.name, "sha256": m.sha256},
+              "deltas": [{"path": d.path, "manifest_sha256": d.meta["manifest"]["sha256"]} for d in loaded],
+              **evaluate_manifest(EditedModel(lm), m, loaded)}
+    if out:
+        write_json_atomic(out, report)
+    table = Table(title=f"{m.name}: {len(m.edits)} edit(s), before -> after")
+    table.add_column("metric")
+    table.add_column("pre", justify="right")
+    table.add_column("post", justify="right")
+    for k, v in report["post"].items():
+        table.add_row(k, f"{report['pre'].get(k, float('nan')):.1f}", f"{v:.1f}")
     console.print(table)
 
 

@@ -160,7 +160,7 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
         "seed": params.seed,
         "context_prefixes": editor.prefixes,
         "edits": [{"index": i, "module": r.update.module, "layer": r.update.layer,
-                   "d_in": r.update.v.numel(), "d_out": r.update.u.numel(), "steps": len(r.nll_trace),
+                   "d_in": r.update.v.numel(), "d_out": r.update.u.numel(), "steps": len(r.nll_trace) - 1,
                    "final_nll": r.nll_trace[-1], "before": b, "after": a}
                   for i, (r, b, a) in enumerate(zip(results, before, after))],
     }

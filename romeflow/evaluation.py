@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .models import LoadedModel, final_hidden, logits_at
-from .prompts import encode, fill, flush_denormals, mean_per_pair, target_logprobs, teacher_forced
+from .prompts import continuation, encode, fill, flush_denormals, mean_per_pair, target_logprobs, teacher_forced
 from .rome import EditRequest
 
 
@@ -162,3 +162,119 @@ def record_metrics(scores: dict[str, list[tuple[float, float]]]) -> dict[str, fl
 
 def harmonic_mean(values: list[float]) -> float:
     return 0.0 if any(v <= 0 for v in values) else len(values) / sum(1.0 / v for v in values)
+
+
+# --------------------------------------------------------------------------------------------------
+# A manifest's own edits: scores before and after its delta
+# --------------------------------------------------------------------------------------------------
+
+
+def _first_token(lm: LoadedModel, target: str) -> int:
+    return lm.tokenizer(continuation(target), add_special_tokens=False).input_ids[0]
+
+
+def _top1(lm: LoadedModel, prompts: list[str]) -> list[int]:
+    with torch.no_grad(), flush_denormals():
+        b = encode(lm.tokenizer, prompts)
+        hidden = final_hidden(lm.model, b.input_ids, b.attention_mask)
+        return logits_at(lm.model, hidden[torch.arange(len(prompts)), b.lengths - 1]).argmax(-1).tolist()
+
+
+def score_manifest(lm: LoadedModel, manifest, old_objects: list[str] | None = None,
+                   base_top1: list[list[int]] | None = None) -> dict:
+    """Scores of every edit of a manifest on the model as it is now.
+
+    Each edit compares its target o* with its old object o_c: ``target_true`` when the manifest
+    gives it, else ``old_objects[i]`` (the unedited model's own top-1 answer). A neighbour with an
+    answer succeeds when P[answer] > P[o*]; one without succeeds when its top-1 token is still the
+    unedited model's (``base_top1``; on the unedited model itself, trivially).
+    """
+    edits = []
+    for i, e in enumerate(manifest.edits):
+        old = e.target_true or (old_objects[i] if old_objects else None)
+        rewrite = [e.prompt]
+        paraphrases = list(e.paraphrases)
+        answered = [n for n in e.neighbors if n.answer]
+        prompts = rewrite + paraphrases
+        pairs_prompts = prompts * (2 if old else 1) + [n.prompt for n in answered] * 2
+        pairs_targets = ([e.target] * len(prompts) + ([old] * len(prompts) if old else [])
+                         + [e.target] * len(answered) + [n.answer for n in answered])
+        nll = target_nll(lm, pairs_prompts, pairs_targets).tolist()
+        p = [math.exp(-x) for x in nll]
+        n_pr = len(prompts)
+        p_new, p_old = p[:n_pr], (p[n_pr:2 * n_pr] if old else [None] * n_pr)
+        q = p[(2 if old else 1) * n_pr:]
+        p_nb_target, p_nb_answer = q[: len(answered)], q[len(answered):]
+        top = _top1(lm, prompts + [n.prompt for n in e.neighbors])
+        first = _first_token(lm, e.target)
+
+        def row(prompt, pn, po, t):
+            return {"prompt": prompt, "p_target": pn, "p_old": po,
+                    "success": (pn > po) if po is not None else (t == first), "top1_is_target": t == first}
+
+        rows = [row(pr, pn, po, t) for pr, pn, po, t in zip(prompts, p_new, p_old, top)]
+        neighbors, j = [], 0
+        for k, n in enumerate(e.neighbors):
+            t = top[n_pr + k]
+            kept = base_top1 is None or t == base_top1[i][k]
+            if n.answer:
+                neighbors.append({"prompt": n.prompt, "answer": n.answer, "p_answer": p_nb_answer[j],
+                                  "p_target": p_nb_target[j], "success": p_nb_answer[j] > p_nb_target[j],
+                                  "top1_kept": kept})
+                j += 1
+            else:
+                neighbors.append({"prompt": n.prompt, "answer": None, "success": kept, "top1_kept": kept})
+        edits.append({"index": i, "old_object": old, "rewrite": rows[0], "paraphrases": rows[1:],
+                      "neighbors": neighbors, "top1": top})
+    return {"edits": edits, "metrics": manifest_metrics(edits)}
+
+
+def manifest_metrics(edits: list[dict]) -> dict[str, float]:
+    """ES/PS/NS (% successes), EM/PM/NM (mean probability margins, %), S, and top-1 rates.
+
+    Rates are averaged over each edit's prompts first, then over edits (as COUNTERFACT does per record).
+    """
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return 100.0 * sum(xs) / len(xs) if xs else None
+
+    def per_edit(key, value):
+        inner = [mean([value(r) for r in e[key]]) for e in edits]
+        return mean([x / 100.0 for x in inner if x is not None])
+
+    margin = lambda r: (r["p_target"] - r["p_old"]) if r.get("p_old") is not None else None  # noqa: E731
+    out = {
+        "ES": mean([e["rewrite"]["success"] for e in edits]),
+        "EM": mean([margin(e["rewrite"]) for e in edits]),
+        "PS": per_edit("paraphrases", lambda r: r["success"]),
+        "PM": per_edit("paraphrases", margin),
+        "NS": per_edit("neighbors", lambda r: r["success"]),
+        "NM": per_edit("neighbors", lambda r: (r["p_answer"] - r["p_target"]) if r["answer"] else None),
+        "rewrite_top1": mean([e["rewrite"]["top1_is_target"] for e in edits]),
+        "paraphrase_top1": per_edit("paraphrases", lambda r: r["top1_is_target"]),
+        "neighbor_top1_kept": per_edit("neighbors", lambda r: r["top1_kept"]),
+    }
+    present = [out[k] for k in ("ES", "PS", "NS") if out[k] is not None]
+    out["S"] = harmonic_mean(present) if present else None
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def evaluate_manifest(edited, manifest, deltas: list) -> dict:
+    """A manifest's edits scored on the base model (pre) and on base + ``deltas`` (post).
+
+    ``edited`` is a deltas.EditedModel; it is left at the base model.
+    """
+    lm = edited.lm
+    edited.compose([])
+    pre = score_manifest(lm, manifest)
+    old = [e["old_object"] or lm.tokenizer.decode(e["top1"][0]).strip() for e in pre["edits"]]
+    n_prompts = [1 + len(e.paraphrases) for e in manifest.edits]
+    base_top1 = [e["top1"][n:] for e, n in zip(pre["edits"], n_prompts)]
+    pre = score_manifest(lm, manifest, old, base_top1)  # the same comparisons as post
+    edited.compose(deltas)
+    try:
+        post = score_manifest(lm, manifest, old, base_top1)
+    finally:
+        edited.compose([])
+    return {"pre": pre["metrics"], "post": post["metrics"],
+            "edits": [{"pre": a, "post": b} for a, b in zip(pre["edits"], post["edits"])]}

@@ -151,7 +151,7 @@ def _add_at(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
     """A forward hook adding δ (d_out,) to the module output (B, T, d_out) at the given positions."""
 
     def hook(_module, _inputs, output):
-        where = torch.zeros(output.shape[:2] + (1,), dtype=output.dtype)  # (B, T, 1)
+        where = torch.zeros(output.shape[:2] + (1,), dtype=output.dtype, device=output.device)  # (B, T, 1)
         where[rows, cols] = 1.0
         return output + where * delta
 
@@ -200,9 +200,9 @@ def _cached_forward(model, sequences: list[list[int]], subject_at: torch.Tensor,
     P = int(subject_at.max())  # width of the prefix part
     S = int((lengths - subject_at).max())  # width of the suffix part
     shift = P - subject_at  # (B,) left padding of each row
-    input_ids = torch.full((B, P + S), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, P + S), dtype=torch.long)
-    position_ids = torch.zeros((B, P + S), dtype=torch.long)
+    input_ids = torch.full((B, P + S), pad_id, dtype=torch.long)  # (B, P + S)
+    attention_mask = torch.zeros((B, P + S), dtype=torch.long)  # (B, P + S) 1 for real tokens
+    position_ids = torch.zeros((B, P + S), dtype=torch.long)  # (B, P + S) 0 on (masked) padding
     for i, seq in enumerate(sequences):
         s, n = int(shift[i]), len(seq)
         input_ids[i, s:s + n] = torch.tensor(seq, dtype=torch.long)
@@ -210,7 +210,7 @@ def _cached_forward(model, sequences: list[list[int]], subject_at: torch.Tensor,
         position_ids[i, s:s + n] = torch.arange(n)
 
     backbone = model.base_model  # no output head: the caller applies it to the positions it needs
-    prefix_cache = None
+    prefix_cache = None  # (P == 0: no row has a token before its subject; nothing to cache)
     if P > 0:
         with torch.no_grad():
             prefix_cache = backbone(input_ids=input_ids[:, :P], attention_mask=attention_mask[:, :P],
@@ -280,8 +280,8 @@ def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str
     max_norm = params.clamp_norm_factor * v_now.norm()
     delta = torch.zeros_like(v_now, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=params.lr)
-    trace: list[float] = []
-    for _ in range(params.steps):
+    trace: list[float] = []  # NLL of δ before each update, and of the δ returned
+    for step in range(params.steps + 1):
         handle = module.register_forward_hook(_add_at(delta, *forward.delta_at))
         try:
             edited = logprobs()  # (n + 1, vocab)
@@ -290,7 +290,7 @@ def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str
         target_logprobs = edited[:-1].gather(1, rewrite.token_ids[:, None])[:, 0]  # (n,)
         nll = -mean_per_pair(target_logprobs, rewrite).mean()
         trace.append(nll.item())
-        if nll.item() < params.early_stop_nll:
+        if nll.item() < params.early_stop_nll or step == params.steps:
             break
         kl = (edited[-1].exp() * (edited[-1] - base_essence)).sum()
         decay = (delta.norm() / v_now.norm()) ** 2
