@@ -259,6 +259,19 @@ def manifest_metrics(edits: list[dict]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def base_references(lm: LoadedModel, manifest) -> tuple[list[str], list[list[int]]]:
+    """What every later score of a manifest compares with, read from the model as it is now (the base).
+
+    Returns each edit's old object (``target_true``, else the model's own top-1 answer) and the
+    top-1 token of each of its neighbours: score_manifest's ``old_objects`` and ``base_top1``.
+    """
+    pre = score_manifest(lm, manifest)
+    old = [e["old_object"] or lm.tokenizer.decode(e["top1"][0]).strip() for e in pre["edits"]]
+    n_prompts = [1 + len(e.paraphrases) for e in manifest.edits]
+    base_top1 = [e["top1"][n:] for e, n in zip(pre["edits"], n_prompts)]
+    return old, base_top1
+
+
 def evaluate_manifest(edited, manifest, deltas: list) -> dict:
     """A manifest's edits scored on the base model (pre) and on base + ``deltas`` (post).
 
@@ -266,10 +279,7 @@ def evaluate_manifest(edited, manifest, deltas: list) -> dict:
     """
     lm = edited.lm
     edited.compose([])
-    pre = score_manifest(lm, manifest)
-    old = [e["old_object"] or lm.tokenizer.decode(e["top1"][0]).strip() for e in pre["edits"]]
-    n_prompts = [1 + len(e.paraphrases) for e in manifest.edits]
-    base_top1 = [e["top1"][n:] for e, n in zip(pre["edits"], n_prompts)]
+    old, base_top1 = base_references(lm, manifest)
     pre = score_manifest(lm, manifest, old, base_top1)  # the same comparisons as post
     edited.compose(deltas)
     try:
@@ -278,3 +288,36 @@ def evaluate_manifest(edited, manifest, deltas: list) -> dict:
         edited.compose([])
     return {"pre": pre["metrics"], "post": post["metrics"],
             "edits": [{"pre": a, "post": b} for a, b in zip(pre["edits"], post["edits"])]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Damage on generic text: per-token NLL and top-1 predictions of a held-out text
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def text_predictions(lm: LoadedModel, text: str, window: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL of every predicted token of ``text`` and the model's top-1 prediction there: (n,), (n,).
+
+    The text is cut into consecutive windows of ``window`` tokens, each scored on its own (after
+    <bos> where the model uses one, so every token is predicted; otherwise a window's first token
+    is context only). Perplexity = exp(mean NLL).
+    """
+    if window < 2:
+        raise ValueError(f"the perplexity window must be at least 2 tokens, got {window}")
+    ids = lm.tokenizer(text, add_special_tokens=False).input_ids
+    head = [lm.tokenizer.bos_token_id] if lm.adds_bos else []
+    nll, top1 = [], []
+    with flush_denormals():
+        for start in range(0, len(ids), window):
+            seq = torch.tensor([head + ids[start:start + window]])
+            if seq.shape[1] < 2:
+                continue
+            hidden = final_hidden(lm.model, seq, torch.ones_like(seq))[0, :-1]  # (T-1, d)
+            logp = logits_at(lm.model, hidden).log_softmax(-1)  # (T-1, vocab)
+            nxt = seq[0, 1:]
+            nll.append(-logp.gather(1, nxt[:, None])[:, 0])
+            top1.append(logp.argmax(-1))
+    if not nll:
+        raise ValueError("the held-out text has fewer than 2 tokens")
+    return torch.cat(nll), torch.cat(top1)

@@ -1,0 +1,134 @@
+"""The registry of active manifests: the ``manifests:`` list of params.yaml, edited in place.
+
+params.yaml is written by people (comments, alignment, order), so the list is edited as text: only
+the one item line is inserted or removed, and the result is re-read to check that nothing else
+changed. Supported forms: a block list (``manifests:`` then ``  - name`` lines, comments allowed
+between them), a flow list (``manifests: [a, b]``), an empty value, or no key at all.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError
+from .io import write_text_atomic
+
+NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+RESERVED = {"stack", "plots"}  # reports/stack.json and reports/plots/ belong to the stack stage
+
+_KEY = re.compile(r"^manifests[ \t]*:(?P<value>.*)$")
+_ITEM = re.compile(r"^(?P<indent>[ \t]*)-[ \t]+(?P<item>.*?)[ \t]*$")
+_SKIP = re.compile(r"^[ \t]*(#.*)?$")  # blank or comment-only line
+
+
+def check_name(name: str, where: str) -> None:
+    """Manifest names become file names and DVC stage keys: letters, digits, '_' and '-' only."""
+    if not NAME.match(name):
+        raise ConfigError(f"{where}: manifest name '{name}' may only contain letters, digits, '_' and '-'")
+    if name in RESERVED:
+        raise ConfigError(f"{where}: manifest name '{name}' is reserved for the stack stage's reports")
+
+
+def read_manifests(params: Path) -> list[str]:
+    """The active manifest names, in order ([] when the key is missing or empty)."""
+    data = _load(params, params.read_text())
+    names = data.get("manifests") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{params}: manifests: must be a list of manifest names")
+    return names
+
+
+def _load(params: Path, text: str) -> dict:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{params}: invalid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{params}: must be a mapping of sections")
+    return data
+
+
+def _scalar(name: str) -> str:
+    """``name`` as a YAML scalar that reads back as the same string (quoted if it would not, e.g. '123')."""
+    return name if yaml.safe_load(name) == name else f"'{name}'"
+
+
+def _flow(names: list[str]) -> str:
+    return "[" + ", ".join(_scalar(n) for n in names) + "]"
+
+
+def edit_manifest_list(text: str, add: str | None = None, remove: str | None = None) -> str:
+    """``text`` (a params file) with one name appended to or removed from ``manifests:``.
+
+    Only the affected line changes. Raises ValueError for a layout this editor does not handle.
+    """
+    lines = text.splitlines(keepends=True)
+    key = next((i for i, line in enumerate(lines) if _KEY.match(line.rstrip("\r\n"))), None)
+    if key is None:
+        if remove is not None:
+            raise ValueError("no manifests: list")
+        sep = "" if not text or text.endswith("\n") else "\n"
+        return text + sep + f"manifests:\n  - {_scalar(add)}\n"
+    value = _KEY.match(lines[key].rstrip("\r\n"))["value"]
+    end = "\n" if lines[key].endswith("\n") else ""
+    inline = yaml.safe_load(value) if value.strip() and not value.strip().startswith("#") else None
+    if inline is not None or value.strip().startswith("["):  # a flow list on the key's line
+        names = list(inline or [])
+        names = names + [add] if add is not None else [n for n in names if n != remove]
+        comment = value[value.index("]") + 1:] if "]" in value else ""
+        lines[key] = f"manifests: {_flow(names)}{comment}{end}"
+        return "".join(lines)
+    items = []  # (line index, indent, name) of the block list's item lines
+    for i in range(key + 1, len(lines)):
+        line = lines[i].rstrip("\r\n")
+        if _SKIP.match(line):
+            continue
+        m = _ITEM.match(line)
+        if not m or (items and m["indent"] != items[0][1]):
+            break  # the next key: the list ended
+        items.append((i, m["indent"], yaml.safe_load(m["item"])))
+    if add is not None:
+        at, indent = (items[-1][0] + 1, items[-1][1]) if items else (key + 1, "  ")
+        if at == len(lines) and lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines.insert(at, f"{indent}- {_scalar(add)}\n")
+    else:
+        lines = [line for i, line in enumerate(lines) if not any(i == j and n == remove for j, _, n in items)]
+        if all(n == remove for _, _, n in items):  # the list is now empty: say so, or it would read as null
+            comment = value[value.index("#"):] if "#" in value else ""
+            lines[key] = f"manifests: []{'  ' + comment if comment else ''}{end}"
+    return "".join(lines)
+
+
+def _write_list(params: Path, add: str | None = None, remove: str | None = None) -> None:
+    text = params.read_text() if params.exists() else ""
+    before = _load(params, text)
+    names = list(before.get("manifests") or [])
+    want = names + [add] if add is not None else [n for n in names if n != remove]
+    try:
+        new = edit_manifest_list(text, add, remove)
+        after = _load(params, new)
+    except (ValueError, ConfigError):
+        after = None
+    if after is None or after.get("manifests") != want or {**before, "manifests": want} != after:
+        raise ConfigError(f"{params}: manifests: cannot edit this list without touching the rest of the file; "
+                          f"edit it by hand")
+    write_text_atomic(params, new)
+
+
+def register(params: Path, name: str) -> None:
+    """Append ``name`` to params.yaml ``manifests:``; error if it is there already."""
+    check_name(name, str(params))
+    if params.exists() and name in read_manifests(params):
+        raise ConfigError(f"{params}: manifests: '{name}' is already registered")
+    _write_list(params, add=name)
+
+
+def unregister(params: Path, name: str) -> None:
+    """Remove ``name`` from params.yaml ``manifests:``; error if it is not there."""
+    if not params.exists() or name not in read_manifests(params):
+        raise ConfigError(f"{params}: manifests: '{name}' is not registered")
+    _write_list(params, remove=name)

@@ -1,0 +1,507 @@
+"""The DVC workflow's library: project layout, per-manifest reports, the stack of all deltas, gates,
+and the provenance checks behind ``romeflow status`` and ``romeflow verify``.
+
+Stages (dvc.yaml) and what they call here:
+
+    eval@NAME   eval_manifest: NAME's edits on base, and on base + deltas/NAME  -> reports/NAME.json
+    stack       eval_stack: every active manifest on base + all active deltas   -> reports/stack.json
+
+A stage whose report falls below params.yaml ``gate:`` still writes it, then fails with one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import ConfigError, Settings
+from .deltas import Delta, DeltaError, EditedModel, compute_delta, load_delta, save_delta
+from .evaluation import base_references, evaluate_manifest, score_manifest, text_predictions
+from .io import write_json_atomic, write_text_atomic
+from .manifests import Manifest, ManifestError, load_manifest
+from .models import EMBEDDED, LoadedModel, resolve, sha256_file, weight_out_in
+from .registry import check_name, read_manifests
+from .rome import RomeParams
+from .schemas import validate
+
+REPORT_FORMAT = "romeflow.report/1"
+DETAILS_FORMAT = "romeflow.details/1"
+STACK_FORMAT = "romeflow.stack/1"
+METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "S", "rewrite_top1", "paraphrase_top1", "neighbor_top1_kept")
+SHOWN = ("ES", "PS", "NS", "S")  # the scores in tables and plots
+
+
+class GateError(ValueError):
+    """A report fell below a gate of params.yaml; str(error) is the one-line reason."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout and parameters
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the pipeline keeps each artifact, relative to the project root (the folder of params.yaml)."""
+
+    root: Path = Path(".")
+
+    def manifest(self, name: str) -> Path:
+        return self.root / "edits" / f"{name}.yaml"
+
+    def delta(self, name: str) -> Path:
+        return self.root / "deltas" / f"{name}.safetensors"
+
+    def report(self, name: str) -> Path:
+        return self.root / "reports" / f"{name}.json"
+
+    def details(self, name: str) -> Path:
+        return self.root / "reports" / f"{name}.details.json"
+
+    def stats(self, layer: int) -> Path:
+        return self.root / "stats" / f"layer{layer}.safetensors"
+
+    @property
+    def stack_report(self) -> Path:
+        return self.root / "reports" / "stack.json"
+
+    @property
+    def stack_markdown(self) -> Path:
+        return self.root / "reports" / "stack.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "reports" / "plots"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Thresholds (params.yaml ``gate:``); None means "not checked"."""
+
+    eval: dict[str, float] = field(default_factory=dict)  # metric -> minimum post-edit score (%)
+    max_perplexity_increase: float | None = None  # % on the held-out text, stack vs base
+    min_neighbor_kept: float | None = None  # % of all neighbour prompts whose top-1 is unchanged
+    max_interference: float | None = None  # points a manifest's S may lose in the stack vs alone
+
+
+@dataclass(frozen=True)
+class WorkflowParams:
+    """The sections of params.yaml this module owns: ``manifests:``, ``stack:`` and ``gate:``."""
+
+    manifests: tuple[str, ...]
+    gate: Gate
+    heldout: str = "data/heldout.txt"
+    window: int = 256
+
+
+def _number(where: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: must be a number, got {value!r}")
+    return float(value)
+
+
+def _section(path: Path, raw: dict, name: str, where: str = "") -> dict:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {where}{name}: must be a mapping")
+    return value
+
+
+def workflow_params(path: Path, settings: Settings) -> WorkflowParams:
+    """Read and check ``manifests:``, ``stack:`` and ``gate:``; every problem is one line naming the field."""
+    raw = settings.raw
+    names = read_manifests(path) if path.exists() else []
+    for name in names:
+        check_name(name, f"{path}: manifests")
+    stack = _section(path, raw, "stack")
+    unknown = set(stack) - {"heldout", "window"}
+    if unknown:
+        raise ConfigError(f"{path}: stack.{sorted(unknown)[0]}: unknown field")
+    window = stack.get("window", 256)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+        raise ConfigError(f"{path}: stack.window: must be an integer of at least 2, got {window!r}")
+    gate = _section(path, raw, "gate")
+    unknown = set(gate) - {"eval", "stack"}
+    if unknown:
+        raise ConfigError(f"{path}: gate.{sorted(unknown)[0]}: unknown field (expected eval, stack)")
+    ev = _section(path, gate, "eval", "gate.")
+    for k in ev:
+        if k not in METRICS:
+            raise ConfigError(f"{path}: gate.eval.{k}: unknown metric (expected one of {', '.join(METRICS)})")
+    st = _section(path, gate, "stack", "gate.")
+    keys = ("max_perplexity_increase", "min_neighbor_kept", "max_interference")
+    for k in st:
+        if k not in keys:
+            raise ConfigError(f"{path}: gate.stack.{k}: unknown field (expected one of {', '.join(keys)})")
+    g = Gate({k: _number(f"{path}: gate.eval.{k}", v) for k, v in ev.items()},
+             **{k: _number(f"{path}: gate.stack.{k}", st[k]) if st.get(k) is not None else None for k in keys})
+    return WorkflowParams(tuple(names), g, str(stack.get("heldout", "data/heldout.txt")), window)
+
+
+def write_artifact(path: str | os.PathLike, schema: str, obj) -> None:
+    """Validate ``obj`` against schemas/<schema>.schema.json, then write it atomically as JSON."""
+    errors = validate(schema, obj)
+    if errors:
+        raise ValueError(f"{path}: {errors[0][0]}: {errors[0][1]} (schemas/{schema}.schema.json)")
+    write_json_atomic(path, obj)
+
+
+def _check_not_stale(manifest: Manifest, deltas: list[Delta]) -> None:
+    for d in deltas:
+        if d.name == manifest.name and d.meta["manifest"]["sha256"] != manifest.sha256:
+            raise DeltaError(f"{d.path}: computed from another version of {manifest.path} (re-run `dvc repro`)")
+
+
+def _delta_entry(d: Delta) -> dict:
+    if d.path is None:
+        raise DeltaError(f"delta of {d.name}: not saved to a file; reports refer to delta files")
+    return {"path": str(d.path), "manifest": d.name, "sha256": sha256_file(Path(d.path))}
+
+
+# --------------------------------------------------------------------------------------------------
+# eval@NAME: one manifest alone
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    report: dict  # the small metrics file: pre and post scores, manifest and delta hashes
+    details: dict  # per edit and prompt: probabilities, successes, top-1 tokens
+    failures: list[str]  # gate failures, one line each
+
+    def write(self, report_path: str | os.PathLike, details_path: str | os.PathLike | None = None) -> None:
+        write_artifact(report_path, "report", self.report)
+        if details_path is not None:
+            write_artifact(details_path, "details", self.details)
+
+
+def eval_manifest(edited: EditedModel, manifest: Manifest, deltas: list[Delta], gate: Gate | None = None) -> EvalResult:
+    """A manifest's edits before (base) and after (base + ``deltas``), checked against ``gate.eval``."""
+    _check_not_stale(manifest, deltas)
+    r = evaluate_manifest(edited, manifest, deltas)
+    head = {"name": manifest.name, "sha256": manifest.sha256}
+    report = {"format": REPORT_FORMAT, "manifest": head, "deltas": [_delta_entry(d) for d in deltas],
+              "pre": r["pre"], "post": r["post"]}
+    details = {"format": DETAILS_FORMAT, "manifest": head, "edits": r["edits"]}
+    return EvalResult(report, details, eval_gate(report, gate or Gate()))
+
+
+def eval_gate(report: dict, gate: Gate) -> list[str]:
+    name = report["manifest"]["name"]
+    return [f"manifest {name}: post {k} = {report['post'][k]:.1f} is below the gate (gate.eval.{k} = {v:g})"
+            for k, v in gate.eval.items() if k in report["post"] and report["post"][k] < v]
+
+
+def gate_error(where: str | os.PathLike, failures: list[str]) -> GateError:
+    more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+    return GateError(f"{where}: {failures[0]}{more}")
+
+
+# --------------------------------------------------------------------------------------------------
+# stack: every active delta composed
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StackResult:
+    report: dict  # reports/stack.json
+    plots: dict[str, list[dict]]  # file name in reports/plots/ -> rows
+    failures: list[str]
+
+    def write(self, report_path, markdown_path=None, plots_dir=None) -> None:
+        write_artifact(report_path, "stack", self.report)
+        if markdown_path is not None:
+            write_text_atomic(markdown_path, stack_markdown(self.report))
+        if plots_dir is not None:
+            for fname, rows in self.plots.items():
+                write_artifact(Path(plots_dir) / fname, f"plot-{Path(fname).stem}", rows)
+
+
+def edited_weights_sha256(lm: LoadedModel, deltas: list[Delta]) -> str:
+    """sha256 over every module the deltas touch, as it is now: equal hashes = equal edited models."""
+    h = hashlib.sha256()
+    for name in sorted({up.module for d in deltas for up in d.updates}):
+        w = weight_out_in(lm.model, name).contiguous()
+        h.update(f"{name}|{tuple(w.shape)}|".encode())
+        h.update(w.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _diff(a: dict, b: dict) -> dict:
+    return {k: b[k] - a[k] for k in a if k in b}
+
+
+def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delta], heldout: Path,
+               window: int = 256, gate: Gate | None = None) -> StackResult:
+    """Base + all ``deltas`` (one per manifest, in order): each manifest's scores alone and in the stack,
+    and the damage to the base model (held-out perplexity, neighbour top-1 agreement).
+
+    "Alone" is computed here exactly as eval@NAME computes "post" (same function, same inputs), so it
+    equals reports/NAME.json's post without the stack stage depending on those files.
+    ``edited`` is left at the base model.
+    """
+    if len(manifests) != len(deltas) or any(m.name != d.name for m, d in zip(manifests, deltas)):
+        raise DeltaError("the stack needs one delta per manifest, in the same order")
+    for m, d in zip(manifests, deltas):
+        _check_not_stale(m, [d])
+    lm = edited.lm
+    heldout = Path(heldout)
+    if not heldout.is_file():
+        raise FileNotFoundError(f"{heldout}: held-out text not found (params.yaml stack.heldout)")
+    text = heldout.read_text(encoding="utf-8")
+
+    edited.compose([])
+    refs = {m.name: base_references(lm, m) for m in manifests}
+    score = lambda m: score_manifest(lm, m, *refs[m.name])  # noqa: E731
+    pre = {m.name: score(m) for m in manifests}
+    nll_base, top1_base = text_predictions(lm, text, window)
+    alone = {}
+    for m, d in zip(manifests, deltas):
+        edited.compose([d])
+        alone[m.name] = score(m)
+    edited.compose(deltas)
+    try:
+        stacked = {m.name: score(m) for m in manifests}
+        nll_stack, top1_stack = text_predictions(lm, text, window)
+        weights = edited_weights_sha256(lm, deltas)
+    finally:
+        edited.compose([])
+
+    kept = [n["top1_kept"] for m in manifests for e in stacked[m.name]["edits"] for n in e["neighbors"]]
+    ppl_base, ppl_stack = math.exp(nll_base.mean().item()), math.exp(nll_stack.mean().item())
+    damage = {"heldout": {"path": str(heldout), "sha256": sha256_file(heldout), "tokens": int(nll_base.numel()),
+                          "window": window, "perplexity_base": ppl_base, "perplexity_stack": ppl_stack,
+                          "perplexity_increase_pct": 100.0 * (ppl_stack / ppl_base - 1.0),
+                          "top1_agreement_pct": 100.0 * (top1_base == top1_stack).float().mean().item()},
+              "neighbors": {"prompts": len(kept)}}
+    if kept:
+        damage["neighbors"]["top1_kept_pct"] = 100.0 * sum(kept) / len(kept)
+    per = {}
+    for m, d in zip(manifests, deltas):
+        a, s = alone[m.name]["metrics"], stacked[m.name]["metrics"]
+        per[m.name] = {"manifest_sha256": m.sha256, "delta_sha256": _delta_entry(d)["sha256"],
+                       "edits": len(m.edits), "pre": pre[m.name]["metrics"], "alone": a, "stack": s,
+                       "interference": _diff(a, s)}
+    report = {"format": STACK_FORMAT, "base_model": {"name": lm.name, "fingerprint": lm.fingerprint},
+              "composed": {"manifests": [m.name for m in manifests], "edits": sum(len(m.edits) for m in manifests),
+                           "weights_sha256": weights},
+              "manifests": per, "damage": damage}
+    failures = stack_gate(report, gate or Gate())
+    report["gate"] = {"passed": not failures, "failures": failures}
+    return StackResult(report, _stack_plots(manifests, pre, alone, stacked), failures)
+
+
+def stack_gate(report: dict, gate: Gate) -> list[str]:
+    out = []
+    if gate.max_interference is not None:
+        for name, r in report["manifests"].items():
+            drop = -r["interference"].get("S", 0.0)
+            if drop > gate.max_interference:
+                out.append(f"manifest {name}: S drops by {drop:.1f} points in the stack "
+                           f"({r['alone']['S']:.1f} alone -> {r['stack']['S']:.1f}), above the gate "
+                           f"(gate.stack.max_interference = {gate.max_interference:g})")
+    h, n = report["damage"]["heldout"], report["damage"]["neighbors"]
+    if gate.max_perplexity_increase is not None and h["perplexity_increase_pct"] > gate.max_perplexity_increase:
+        out.append(f"stack: perplexity increase on {h['path']} = {h['perplexity_increase_pct']:.2f}% is above the "
+                   f"gate (gate.stack.max_perplexity_increase = {gate.max_perplexity_increase:g})")
+    if gate.min_neighbor_kept is not None and n.get("top1_kept_pct", 100.0) < gate.min_neighbor_kept:
+        out.append(f"stack: neighbour top-1 kept = {n['top1_kept_pct']:.1f}% is below the gate "
+                   f"(gate.stack.min_neighbor_kept = {gate.min_neighbor_kept:g})")
+    return out
+
+
+def _stack_plots(manifests, pre, alone, stacked) -> dict[str, list[dict]]:
+    scores, probs = [], []
+    for m in manifests:
+        a, s, p = alone[m.name], stacked[m.name], pre[m.name]
+        for k in SHOWN:
+            if k in s["metrics"]:
+                scores.append({"manifest": m.name, "metric": k, "label": f"{m.name} {k}", "pre": p["metrics"][k],
+                               "alone": a["metrics"][k], "stack": s["metrics"][k]})
+        for i, (ep, ea, es) in enumerate(zip(p["edits"], a["edits"], s["edits"])):
+            rows = zip([ep["rewrite"]] + ep["paraphrases"], [ea["rewrite"]] + ea["paraphrases"],
+                       [es["rewrite"]] + es["paraphrases"])
+            for j, (rp, ra, rs) in enumerate(rows):
+                kind = "rewrite" if j == 0 else f"paraphrase {j}"
+                probs.append({"manifest": m.name, "edit": i, "label": f"{m.name}#{i} {kind}", "prompt": rp["prompt"],
+                              "p_target_pre": rp["p_target"], "p_target_alone": ra["p_target"],
+                              "p_target_stack": rs["p_target"], "p_old_pre": rp["p_old"], "p_old_stack": rs["p_old"]})
+    return {"scores.json": scores, "probabilities.json": probs}
+
+
+def stack_markdown(report: dict) -> str:
+    """reports/stack.md: the stack report as readable tables."""
+    fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    names = report["composed"]["manifests"]
+    lines = [f"# Stack: {len(names)} manifest(s), {report['composed']['edits']} edit(s)", "",
+             f"Base model `{report['base_model']['name']}` ({report['base_model']['fingerprint'][:12]}); "
+             f"scores in %, *alone* = base + that manifest's delta, *stack* = base + all deltas.", ""]
+    head = ["manifest", "edits"] + [f"{k} {w}" for k in SHOWN for w in ("alone", "stack")] + ["ΔS"]
+    lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name in names:
+        r = report["manifests"][name]
+        cells = [name, str(r["edits"])] + [fmt(r[w].get(k)) for k in SHOWN for w in ("alone", "stack")]
+        d = r["interference"].get("S")
+        lines.append("| " + " | ".join(cells + ["–" if d is None else f"{d:+.1f}"]) + " |")
+    h, n = report["damage"]["heldout"], report["damage"]["neighbors"]
+    lines += ["", "## Damage vs the base model", "", "| measure | base | stack | change |", "|---|---:|---:|---:|",
+              f"| perplexity of `{h['path']}` ({h['tokens']} tokens) | {h['perplexity_base']:.3f} | "
+              f"{h['perplexity_stack']:.3f} | {h['perplexity_increase_pct']:+.2f}% |",
+              f"| held-out top-1 agreement | 100% | {h['top1_agreement_pct']:.1f}% | |",
+              f"| neighbour top-1 kept ({n['prompts']} prompts) | 100% | "
+              f"{fmt(n.get('top1_kept_pct'))}{'%' if 'top1_kept_pct' in n else ''} | |", ""]
+    g = report["gate"]
+    lines.append("**Gate: passed.**" if g["passed"] else "**Gate: failed.**")
+    lines += [f"- {f}" for f in g["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance: status and verify
+# --------------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(spec: str, cache: str | os.PathLike | None = None) -> str:
+    """The fingerprint a model would load with, without loading (or converting) it."""
+    from .models import cache_dir
+
+    return EMBEDDED[spec].sha256 if spec in EMBEDDED else resolve(spec, cache_dir(cache))[2]
+
+
+def provenance_issues(delta: Delta, manifest: Manifest | None, model_fp: str, stats_sha: dict[int, str],
+                      rome: RomeParams) -> list[str]:
+    """Why ``delta`` is not what the pipeline would compute now ([] when its provenance matches).
+
+    ``stats_sha`` maps layer -> sha256 of the current statistics file (layers without one are not checked).
+    """
+    out = []
+    if manifest is not None and delta.meta["manifest"]["sha256"] != manifest.sha256:
+        out.append(f"{manifest.path} changed since the delta was computed")
+    if delta.base_fingerprint != model_fp:
+        out.append(f"computed on another base model ({delta.meta['base_model']['name']}, {delta.base_fingerprint[:12]})")
+    for s in delta.meta["stats"]:
+        if s["layer"] in stats_sha and stats_sha[s["layer"]] != s["sha256"]:
+            out.append(f"statistics of layer {s['layer']} changed ({s['sha256'][:12]} -> {stats_sha[s['layer']][:12]})")
+    now, then = rome.to_dict(), delta.meta["hyperparameters"]
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    if changed:
+        out.append(f"hyper-parameters differ from params.yaml: {', '.join(changed)}")
+    return out
+
+
+def stats_hashes(layout: Layout) -> dict[int, str]:
+    """layer -> sha256 of the pipeline's statistics files (stats/layerL.safetensors) present now."""
+    out = {}
+    for f in sorted(layout.stats(0).parent.glob("layer*.safetensors")):
+        if f.stem[len("layer"):].isdigit():
+            out[int(f.stem[len("layer"):])] = sha256_file(f)
+    return out
+
+
+def _report_state(path: Path, delta_sha: str | None) -> str:
+    if not path.is_file():
+        return "missing"
+    try:
+        shas = [d["sha256"] for d in json.loads(path.read_text())["deltas"]]
+    except (ValueError, KeyError, TypeError):
+        return "invalid"
+    return "ok" if delta_sha is not None and shas == [delta_sha] else "stale"
+
+
+def status(layout: Layout, settings: Settings, wp: WorkflowParams, cache=None) -> dict:
+    """Active manifests, their deltas and reports, and each delta's provenance vs the current inputs."""
+    model_fp = model_fingerprint(settings.model, cache)
+    stats = stats_hashes(layout)
+    entries = []
+    for name in wp.manifests:
+        e = {"name": name, "manifest": "ok", "delta": "missing", "report": "missing", "issues": []}
+        try:
+            manifest = load_manifest(layout.manifest(name))
+        except ManifestError as err:
+            manifest, e["manifest"] = None, "missing" if not layout.manifest(name).exists() else "invalid"
+            e["issues"].append(str(err))
+        delta_sha = None
+        if layout.delta(name).is_file():
+            try:
+                delta = load_delta(layout.delta(name))
+                delta_sha = sha256_file(layout.delta(name))
+                e["delta"] = "present"
+                e["issues"] += provenance_issues(delta, manifest, model_fp, stats, settings.rome)
+            except DeltaError as err:
+                e["delta"] = "invalid"
+                e["issues"].append(str(err))
+        e["report"] = _report_state(layout.report(name), delta_sha)
+        e["state"] = ("ok" if e["delta"] == "present" and not e["issues"] else
+                      "missing" if e["delta"] == "missing" else "stale")
+        entries.append(e)
+    return {"model": {"spec": settings.model, "fingerprint": model_fp},
+            "stats": {str(k): v for k, v in stats.items()}, "manifests": entries,
+            "stack": _stack_state(layout, wp)}
+
+
+def _stack_state(layout: Layout, wp: WorkflowParams) -> str:
+    if not layout.stack_report.is_file():
+        return "missing"
+    try:
+        r = json.loads(layout.stack_report.read_text())
+        shas = {n: v["delta_sha256"] for n, v in r["manifests"].items()}
+        listed = r["composed"]["manifests"]
+    except (ValueError, KeyError, TypeError):
+        return "invalid"
+    if listed != list(wp.manifests):
+        return "stale"
+    for name in wp.manifests:
+        p = layout.delta(name)
+        if not p.is_file() or sha256_file(p) != shas.get(name):
+            return "stale"
+    return "ok"
+
+
+def verify_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict, stored: Delta) -> dict:
+    """Recompute ``stored`` from its manifest and compare: byte-identical files, else the factors'
+    max |difference| (inf when the edits do not line up)."""
+    fresh = compute_delta(lm, manifest, params, stats)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fresh.safetensors"
+        save_delta(path, fresh)
+        identical = path.read_bytes() == Path(stored.path).read_bytes()
+    diff = 0.0
+    if len(fresh.updates) != len(stored.updates):
+        diff = math.inf
+    for a, b in zip(fresh.updates, stored.updates):
+        if a.module != b.module or a.u.shape != b.u.shape or a.v.shape != b.v.shape:
+            diff = math.inf
+            break
+        diff = max(diff, (a.u - b.u).abs().max().item(), (a.v - b.v).abs().max().item())
+    return {"name": manifest.name, "path": str(stored.path), "identical": identical, "max_abs_diff": diff,
+            "metadata_equal": json.loads(json.dumps(fresh.meta)) == stored.meta}
+
+
+def verify_manifest(lm: LoadedModel, layout: Layout, settings: Settings, name: str,
+                    stats_for: Callable[[list[int]], dict], atol: float = 0.0) -> dict:
+    """``romeflow verify NAME``: provenance of deltas/NAME vs the current inputs, and a recomputation.
+
+    ``stats_for(layers)`` gives the statistics to recompute with. ``problems`` lists one line per failure.
+    """
+    m = load_manifest(layout.manifest(name))
+    stored = load_delta(layout.delta(name))
+    issues = provenance_issues(stored, m, lm.fingerprint, stats_hashes(layout), settings.rome)
+    layers = sorted({m.layer_of(e, settings.rome.layer) for e in m.edits})
+    v = verify_delta(lm, m, settings.rome, stats_for(layers), stored)
+    ok = v["identical"] or v["max_abs_diff"] <= atol
+    v["result"] = ("identical" if v["identical"] else "equal factors" if v["max_abs_diff"] == 0 else
+                   "within tolerance" if ok else "DIFFERENT")
+    v["issues"] = issues
+    v["problems"] = [f"{stored.path}: {i}" for i in issues[:1]]
+    if not ok:
+        v["problems"].append(f"{stored.path}: differs from a recomputation "
+                             f"(max |Δ| of the factors = {v['max_abs_diff']:.3g})")
+    return v
