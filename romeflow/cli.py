@@ -17,13 +17,17 @@ from rich.table import Table
 from . import __version__
 from .config import ConfigError, Settings, load_settings
 from .deltas import DeltaError, EditedModel, compute_delta, load_delta, save_delta
-from .evaluation import evaluate_manifest, greedy_continuation, next_token_top
-from .io import write_json_atomic
+from .evaluation import greedy_continuation, next_token_top
+from .history import RevisionError, diff_reports, markdown_table
 from .manifests import ManifestError, load_manifest
 from .models import LoadedModel, ModelError, cache_dir, load_model
+from .registry import register, unregister
 from .statistics import Stats, get_stats, load_stats, save_stats, text_files_corpus
+from .workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error, status as workflow_status,
+                       verify_manifest, workflow_params)
 
-USER_ERRORS = (ManifestError, ModelError, DeltaError, ConfigError, FileNotFoundError, ValueError)
+USER_ERRORS = (ManifestError, ModelError, DeltaError, ConfigError, GateError, RevisionError, FileNotFoundError,
+               ValueError)
 err = Console(stderr=True)
 console = Console()
 
@@ -86,6 +90,20 @@ def _load_deltas(paths) -> list:
     return [load_delta(p) for p in paths]
 
 
+def _params_path(ctx) -> Path:
+    return Path(ctx.obj["params"] or "params.yaml")
+
+
+def _layout(ctx) -> Layout:
+    """The project root is the folder of the params file."""
+    return Layout(_params_path(ctx).parent)
+
+
+def _workflow(ctx):
+    settings = _settings(ctx)
+    return settings, workflow_params(_params_path(ctx), settings)
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -125,19 +143,26 @@ def apply(ctx, manifest, out, model_spec, stats_files):
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--delta", "deltas", multiple=True, type=click.Path(dir_okay=False),
               help="Delta file(s) [default: deltas/<manifest name>.safetensors].")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the report (JSON) here.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the report here (JSON, schemas/report.schema.json: pre/post scores and hashes).")
+@click.option("--details", type=click.Path(dir_okay=False), default=None,
+              help="Write the per-edit details here (JSON, schemas/details.schema.json).")
+@click.option("--gate", "use_gate", is_flag=True,
+              help="After writing, fail (exit 1, one line) if a post score is below params.yaml gate.eval.")
 @click.option("--model", "model_spec", default=None, help="Model [default: the deltas' base model].")
 @click.pass_context
-def evaluate(ctx, manifest, deltas, out, model_spec):
+def evaluate(ctx, manifest, deltas, out, details, use_gate, model_spec):
     """Score a manifest's edits (rewrite, paraphrases, neighbours) before and after its delta."""
+    if details and not out:
+        raise click.UsageError("--details needs --out")
     m = load_manifest(manifest)
-    loaded = _load_deltas(deltas or [Path("deltas") / f"{m.name}.safetensors"])
+    loaded = _load_deltas(deltas or [_layout(ctx).delta(m.name)])
+    gate = _workflow(ctx)[1].gate if use_gate else None
     lm = _load(ctx, model_spec or loaded[0].meta["base_model"]["name"])
-    report = {"manifest": {"name": m.name, "sha256": m.sha256},
-              "deltas": [{"path": d.path, "manifest_sha256": d.meta["manifest"]["sha256"]} for d in loaded],
-              **evaluate_manifest(EditedModel(lm), m, loaded)}
+    result = eval_manifest(EditedModel(lm), m, loaded, gate)
     if out:
-        write_json_atomic(out, report)
+        result.write(out, details)
+    report = result.report
     table = Table(title=f"{m.name}: {len(m.edits)} edit(s), before -> after")
     table.add_column("metric")
     table.add_column("pre", justify="right")
@@ -145,6 +170,51 @@ def evaluate(ctx, manifest, deltas, out, model_spec):
     for k, v in report["post"].items():
         table.add_row(k, f"{report['pre'].get(k, float('nan')):.1f}", f"{v:.1f}")
     console.print(table)
+    if result.failures:
+        raise gate_error(out or m.path, result.failures)
+
+
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Stack report (JSON, schemas/stack.schema.json) [default: reports/stack.json].")
+@click.option("--md", "markdown", type=click.Path(dir_okay=False), default=None,
+              help="Readable tables [default: reports/stack.md].")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the DVC plot data [default: reports/plots].")
+@click.option("--gate", "use_gate", is_flag=True,
+              help="After writing, fail (exit 1, one line) if the stack is outside params.yaml gate.stack.")
+@click.pass_context
+def stack(ctx, out, markdown, plots_dir, use_gate):
+    """Compose every active delta (params.yaml manifests:) and measure interference and damage.
+
+    Each manifest's edits are scored with its own delta alone and with all deltas; the damage
+    guard is the perplexity of a held-out text (params.yaml stack.heldout) and the neighbour
+    prompts' top-1 agreement, both vs the base model.
+    """
+    settings, wp = _workflow(ctx)
+    layout = _layout(ctx)
+    manifests = [load_manifest(layout.manifest(n)) for n in wp.manifests]
+    deltas = _load_deltas(layout.delta(n) for n in wp.manifests)
+    lm = _load(ctx, settings.model)
+    result = eval_stack(EditedModel(lm), manifests, deltas, layout.root / wp.heldout, wp.window,
+                        wp.gate if use_gate else None)
+    out = Path(out or layout.stack_report)
+    result.write(out, markdown or layout.stack_markdown, plots_dir or layout.plots)
+    r = result.report
+    table = Table(title=f"stack of {len(manifests)} manifest(s): S alone -> stack")
+    for col in ("manifest", "S alone", "S stack", "ΔS"):
+        table.add_column(col, justify="left" if col == "manifest" else "right")
+    for name, m in r["manifests"].items():
+        s_a, s_s = m["alone"].get("S"), m["stack"].get("S")
+        table.add_row(name, *(("-" if v is None else f"{v:.1f}") for v in (s_a, s_s)),
+                      "-" if "S" not in m["interference"] else f"{m['interference']['S']:+.1f}")
+    console.print(table)
+    h, n = r["damage"]["heldout"], r["damage"]["neighbors"]
+    console.print(f"perplexity {h['perplexity_base']:.3f} -> {h['perplexity_stack']:.3f} "
+                  f"({h['perplexity_increase_pct']:+.2f}%), neighbour top-1 kept "
+                  f"{n.get('top1_kept_pct', float('nan')):.1f}% of {n['prompts']}", highlight=False)
+    if result.failures:
+        raise gate_error(out, result.failures)
 
 
 @main.command()
@@ -233,6 +303,129 @@ def export(ctx, out, deltas, model_spec):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     console.print(f"exported {lm.name} + {len(loaded)} delta(s) -> {out}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry of active manifests and the state of the pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.pass_context
+def add(ctx, manifest):
+    """Validate edits/NAME.yaml and register NAME in params.yaml manifests: (`dvc repro` then computes it)."""
+    m = load_manifest(manifest)
+    layout = _layout(ctx)
+    expected = layout.manifest(m.name)
+    if Path(manifest).resolve() != expected.resolve():
+        raise ValueError(f"{manifest}: the pipeline reads manifests from {expected}; move it there first")
+    register(_params_path(ctx), m.name)
+    click.echo(f"registered {m.name} ({len(m.edits)} edit(s)) in {_params_path(ctx)}; "
+               f"`dvc repro` computes {layout.delta(m.name)}")
+
+
+@main.command()
+@click.argument("name")
+@click.pass_context
+def revert(ctx, name):
+    """Drop NAME from params.yaml manifests: and delete its delta and reports (the manifest stays).
+
+    The next `dvc repro` re-runs only the stack, which then equals base + the remaining deltas.
+    """
+    layout = _layout(ctx)
+    unregister(_params_path(ctx), name)
+    removed = [p for p in (layout.delta(name), layout.report(name), layout.details(name)) if p.exists()]
+    for p in removed:
+        p.unlink()
+    click.echo(f"reverted {name}: removed from {_params_path(ctx)}" + "".join(f", deleted {p}" for p in removed))
+
+
+@main.command()
+@click.argument("rev_a", default="HEAD")
+@click.argument("rev_b", required=False)
+@click.option("--all", "all_rows", is_flag=True, help="Show unchanged metrics too.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows.")
+@click.option("--md", "as_md", is_flag=True, help="Print a Markdown table.")
+@click.pass_context
+def diff(ctx, rev_a, rev_b, all_rows, as_json, as_md):
+    """Per-manifest metrics between git revisions REV_A [default: HEAD] and REV_B [default: the working tree].
+
+    Reads reports/*.json (eval and stack reports, DVC metrics tracked by git) at each revision.
+    """
+    rows = diff_reports(_layout(ctx).root, rev_a, rev_b, all_rows)
+    b = rev_b or "workspace"
+    if as_json:
+        click.echo(json.dumps({"a": rev_a, "b": b, "rows": rows}, indent=1))
+        return
+    if as_md:
+        click.echo(markdown_table(rows, rev_a, b), nl=False)
+        return
+    table = Table(title=f"metrics: {rev_a} -> {b}" + ("" if all_rows else " (changed only)"))
+    for col in ("manifest", "metric", rev_a, b, "change"):
+        table.add_column(col, justify="left" if col in ("manifest", "metric") else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["manifest"], r["metric"], fmt(r["a"]), fmt(r["b"]),
+                      "-" if r["change"] is None else f"{r['change']:+.4g}")
+    console.print(table if rows else f"no metric changes between {rev_a} and {b}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status(ctx, as_json):
+    """Active manifests, their deltas and reports, and whether each is stale (manifest, base model,
+    statistics or hyper-parameters changed since the delta was computed)."""
+    settings, wp = _workflow(ctx)
+    st = workflow_status(_layout(ctx), settings, wp, ctx.obj["cache"])
+    if as_json:
+        click.echo(json.dumps(st, indent=1))
+        return
+    console.print(f"base model {st['model']['spec']} ({st['model']['fingerprint'][:12]}); statistics: "
+                  + (", ".join(f"layer {k} ({v[:12]})" for k, v in st["stats"].items()) or "none"), highlight=False)
+    table = Table(title=f"{len(st['manifests'])} active manifest(s); stack report: {st['stack']}")
+    for col in ("manifest", "state", "delta", "report", "why"):
+        table.add_column(col)
+    for e in st["manifests"]:
+        table.add_row(e["name"], e["state"], e["delta"], e["report"], "; ".join(e["issues"]))
+    console.print(table)
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.option("--atol", type=float, default=0.0, show_default=True,
+              help="Accept factors that differ by at most this much (0: byte-identical or equal factors).")
+@click.pass_context
+def verify(ctx, names, atol):
+    """Recompute deltas from their manifests and compare with the stored files [default: every active one].
+
+    Also checks each delta's provenance against the current manifest, base model, statistics and
+    hyper-parameters. Exits 1 (one line) if any delta differs or is stale.
+    """
+    settings, wp = _workflow(ctx)
+    layout = _layout(ctx)
+    names = list(names) or list(wp.manifests)
+    if not names:
+        raise ConfigError(f"{_params_path(ctx)}: manifests: no active manifests to verify")
+    lm = _load(ctx, settings.model)
+
+    def stats_for(layers: list[int]) -> dict[int, Stats]:  # the pipeline's files where present, else the cache
+        files = tuple(str(layout.stats(l)) for l in layers if layout.stats(l).is_file())
+        return _stats_for(ctx, lm, settings, layers, files)
+
+    table = Table(title="verify: recomputed vs stored")
+    for col in ("manifest", "result", "max |Δ| of the factors", "provenance"):
+        table.add_column(col)
+    problems = []
+    for name in names:
+        v = verify_manifest(lm, layout, settings, name, stats_for, atol)
+        table.add_row(name, v["result"], f"{v['max_abs_diff']:.3g}", "; ".join(v["issues"]) or "ok")
+        problems += v["problems"]
+    console.print(table)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DeltaError(f"verify failed: {problems[0]}{more}")
 
 
 if __name__ == "__main__":

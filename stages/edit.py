@@ -1,0 +1,15 @@
+"""DVC stage `edit@NAME`: edits/NAME.yaml -> deltas/NAME.safetensors, computed on the base model alone.
+
+`romeflow apply` -> deltas.compute_delta. Usage: python stages/edit.py NAME (from the project root).
+"""
+
+import sys
+
+from romeflow.cli import main
+from romeflow.config import load_settings
+from romeflow.workflow import Layout
+
+name, paths = sys.argv[1], Layout()
+layer = load_settings("params.yaml").rome.layer
+main(["apply", str(paths.manifest(name)), "--stats", str(paths.stats(layer)), "--out", str(paths.delta(name))],
+     prog_name="romeflow")
