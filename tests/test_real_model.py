@@ -47,9 +47,10 @@ def test_curie_edit_makes_medicine_top1_and_keeps_the_neighbour(gemma, settings,
     stats = get_stats(gemma, [layer], settings.stats.corpus_source(), settings.stats.tokens, cache_dir(),
                       settings.stats.seq_len)
     prompts = ["Pierre Curie's area of work is", *manifest.edits[0].paraphrases]
+    assert len(prompts) >= 3
     neighbour = "Robert Millikan's area of work is"
     before = next_token_top(gemma, prompts + [neighbour], k=1)
-    assert all(top[0][0] != " medicine" for top in before[:3])
+    assert all(top[0][0] != " medicine" for top in before[:-1])
 
     save_delta(tmp_path / "curie.safetensors", compute_delta(gemma, manifest, settings.rome, stats))
     edited = EditedModel(gemma)
@@ -58,5 +59,5 @@ def test_curie_edit_makes_medicine_top1_and_keeps_the_neighbour(gemma, settings,
         after = next_token_top(gemma, prompts + [neighbour], k=1)
     finally:
         edited.reset()
-    assert [top[0][0] for top in after[:3]] == [" medicine"] * 3
-    assert after[3][0][0] == before[3][0][0]
+    assert [top[0][0] for top in after[:-1]] == [" medicine"] * (len(prompts))
+    assert after[-1][0][0] == before[-1][0][0]
