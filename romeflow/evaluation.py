@@ -29,11 +29,6 @@ def target_nll(lm: LoadedModel, prompts: list[str], targets: list[str], batch_si
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def target_prob(lm: LoadedModel, prompt: str, target: str) -> float:
-    """exp(−mean per-token NLL): the probability for a one-token target, its geometric mean otherwise."""
-    return math.exp(-target_nll(lm, [prompt], [target])[0].item())
-
-
 @torch.no_grad()
 def next_token_top(lm: LoadedModel, prompts: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
     """The k most likely next tokens (decoded) and their probabilities, for each prompt."""
