@@ -45,6 +45,7 @@ def next_token_top(lm: LoadedModel, prompts: list[str], k: int = 5) -> list[list
 def greedy_continuation(lm: LoadedModel, prompt: str, max_new_tokens: int = 20) -> str:
     """Greedy decoding, one full forward pass per token (short outputs; deterministic)."""
     ids = lm.tokenizer(prompt).input_ids
+    n_prompt = len(ids)
     with flush_denormals():
         for _ in range(max_new_tokens):
             x = torch.tensor([ids])
@@ -52,7 +53,7 @@ def greedy_continuation(lm: LoadedModel, prompt: str, max_new_tokens: int = 20) 
             if nxt == lm.tokenizer.eos_token_id:
                 break
             ids.append(nxt)
-    return lm.tokenizer.decode(ids[len(lm.tokenizer(prompt).input_ids):], skip_special_tokens=True)
+    return lm.tokenizer.decode(ids[n_prompt:], skip_special_tokens=True)
 
 
 def edit_probabilities(lm: LoadedModel, prompt: str, target: str, target_true: str | None) -> dict:
