@@ -10,6 +10,7 @@ import yaml
 from .models import DEFAULT_MODEL
 from .rome import RomeParams
 from .statistics import Corpus, text_files_corpus, wikipedia_corpus
+from .tracing import TraceParams, read_layer
 
 
 class ConfigError(ValueError):
@@ -34,10 +35,26 @@ class Settings:
     stats: StatsParams = field(default_factory=StatsParams)
     rome: RomeParams = field(default_factory=RomeParams)
     raw: dict = field(default_factory=dict)  # the whole file, for sections other modules own
+    trace: TraceParams = field(default_factory=TraceParams)
+    layer_file: Path = Path(TraceParams.out) / "layer.json"  # the traced layer, what `layer: auto` means
+    layer_auto: bool = False  # rome.layer is `auto` (rome.layer then holds the traced layer)
+
+    def traced_layer(self) -> int:
+        """The layer `layer: auto` resolves to (reports/trace/layer.json, written by the trace stage)."""
+        return read_layer(self.layer_file)
+
+    def resolve_manifest(self, manifest):
+        """The manifest with every `layer: auto` replaced by the traced layer."""
+        return manifest.with_auto_layer(self.traced_layer()) if manifest.uses_auto else manifest
 
 
-def load_settings(path: str | Path | None) -> Settings:
-    """Read params.yaml; a missing default file means all defaults, a missing named file is an error."""
+def load_settings(path: str | Path | None, resolve_auto: bool = True) -> Settings:
+    """Read params.yaml; a missing default file means all defaults, a missing named file is an error.
+
+    ``rome.layer: auto`` is resolved here to the traced layer (``trace.out``/layer.json, relative to
+    the params file); with ``resolve_auto=False`` (the commands that compute it) it is left at the
+    default and ``layer_auto`` is set.
+    """
     if path is None:
         path = Path("params.yaml")
         if not path.exists():
@@ -62,7 +79,21 @@ def load_settings(path: str | Path | None) -> Settings:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: stats: {e}") from e
     try:
-        rome = RomeParams.from_dict(raw.get("rome"))
+        trace = TraceParams.from_dict(raw.get("trace"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: trace: {e}") from e
+    layer_file = path.parent / trace.out / "layer.json"
+    rome_raw = dict(raw.get("rome") or {})
+    layer_auto = rome_raw.get("layer") == "auto"
+    if layer_auto:
+        rome_raw.pop("layer")
+        if resolve_auto:
+            try:
+                rome_raw["layer"] = read_layer(layer_file)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{path}: rome.layer: auto: {e}") from e
+    try:
+        rome = RomeParams.from_dict(rome_raw)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: rome: {e}") from e
-    return Settings(str(raw.get("model", DEFAULT_MODEL)), stats, rome, raw)
+    return Settings(str(raw.get("model", DEFAULT_MODEL)), stats, rome, raw, trace, layer_file, layer_auto)

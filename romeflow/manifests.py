@@ -7,7 +7,7 @@ Every problem is reported as one line naming the file, the edit and the field, e
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -34,7 +34,7 @@ class ManifestEdit:
     target_true: str | None = None
     paraphrases: tuple[str, ...] = ()
     neighbors: tuple[Neighbor, ...] = ()
-    layer: int | None = None
+    layer: int | str | None = None  # an index, "auto" (the traced layer) or None (the default)
 
     @property
     def request(self) -> EditRequest:
@@ -58,11 +58,24 @@ class Manifest:
     sha256: str  # of the file's bytes
     edits: tuple[ManifestEdit, ...]
     model: str | None = None
-    layer: int | None = None
+    layer: int | str | None = None  # an index, "auto" (the traced layer) or None (the default)
     description: str = ""
 
     def layer_of(self, edit: ManifestEdit, default: int) -> int:
-        return next(l for l in (edit.layer, self.layer, default) if l is not None)
+        layer = next(l for l in (edit.layer, self.layer, default) if l is not None)
+        if layer == "auto":
+            raise ManifestError(f"{self.path}: layer: auto is not resolved here; it needs the traced layer "
+                                f"(reports/trace/layer.json from `dvc repro trace`)")
+        return layer
+
+    @property
+    def uses_auto(self) -> bool:
+        return self.layer == "auto" or any(e.layer == "auto" for e in self.edits)
+
+    def with_auto_layer(self, layer: int) -> "Manifest":
+        """The same manifest with every ``layer: auto`` replaced by ``layer`` (the traced layer)."""
+        pick = lambda l: layer if l == "auto" else l  # noqa: E731
+        return replace(self, layer=pick(self.layer), edits=tuple(replace(e, layer=pick(e.layer)) for e in self.edits))
 
     def canonical(self) -> dict:
         """What the manifest means, independent of its formatting."""

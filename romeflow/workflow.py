@@ -491,7 +491,7 @@ def verify_manifest(lm: LoadedModel, layout: Layout, settings: Settings, name: s
 
     ``stats_for(layers)`` gives the statistics to recompute with. ``problems`` lists one line per failure.
     """
-    m = load_manifest(layout.manifest(name))
+    m = settings.resolve_manifest(load_manifest(layout.manifest(name)))  # `layer: auto` -> the traced layer
     stored = load_delta(layout.delta(name))
     issues = provenance_issues(stored, m, lm.fingerprint, stats_hashes(layout), settings.rome)
     layers = sorted({m.layer_of(e, settings.rome.layer) for e in m.edits})
