@@ -6,27 +6,38 @@ target token go through the output head.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .models import LoadedModel, final_hidden, logits_at
-from .prompts import continuation, encode, fill, flush_denormals, mean_per_pair, target_logprobs, teacher_forced
-from .rome import EditRequest
+from .prompts import continuation, encode, fill, flush_denormals, mean_per_pair, teacher_forced
+from .datasets import CounterfactRecord, load_counterfact  # noqa: F401  (re-exported)
 
 
 @torch.no_grad()
-def target_nll(lm: LoadedModel, prompts: list[str], targets: list[str], batch_size: int = 32) -> torch.Tensor:
-    """Mean per-token negative log-likelihood of each target after its prompt: (n,)."""
-    out = []
+def target_scores(lm: LoadedModel, prompts: list[str], targets: list[str],
+                  batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (prompt, target) pair: mean per-token NLL (n,) and the share of target tokens that are the
+    argmax prediction, teacher-forced (n,) — one forward pass per batch, the head only at target positions."""
+    nll, acc = [], []
     with flush_denormals():
         for i in range(0, len(prompts), batch_size):
             tb = teacher_forced(lm.tokenizer, prompts[i:i + batch_size], targets[i:i + batch_size])
-            out.append(-mean_per_pair(target_logprobs(lm.model, tb), tb))
-    return torch.cat(out) if out else torch.zeros(0)
+            hidden = final_hidden(lm.model, tb.batch.input_ids, tb.batch.attention_mask)  # (B, T, d)
+            logits = logits_at(lm.model, hidden[tb.rows, tb.positions])  # (n_tokens, vocab)
+            logp = logits.log_softmax(-1).gather(1, tb.token_ids[:, None])[:, 0]  # (n_tokens,)
+            hit = (logits.argmax(-1) == tb.token_ids).float()  # (n_tokens,)
+            nll.append(-mean_per_pair(logp, tb))
+            acc.append(mean_per_pair(hit, tb))
+    if not nll:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(nll), torch.cat(acc)
+
+
+def target_nll(lm: LoadedModel, prompts: list[str], targets: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Mean per-token negative log-likelihood of each target after its prompt: (n,)."""
+    return target_scores(lm, prompts, targets, batch_size)[0]
 
 
 @torch.no_grad()
@@ -69,56 +80,6 @@ def edit_probabilities(lm: LoadedModel, prompt: str, target: str, target_true: s
 # --------------------------------------------------------------------------------------------------
 # COUNTERFACT records and their scores (ES/PS/NS and magnitudes)
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CounterfactRecord:
-    case_id: int
-    subject: str
-    relation: str  # template with {} for the subject
-    target_new: str
-    target_true: str
-    paraphrases: tuple[str, ...]
-    neighborhood: tuple[str, ...]  # prompts whose answer is target_true
-    generation: tuple[str, ...] = ()
-    attribute: tuple[str, ...] = ()
-
-    @property
-    def request(self) -> EditRequest:
-        return EditRequest(self.subject, self.relation, self.target_new, self.target_true)
-
-
-def _record(raw: dict) -> CounterfactRecord:
-    if "requested_rewrite" in raw:  # the paper's schema
-        rw = raw["requested_rewrite"]
-        return CounterfactRecord(int(raw["case_id"]), rw["subject"], rw["prompt"], rw["target_new"]["str"],
-                                 rw["target_true"]["str"], tuple(raw["paraphrase_prompts"]),
-                                 tuple(raw["neighborhood_prompts"]), tuple(raw.get("generation_prompts", ())),
-                                 tuple(raw.get("attribute_prompts", ())))
-    # the flat schema of editing toolkits: the prompt has the subject filled in
-    if raw["subject"] not in raw["prompt"]:
-        raise KeyError("subject (not found in the prompt)")
-    return CounterfactRecord(int(raw["case_id"]), raw["subject"], raw["prompt"].replace(raw["subject"], "{}", 1),
-                             raw["target_new"], raw["ground_truth"], (raw["rephrase_prompt"],),
-                             (raw["locality_prompt"],))
-
-
-def load_counterfact(path: str | Path) -> list[CounterfactRecord]:
-    """COUNTERFACT records in the paper's schema or the flat one (both may be mixed)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read COUNTERFACT records ({e})") from e
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
-    records = []
-    for i, raw in enumerate(data):
-        try:
-            records.append(_record(raw))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: record {i}: missing or invalid field {e}") from e
-    return records
 
 
 def score_record(lm: LoadedModel, rec: CounterfactRecord) -> dict[str, list[tuple[float, float]]]:
@@ -317,3 +278,33 @@ def text_predictions(lm: LoadedModel, text: str, window: int = 256) -> tuple[tor
     if not nll:
         raise ValueError("the held-out text has fewer than 2 tokens")
     return torch.cat(nll), torch.cat(top1)
+
+
+@torch.no_grad()
+def sample_continuations(lm: LoadedModel, prompts: list[str], max_new_tokens: int, top_k: int,
+                         generator: torch.Generator) -> list[str]:
+    """Top-k sampling for a batch of prompts with a KV cache, one forward pass per new token.
+
+    Prompts are left-padded and positions counted from each prompt's first real token, so every row
+    sees what it would see alone. Reproducible given the generator.
+    """
+    model, tok = lm.model, lm.tokenizer
+    seqs = [tok(p).input_ids for p in prompts]
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])  # (B, T)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])  # (B, T)
+    banned = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
+    new, past, step_ids = [], None, ids
+    with flush_denormals():
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]  # (B, t)
+            res = model.base_model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                                   past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            logits = logits_at(model, res.last_hidden_state[:, -1])  # (B, vocab)
+            logits[:, banned] = -torch.inf
+            top = logits.topk(top_k, dim=-1)  # (B, k)
+            step_ids = top.indices.gather(1, torch.multinomial(top.values.softmax(-1), 1, generator=generator))
+            new.append(step_ids)  # (B, 1)
+            mask = torch.cat([mask, torch.ones_like(step_ids)], 1)
+    return tok.batch_decode(torch.cat(new, 1), skip_special_tokens=True)

@@ -1,0 +1,291 @@
+"""Editors behind one interface: ROME and the paper's baselines FT, FT+L and KN (Appendix E).
+
+An editor changes the loaded model in place and returns a ``WeightEdit``: the original values of the
+weights it touched (so the benchmark restores them exactly and cheaply, never reloading the model)
+and, where the change has one, its factored form as rank-one updates (ROME: one; KN: one per neuron),
+the same kind of factors a delta file stores. FT's change is dense and has no such form.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Protocol
+
+import torch
+
+from .models import LoadedModel, edited_module, edited_module_name, final_hidden, logits_at, num_layers, weight_out_in
+from .prompts import continuation, encode, flush_denormals, mean_per_pair, target_logprobs, teacher_forced
+from .rome import EditRequest, RankOneUpdate, Rome, RomeParams, add_rank_one
+
+
+def params_from_dict(cls, d: dict | None, section: str):
+    """A hyper-parameter dataclass from a params.yaml section; unknown keys are an error naming them."""
+    d = dict(d or {})
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{section}: unknown hyper-parameter(s): {', '.join(sorted(unknown))}")
+    return cls(**d)
+
+
+@dataclass
+class WeightEdit:
+    """What one edit changed: original weights (to restore bit for bit) and rank-one factors if any."""
+
+    originals: dict[str, torch.Tensor]  # module name -> its (d_out, d_in) weight before the edit
+    updates: list[RankOneUpdate] | None = None
+    info: dict = field(default_factory=dict)
+
+    def restore(self, model: torch.nn.Module) -> None:
+        for name, weight in self.originals.items():
+            weight_out_in(model, name).copy_(weight)
+
+
+def _snapshot(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    return {name: weight_out_in(model, name).clone() for name in names}
+
+
+class Editor(Protocol):
+    name: str
+
+    def edit(self, request: EditRequest) -> WeightEdit:
+        """Apply one edit to the model in place; the returned WeightEdit undoes it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# ROME
+# --------------------------------------------------------------------------------------------------
+
+
+class RomeEditor:
+    name = "rome"
+
+    def __init__(self, lm: LoadedModel, params: RomeParams, second_moment: Callable[[int], torch.Tensor]):
+        self.lm, self.params = lm, params
+        self.rome = Rome(lm, params, second_moment)
+
+    def edit(self, request: EditRequest) -> WeightEdit:
+        result = self.rome.compute(request)
+        up = result.update
+        originals = _snapshot(self.lm.model, [up.module])
+        add_rank_one(self.lm.model, up.module, up.u, up.v)
+        return WeightEdit(originals, [up], {"steps": len(result.nll_trace), "final_nll": result.nll_trace[-1]})
+
+
+# --------------------------------------------------------------------------------------------------
+# FT and FT+L: Adam on one layer's MLP projection
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FtParams:
+    """The ``ft:`` / ``ftl:`` sections of params.yaml. linf = None is FT; a number is FT+L's ε."""
+
+    layer: int = 1
+    lr: float = 5e-4
+    steps: int = 25
+    early_stop_loss: float = 0.03  # mean target NLL
+    linf: float | None = None  # FT+L: clamp every weight to θ₀ ± linf after each step
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def target_loss(lm: LoadedModel, prompt: str, target: str) -> torch.Tensor:
+    """Mean per-token NLL of the target after the prompt (scalar, differentiable)."""
+    tb = teacher_forced(lm.tokenizer, [prompt], [target])
+    return -mean_per_pair(target_logprobs(lm.model, tb), tb)[0]
+
+
+class FineTune:
+    """FT (linf None) or FT+L: minimise the target's NLL on the rewrite prompt by Adam on W_proj."""
+
+    def __init__(self, lm: LoadedModel, params: FtParams, name: str | None = None):
+        self.lm, self.params = lm, params
+        self.name = name or ("ft" if params.linf is None else "ftl")
+
+    def edit(self, request: EditRequest) -> WeightEdit:
+        p, model = self.params, self.lm.model
+        weight = edited_module(model, p.layer).weight  # the parameter itself, in its stored orientation
+        originals = _snapshot(model, [edited_module_name(model, p.layer)])
+        was_trainable = weight.requires_grad
+        weight.requires_grad_(True)
+        try:
+            with flush_denormals():
+                losses = self._optimise(weight, request)
+        finally:
+            weight.requires_grad_(was_trainable)
+        return WeightEdit(originals, None, {"steps": len(losses), "final_nll": losses[-1]})
+
+    def _optimise(self, weight: torch.nn.Parameter, request: EditRequest) -> list[float]:
+        """Adam steps until the target NLL is below early_stop_loss; FT+L projects onto θ₀ ± ε each step."""
+        p = self.params
+        theta0 = weight.detach().clone()
+        opt = torch.optim.Adam([weight], lr=p.lr)
+        losses = []
+        for _ in range(p.steps):
+            loss = target_loss(self.lm, request.prompt, request.target)
+            losses.append(loss.item())
+            if losses[-1] < p.early_stop_loss:
+                break
+            (weight.grad,) = torch.autograd.grad(loss, [weight])
+            opt.step()
+            weight.grad = None
+            if p.linf is not None:
+                with torch.no_grad():
+                    weight.copy_(torch.clamp(weight, theta0 - p.linf, theta0 + p.linf))
+        return losses
+
+
+# --------------------------------------------------------------------------------------------------
+# KN: knowledge neurons (integrated gradients), then shift their value vectors
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KnParams:
+    """The ``kn:`` section of params.yaml."""
+
+    ig_steps: int = 20  # Riemann steps of the integrated gradient
+    threshold: float = 0.2  # keep neurons with attribution ≥ threshold · the largest one
+    max_neurons: int = 10
+    scale: float = 2.0  # each neuron's value vector moves by scale · its norm towards e[new] − e[true]
+    layers: tuple[int, ...] | None = None  # None: every layer
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "layers": list(self.layers) if self.layers is not None else None}
+
+
+def last_token_keys(lm: LoadedModel, prompt: str, layers: list[int]) -> dict[int, torch.Tensor]:
+    """The MLP keys (W_proj inputs) at the prompt's last token, for each layer: {layer: (d_in,)}."""
+    ids = encode(lm.tokenizer, [prompt]).input_ids  # (1, T)
+    keys: dict[int, torch.Tensor] = {}
+    hooks = [edited_module(lm.model, layer).register_forward_pre_hook(
+        lambda _m, args, layer=layer: keys.__setitem__(layer, args[0][0, -1].detach().clone())) for layer in layers]
+    try:
+        with torch.no_grad():
+            final_hidden(lm.model, ids, torch.ones_like(ids))
+    finally:
+        for h in hooks:
+            h.remove()
+    return keys
+
+
+def neuron_attributions(lm: LoadedModel, prompt: str, token_id: int, layers: list[int],
+                        steps: int) -> torch.Tensor:
+    """Integrated gradients of P(token | prompt) w.r.t. each layer's MLP neurons (the keys): (L, d_in).
+
+    attr_j = a_j · (1/m) Σ_{i=1..m} ∂P/∂a_j evaluated at (i/m) · a, with a the layer's keys at the last
+    token, one layer at a time. Only the last token sees the scaled keys, so the tokens before it run
+    once into a KV cache and each layer's m scaled copies run as one batch of single tokens.
+    """
+    model, backbone = lm.model, lm.model.base_model
+    ids = lm.tokenizer(prompt).input_ids
+    T = len(ids)
+    keys = last_token_keys(lm, prompt, layers)
+    prefix_cache = None
+    if T > 1:
+        with torch.no_grad():
+            prefix = torch.tensor([ids[:-1]] * steps)  # (m, T - 1)
+            prefix_cache = backbone(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                                    use_cache=True).past_key_values
+    last = torch.tensor([[ids[-1]]] * steps)  # (m, 1)
+    alphas = torch.arange(1, steps + 1, dtype=torch.float32) / steps  # (m,)
+    out = []
+    for layer in layers:
+        a = keys[layer]  # (d_in,)
+        scaled = (alphas[:, None] * a[None]).requires_grad_(True)  # (m, d_in)
+
+        def swap(_m, args, scaled=scaled):
+            return (scaled[:, None, :].to(args[0].dtype),) + tuple(args[1:])  # (m, 1, d_in)
+
+        hook = edited_module(model, layer).register_forward_pre_hook(swap)
+        try:
+            hidden = backbone(input_ids=last, attention_mask=torch.ones((steps, T), dtype=torch.long),
+                              position_ids=torch.full((steps, 1), T - 1),
+                              past_key_values=copy.deepcopy(prefix_cache), use_cache=True).last_hidden_state
+            prob = logits_at(model, hidden[:, -1]).softmax(-1)[:, token_id]  # (m,)
+            (grad,) = torch.autograd.grad(prob.sum(), [scaled])  # (m, d_in)
+        finally:
+            hook.remove()
+        out.append(a * grad.mean(0))
+    return torch.stack(out)
+
+
+class KnowledgeNeurons:
+    """KN (Dai et al.): find the neurons that express the old fact, then rewrite their value vectors."""
+
+    name = "kn"
+
+    def __init__(self, lm: LoadedModel, params: KnParams):
+        self.lm, self.params = lm, params
+
+    def _first_token(self, target: str) -> int:
+        return self.lm.tokenizer(continuation(target), add_special_tokens=False).input_ids[0]
+
+    def edit(self, request: EditRequest) -> WeightEdit:
+        p, model = self.params, self.lm.model
+        layers = list(p.layers) if p.layers is not None else list(range(num_layers(model)))
+        old = self._first_token(request.target_true) if request.target_true else None
+        new = self._first_token(request.target)
+        with flush_denormals():
+            attr = neuron_attributions(self.lm, request.prompt, old if old is not None else new, layers,
+                                       p.ig_steps)  # (L, d_in)
+        flat = attr.flatten()
+        top = flat.topk(min(p.max_neurons, flat.numel()))
+        keep = top.indices[top.values >= p.threshold * top.values[0]]
+        emb = model.get_output_embeddings().weight.detach()  # (vocab, d)
+        direction = emb[new] - (emb[old] if old is not None else 0)
+        direction = direction / direction.norm()  # (d,)
+        neurons = [(layers[int(i) // attr.shape[1]], int(i) % attr.shape[1]) for i in keep]
+        names = sorted({edited_module_name(model, layer) for layer, _ in neurons})
+        originals = _snapshot(model, names)
+        updates = []
+        for layer, j in neurons:
+            name = edited_module_name(model, layer)
+            w = weight_out_in(model, name)  # (d_out, d_in)
+            u = p.scale * w[:, j].norm() * direction  # (d_out,)
+            v = torch.zeros(w.shape[1])
+            v[j] = 1.0
+            add_rank_one(model, name, u, v)
+            updates.append(RankOneUpdate(name, layer, u, v))
+        return WeightEdit(originals, updates, {"neurons": [list(n) for n in neurons]})
+
+
+def timed_edit(editor: Editor, request: EditRequest) -> tuple[WeightEdit, float]:
+    t0 = time.perf_counter()
+    edit = editor.edit(request)
+    return edit, time.perf_counter() - t0
+
+
+METHODS = ("rome", "ft", "ftl", "kn")
+
+
+def method_params(name: str, sections: dict, rome: RomeParams):
+    """The hyper-parameters of a method from params.yaml's sections (ft, ftl, kn; rome parsed already)."""
+    if name == "rome":
+        return rome
+    if name in ("ft", "ftl"):
+        p = params_from_dict(FtParams, sections.get(name), name)
+        if name == "ftl" and p.linf is None:
+            raise ValueError("ftl: needs linf (the L∞ bound ε)")
+        if name == "ft" and p.linf is not None:
+            raise ValueError("ft: linf belongs to ftl")
+        return p
+    if name == "kn":
+        d = dict(sections.get("kn") or {})
+        if d.get("layers") is not None:
+            d["layers"] = tuple(d["layers"])
+        return params_from_dict(KnParams, d, "kn")
+    raise ValueError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
+
+
+def make_editor(name: str, lm: LoadedModel, params, second_moment: Callable[[int], torch.Tensor]) -> Editor:
+    if name == "rome":
+        return RomeEditor(lm, params, second_moment)
+    if name in ("ft", "ftl"):
+        return FineTune(lm, params, name)
+    if name == "kn":
+        return KnowledgeNeurons(lm, params)
+    raise ValueError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
