@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from .workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error,
                        verify_manifest, workflow_params)
 
 USER_ERRORS = (ManifestError, ModelError, DeltaError, ConfigError, GateError, RevisionError, FileNotFoundError,
-               ValueError)
+               ValueError)  # DatasetError and BenchError are ValueErrors
 err = Console(stderr=True)
 console = Console()
 
@@ -244,6 +245,107 @@ def generate(ctx, prompt, deltas, model_spec, max_new_tokens, top_k, as_json):
         table.add_row(str(i), repr(t), f"{p:.4f}")
     console.print(table)
     console.print(f"[bold]{prompt}[/bold]{text}", highlight=False, markup=True)
+
+
+@main.group()
+def bench():
+    """Benchmarks: COUNTERFACT (Table 4) and zsRE (Table 1), ROME against FT, FT+L and KN."""
+
+
+def _bench_options(default_methods: str):
+    def wrap(f):
+        f = click.option("--records", "records_path", type=click.Path(dir_okay=False), default=None,
+                         help="Dataset file [default: params.yaml bench.<kind>.records].")(f)
+        f = click.option("--n", "n", type=int, default=None, help="Use the first N records [default: all].")(f)
+        f = click.option("--methods", default=default_methods, show_default=True,
+                         help="Comma-separated editors; the unedited model is always scored too.")(f)
+        f = click.option("--out", type=click.Path(file_okay=False), default=None,
+                         help="Run folder (resumable) [default: reports/bench/<kind>].")(f)
+        f = click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")(f)
+        return click.pass_context(f)
+    return wrap
+
+
+def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, references_path=None):
+    from tqdm.auto import tqdm
+
+    from .bench import GenerationParams, benchmark, generation_prompts, run_settings
+    from .datasets import load_counterfact, load_zsre
+    from .editors import make_editor, method_params, params_from_dict
+
+    settings = _settings(ctx)
+    section = dict(settings.raw.get("bench") or {})
+    records_path = records_path or (section.get(kind) or {}).get("records")
+    if not records_path:
+        raise click.UsageError(f"--records is required (or set bench.{kind}.records in params.yaml)")
+    all_records = load_counterfact(records_path) if kind == "counterfact" else load_zsre(records_path)
+    if n is not None and n < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--n")
+    records = all_records[:n] if n else all_records
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    params = {name: method_params(name, settings.raw, settings.rome) for name in names}
+    references = None
+    if references_path:
+        references = json.loads(Path(references_path).read_text())
+        if not isinstance(references, dict) or not all(isinstance(v, list) for v in references.values()):
+            raise click.BadParameter("must be a JSON object {object: [text, ...]}", param_hint="--references")
+    gen, gen_source = None, None
+    if kind == "counterfact":
+        gen = params_from_dict(GenerationParams, {k: tuple(v) if k == "templates" else v
+                                                  for k, v in (section.get("generation") or {}).items()},
+                               "bench.generation")
+        gen_source = generation_prompts(records[0], gen)[1]
+        if gen_source != "dataset":
+            gen_source += f" ({', '.join(repr(t) for t in ('{rewrite prompt}',) + gen.templates)})"
+    lm = _load(ctx, model_spec or settings.model)
+    stats = _stats_for(ctx, lm, settings, [params["rome"].layer], ()) if "rome" in params else {}
+    editors = {"unedited": None}
+    editors.update({name: make_editor(name, lm, params[name], lambda layer: stats[layer].second_moment)
+                    for name in names})
+    param_dicts = {"unedited": {}, **{name: p.to_dict() for name, p in params.items()}}
+    run_cfg = run_settings(kind, lm, Path(records_path), records, param_dicts, gen, gen_source)
+    bars = {}
+
+    def progress(name, total, done):
+        bars[name] = tqdm(total=total, initial=done, desc=f"{kind} {name}", unit="record", file=sys.stderr)
+        return lambda: bars[name].update(1)
+
+    out = Path(out or Path("reports") / "bench" / kind)
+    command = "romeflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = benchmark(lm, kind, records, editors, out, run_cfg, command, gen,
+                       all_records if kind == "counterfact" else None, references, progress)
+    for bar in bars.values():
+        bar.close()
+    table = Table(title=f"{kind}: {len(records)} records -> {out}/report.md")
+    cols = ["S", "ES", "PS", "NS", "GE", "RS"] if kind == "counterfact" else ["Efficacy", "Paraphrase", "Specificity"]
+    for col in ["method"] + cols + ["s/edit"]:
+        table.add_column(col)
+    for name, m in report.methods.items():
+        cells = [("-" if m["metrics"].get(c) is None else f"{m['metrics'][c]['value']:.1f}") for c in cols]
+        secs = "-" if m["seconds_per_edit"] is None else f"{m['seconds_per_edit']:.2f}"
+        table.add_row(name, *cells, secs)
+    console.print(table)
+    for note in report.notes:
+        err.print(f"[dim]{note}[/dim]")
+
+
+@bench.command("counterfact")
+@_bench_options("rome,ft,ftl,kn")
+@click.option("--references", "references_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="RS reference texts, JSON {object: [text, ...]} [default: built from the dataset's records].")
+def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path):
+    """Edit each COUNTERFACT record alone, score ES/EM, PS/PM, NS/NM, S, GE, RS with 95% CIs.
+
+    Resumable: re-running the same command continues where it stopped, then writes report.json and
+    report.md in the run folder."""
+    _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path)
+
+
+@bench.command("zsre")
+@_bench_options("rome,ft,ftl,kn")
+def bench_zsre(ctx, records_path, n, methods, out, model_spec):
+    """Edit each zsRE record alone, score efficacy, paraphrase and specificity accuracy with 95% CIs."""
+    _run_bench(ctx, "zsre", records_path, n, methods, out, model_spec)
 
 
 @main.command()

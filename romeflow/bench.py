@@ -1,0 +1,397 @@
+"""The Table-4 benchmark: edit each record alone, score it, restore the weights, aggregate with CIs.
+
+A run lives in one folder: ``run.json`` (what is being measured: model, dataset, settings), one
+``<method>.jsonl`` of raw per-record results per method (appended and flushed record by record, so an
+interrupted run continues where it stopped), and the reports ``report.json`` / ``report.md``
+aggregated from the JSONL files. Raw results keep NLLs, accuracies and generated texts, so every metric
+is recomputed from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .datasets import CounterfactRecord, ZsreRecord
+from .editors import Editor, timed_edit
+from .evaluation import sample_continuations, target_scores
+from .io import atomic_path
+from .metrics import TfidfSimilarity, generation_entropy, magnitude, mean_ci, score_ci, success
+from .models import LoadedModel
+from .prompts import fill
+from .schemas import validate
+
+UNEDITED = "unedited"
+METHOD_TITLES = {UNEDITED: "Unedited", "rome": "ROME", "ft": "FT", "ftl": "FT+L", "kn": "KN"}
+
+
+class BenchError(ValueError):
+    """A run folder that does not match the requested run; one line for the user."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Text generated after each edit for GE and RS (the ``bench.generation`` section of params.yaml)."""
+
+    templates: tuple[str, ...] = ("{}", "{} is", "{} was known for")  # used when a record has none
+    new_tokens: int = 50
+    top_k: int = 5
+    records: int = 25  # generate for the first this many records of a run (generation is the slow part)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "templates": list(self.templates)}
+
+
+# --------------------------------------------------------------------------------------------------
+# One record: raw scores (and texts) on the model as it is now
+# --------------------------------------------------------------------------------------------------
+
+
+def generation_prompts(rec: CounterfactRecord, gen: GenerationParams) -> tuple[list[str], str]:
+    """The record's own generation prompts (paper schema), else prompts built from its subject."""
+    if rec.generation:
+        return list(rec.generation), "dataset"
+    return [rec.prompt] + [fill(t, rec.subject) for t in gen.templates if fill(t, rec.subject) != rec.prompt], \
+        "built from the subject"
+
+
+def score_counterfact(lm: LoadedModel, rec: CounterfactRecord, gen: GenerationParams | None,
+                      seed: int) -> dict:
+    """Raw results of one record: per prompt group [NLL new, NLL true, acc new, acc true]; texts."""
+    groups = {"rewrite": [rec.prompt], "paraphrase": list(rec.paraphrases), "neighborhood": list(rec.neighborhood)}
+    prompts = [p for ps in groups.values() for p in ps]
+    nll, acc = target_scores(lm, prompts * 2, [rec.target_new] * len(prompts) + [rec.target_true] * len(prompts))
+    rows = torch.stack([nll[:len(prompts)], nll[len(prompts):], acc[:len(prompts)], acc[len(prompts):]], 1).tolist()
+    out, i = {"scores": {}}, 0
+    for name, ps in groups.items():
+        out["scores"][name] = rows[i:i + len(ps)]
+        i += len(ps)
+    if gen is not None:
+        gen_prompts, _ = generation_prompts(rec, gen)
+        generator = torch.Generator().manual_seed(gen.seed * 1_000_003 + seed)
+        texts = sample_continuations(lm, gen_prompts, gen.new_tokens, gen.top_k, generator)
+        out["generations"] = [p + t for p, t in zip(gen_prompts, texts)]
+    return out
+
+
+def score_zsre(lm: LoadedModel, rec: ZsreRecord) -> dict:
+    """Token accuracies (teacher-forced argmax) of the new answer on the question and its rephrasing,
+    and of the unrelated question's answer; NLLs of the same."""
+    nll, acc = target_scores(lm, [rec.question, rec.rephrase, rec.loc], [rec.target_new, rec.target_new, rec.loc_answer])
+    return {"scores": {"efficacy": [nll[0].item(), acc[0].item()], "paraphrase": [nll[1].item(), acc[1].item()],
+                       "specificity": [nll[2].item(), acc[2].item()]}}
+
+
+# --------------------------------------------------------------------------------------------------
+# A run folder: settings, resumable JSONL per method
+# --------------------------------------------------------------------------------------------------
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Run:
+    folder: Path
+    settings: dict  # what the numbers depend on: model fingerprint, dataset, per-method params, generation
+
+    def open(self) -> None:
+        """Create the folder, or check that an existing one was started with the same settings."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / "run.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            for key in ("kind", "model", "dataset", "generation"):
+                if old.get(key) != self.settings.get(key):
+                    raise BenchError(f"{path}: this folder holds a run with a different '{key}'; use another --out")
+            merged = {**old.get("methods", {}), **self.settings["methods"]}
+            for name, params in self.settings["methods"].items():
+                if name in old.get("methods", {}) and old["methods"][name] != params:
+                    raise BenchError(f"{path}: method '{name}' was run with other hyper-parameters; use another --out")
+            self.settings = {**old, "methods": merged}
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
+
+    def results_path(self, method: str) -> Path:
+        return self.folder / f"{method}.jsonl"
+
+    def done(self, method: str) -> dict[int, dict]:
+        """The records already scored for a method, by case_id. A torn last line (a crash) is dropped."""
+        path = self.results_path(method)
+        if not path.exists():
+            return {}
+        out, good_bytes = {}, 0
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                out[row["case_id"]] = row
+                good_bytes += len(line)
+        if good_bytes != path.stat().st_size:
+            os.truncate(path, good_bytes)
+        return out
+
+    def append(self, method: str, row: dict) -> None:
+        with open(self.results_path(method), "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_method(run: Run, method: str, editor: Editor | None, lm: LoadedModel, records: list,
+               score: Callable[[LoadedModel, object, int], dict],
+               progress: Callable[[int, int], Callable[[], None]] | None = None) -> None:
+    """Edit, score and restore each record not yet done; append its raw result."""
+    done = run.done(method)
+    todo = [(i, rec) for i, rec in enumerate(records) if rec.case_id not in done]
+    tick = progress(len(records), len(records) - len(todo)) if progress else (lambda: None)
+    for i, rec in todo:
+        row = {"case_id": rec.case_id, "index": i, "seconds": 0.0}
+        if editor is not None:
+            edit, seconds = timed_edit(editor, rec.request)
+            row["seconds"], row["edit"] = seconds, edit.info
+            try:
+                row.update(score(lm, rec, i))
+            finally:
+                edit.restore(lm.model)
+        else:
+            row.update(score(lm, rec, i))
+        run.append(method, row)
+        tick()
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation: per-record values -> means with CIs
+# --------------------------------------------------------------------------------------------------
+
+
+def _pairs(rows):  # [[nll_new, nll_true, acc_new, acc_true], ...] -> [(nll_new, nll_true)]
+    return [(r[0], r[1]) for r in rows]
+
+
+def counterfact_record_values(row: dict) -> dict[str, float]:
+    """The per-record values the Table-4 metrics average (all in %)."""
+    s = row["scores"]
+    out = {
+        "ES": success(_pairs(s["rewrite"]), True), "EM": magnitude(_pairs(s["rewrite"]), True),
+        "PS": success(_pairs(s["paraphrase"]), True), "PM": magnitude(_pairs(s["paraphrase"]), True),
+        "NS": success(_pairs(s["neighborhood"]), False), "NM": magnitude(_pairs(s["neighborhood"]), False),
+        # argmax variants: share of the target's tokens that are the top-1 prediction (teacher-forced)
+        "ES_acc": 100 * sum(r[2] for r in s["rewrite"]) / len(s["rewrite"]),
+        "PS_acc": 100 * sum(r[2] for r in s["paraphrase"]) / len(s["paraphrase"]),
+        "NS_acc": 100 * sum(r[3] for r in s["neighborhood"]) / len(s["neighborhood"]),
+    }
+    if row.get("generations"):
+        out["GE"] = 100 * sum(map(generation_entropy, row["generations"])) / len(row["generations"])
+    return out
+
+
+def reference_texts(records: list[CounterfactRecord], references: dict[str, list[str]] | None
+                    ) -> tuple[dict[str, list[tuple[str, str]]], str]:
+    """Texts about subjects, grouped by their object: object -> [(subject, text)].
+
+    From a reference file ({object: [text, ...]}) when given, else from the dataset's own records:
+    each record's prompt completed with its true object ("The mother tongue of X is French.").
+    """
+    if references is not None:
+        return {obj: [("", t) for t in texts] for obj, texts in references.items()}, "reference file"
+    out: dict[str, list[tuple[str, str]]] = {}
+    for rec in records:
+        out.setdefault(rec.target_true, []).append((rec.subject, f"{rec.prompt} {rec.target_true}."))
+    return out, "the dataset's records (prompts completed with their true objects)"
+
+
+def consistency(row_generations: list[str], subject: str, target_new: str,
+                refs: dict[str, list[tuple[str, str]]], tfidf: TfidfSimilarity, max_texts: int = 50) -> float | None:
+    """RS of one record: TF-IDF cosine (%) of its generations with texts about *other* subjects whose
+    object is the new target; None when there are none."""
+    texts = [t for s, t in refs.get(target_new, []) if s != subject][:max_texts]
+    if not texts:
+        return None
+    return 100 * tfidf(" ".join(row_generations), " ".join(texts))
+
+
+def aggregate_counterfact(rows: list[dict], records_by_id: dict[int, CounterfactRecord],
+                          refs: dict[str, list[tuple[str, str]]], tfidf: TfidfSimilarity | None,
+                          resamples: int = 1000) -> dict:
+    values = [counterfact_record_values(r) for r in rows]
+    metrics = {}
+    for key in ("ES", "EM", "PS", "PM", "NS", "NM", "ES_acc", "PS_acc", "NS_acc"):
+        metrics[key] = mean_ci(v[key] for v in values).to_dict()
+    metrics["S"] = score_ci([v["ES"] for v in values], [v["PS"] for v in values], [v["NS"] for v in values],
+                            resamples).to_dict()
+    ge = [v["GE"] for v in values if "GE" in v]
+    metrics["GE"] = mean_ci(ge).to_dict() if ge else None
+    rs = []
+    if tfidf is not None:
+        for r in rows:
+            if r.get("generations"):
+                rec = records_by_id[r["case_id"]]
+                value = consistency(r["generations"], rec.subject, rec.target_new, refs, tfidf)
+                if value is not None:
+                    rs.append(value)
+    metrics["RS"] = mean_ci(rs).to_dict() if rs else None
+    return metrics
+
+
+def aggregate_zsre(rows: list[dict]) -> dict:
+    metrics = {}
+    for key, name in (("efficacy", "Efficacy"), ("paraphrase", "Paraphrase"), ("specificity", "Specificity")):
+        metrics[name] = mean_ci(100 * r["scores"][key][1] for r in rows).to_dict()
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    kind: str  # counterfact | zsre
+    settings: dict
+    methods: dict[str, dict] = field(default_factory=dict)  # name -> {n, seconds_per_edit, metrics}
+    notes: list[str] = field(default_factory=list)
+    command: str = ""
+
+    def to_dict(self) -> dict:
+        return {"format": "romeflow.bench/1", "romeflow_version": __version__, "kind": self.kind,
+                "command": self.command, "settings": self.settings, "methods": self.methods, "notes": self.notes}
+
+
+def build_report(run: Run, kind: str, methods: list[str], records: list, command: str,
+                 reference_records: list | None = None, references: dict[str, list[str]] | None = None,
+                 resamples: int = 1000) -> Report:
+    """Aggregate every method's rows over the records of this run (only methods with all rows done).
+
+    RS references come from ``references`` ({object: [text]}) when given, else from ``reference_records``
+    (the whole dataset file, not just the records run)."""
+    ids = [r.case_id for r in records]
+    report = Report(kind, run.settings, command=command)
+    refs, tfidf = {}, None
+    if kind == "counterfact":
+        refs, source = reference_texts(reference_records or records, references)
+        corpus = [" ".join(t for _, t in texts) for texts in refs.values()]
+        tfidf = TfidfSimilarity(corpus) if corpus else None
+        gen = run.settings["generation"]
+        report.notes.append(f"GE and RS: {gen['new_tokens']} sampled tokens (top-{gen['top_k']}) per generation "
+                            f"prompt, on the first {gen['records']} records of the run; generation prompts: "
+                            f"{run.settings['dataset']['generation_prompts']}.")
+        report.notes.append(f"RS reference texts: {source}; TF-IDF fitted on one document per object.")
+    report.notes.append("95% intervals: mean ± 1.96·sd/√n over records; S: percentile bootstrap over records "
+                        f"({resamples} resamples, seed 0).")
+    by_id = {r.case_id: r for r in records}
+    for method in methods:
+        done = run.done(method)
+        rows = [done[i] for i in ids if i in done]
+        if len(rows) < len(ids):
+            report.notes.append(f"{METHOD_TITLES.get(method, method)}: {len(rows)} of {len(ids)} records done; "
+                                "left out of the table.")
+            continue
+        metrics = aggregate_counterfact(rows, by_id, refs, tfidf, resamples) if kind == "counterfact" \
+            else aggregate_zsre(rows)
+        seconds = [r["seconds"] for r in rows]
+        report.methods[method] = {"n": len(rows), "metrics": metrics,
+                                  "seconds_per_edit": sum(seconds) / len(seconds) if method != UNEDITED else None}
+    return report
+
+
+def _cell(m: dict | None, digits: int = 1) -> str:
+    if m is None:
+        return "–"
+    half = (m["ci95"][1] - m["ci95"][0]) / 2
+    return f"{m['value']:.{digits}f} ± {half:.{digits}f}"
+
+
+def render_markdown(report: Report) -> str:
+    if report.kind == "counterfact":
+        cols = ["S", "ES", "EM", "PS", "PM", "NS", "NM", "GE", "RS"]
+        title = "COUNTERFACT (Table 4 layout)"
+    else:
+        cols = ["Efficacy", "Paraphrase", "Specificity"]
+        title = "zsRE (Table 1 layout)"
+    s = report.settings
+    lines = [f"# {title}: {s['model']['name']}", "",
+             f"Records: {s['dataset']['n']} from `{s['dataset']['path']}` (sha256 {s['dataset']['sha256'][:12]}…).",
+             "", f"Command: `{report.command}`", "",
+             "| Method | " + " | ".join(cols) + " | s/edit |", "|---" * (len(cols) + 2) + "|"]
+    for name, m in report.methods.items():
+        secs = "–" if m["seconds_per_edit"] is None else f"{m['seconds_per_edit']:.2f}"
+        lines.append(f"| {METHOD_TITLES.get(name, name)} | " + " | ".join(_cell(m["metrics"].get(c)) for c in cols)
+                     + f" | {secs} |")
+    if report.kind == "counterfact":
+        lines += ["", "Argmax variants (share of target tokens that are the top-1 prediction, teacher-forced):", "",
+                  "| Method | ES_acc | PS_acc | NS_acc |", "|---|---|---|---|"]
+        for name, m in report.methods.items():
+            lines.append(f"| {METHOD_TITLES.get(name, name)} | "
+                         + " | ".join(_cell(m["metrics"][c]) for c in ("ES_acc", "PS_acc", "NS_acc")) + " |")
+    lines += ["", "Hyper-parameters:", ""]
+    for name, params in s["methods"].items():
+        if name in report.methods:
+            lines.append(f"- {METHOD_TITLES.get(name, name)}: `{json.dumps(params, sort_keys=True)}`")
+    lines += ["", "Notes:", ""] + [f"- {n}" for n in report.notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Report, folder: Path) -> tuple[Path, Path]:
+    data = report.to_dict()
+    errors = validate("bench", data)
+    if errors:
+        raise BenchError(f"bench report {errors[0][0]}: {errors[0][1]}")
+    out_json, out_md = folder / "report.json", folder / "report.md"
+    with atomic_path(out_json) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    with atomic_path(out_md) as tmp:
+        Path(tmp).write_text(render_markdown(report))
+    return out_json, out_md
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole benchmark
+# --------------------------------------------------------------------------------------------------
+
+
+def benchmark(lm: LoadedModel, kind: str, records: list, editors: dict[str, Editor | None], folder: Path,
+              settings: dict, command: str, gen: GenerationParams | None = None,
+              reference_records: list | None = None, references: dict[str, list[str]] | None = None,
+              progress: Callable[[str, int, int], Callable[[], None]] | None = None) -> Report:
+    """Run (or resume) every method over the records, then aggregate whatever is complete.
+
+    editors: method name -> editor (None for the unedited model), run in this order.
+    """
+    run = Run(Path(folder), settings)
+    run.open()
+    if kind == "counterfact":
+        def score(lm_, rec, i):
+            return score_counterfact(lm_, rec, gen if gen is not None and i < gen.records else None, rec.case_id)
+    else:
+        def score(lm_, rec, i):
+            return score_zsre(lm_, rec)
+    for name, editor in editors.items():
+        run_method(run, name, editor, lm, records, score,
+                   (lambda total, done, _n=name: progress(_n, total, done)) if progress else None)
+    report = build_report(run, kind, list(editors), records, command, reference_records, references)
+    write_report(report, run.folder)
+    return report
+
+
+def run_settings(kind: str, lm: LoadedModel, dataset_path: Path, records: list, method_params: dict[str, dict],
+                 gen: GenerationParams | None, generation_source: str | None) -> dict:
+    """What a run's numbers depend on; a resumed run must match it (run.json)."""
+    dataset = {"path": str(dataset_path), "sha256": sha256_bytes(Path(dataset_path).read_bytes()),
+               "n": len(records), "case_ids_sha256": sha256_bytes(json.dumps([r.case_id for r in records]).encode())}
+    if generation_source:
+        dataset["generation_prompts"] = generation_source
+    return {"kind": kind, "model": {"name": lm.name, "fingerprint": lm.fingerprint}, "dataset": dataset,
+            "generation": gen.to_dict() if gen else None, "methods": method_params}
