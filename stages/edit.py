@@ -10,6 +10,7 @@ from romeflow.config import load_settings
 from romeflow.workflow import Layout
 
 name, paths = sys.argv[1], Layout()
-layer = load_settings("params.yaml").rome.layer
+settings = load_settings("params.yaml")  # rome.layer: auto -> the traced layer (reports/trace/layer.json)
+layer = "auto" if settings.layer_auto else settings.rome.layer  # dvc.yaml's stats/layer${rome.layer}
 main(["apply", str(paths.manifest(name)), "--stats", str(paths.stats(layer)), "--out", str(paths.delta(name))],
      prog_name="romeflow")

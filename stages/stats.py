@@ -7,5 +7,6 @@ from romeflow.cli import main
 from romeflow.config import load_settings
 from romeflow.workflow import Layout
 
-layer = load_settings("params.yaml").rome.layer
-main(["stats", "--out", str(Layout().stats(layer))], prog_name="romeflow")
+settings = load_settings("params.yaml")  # rome.layer: auto -> the traced layer (reports/trace/layer.json)
+name = "auto" if settings.layer_auto else settings.rome.layer  # dvc.yaml's stats/layer${rome.layer}
+main(["stats", "--out", str(Layout().stats(name))], prog_name="romeflow")

@@ -1,8 +1,9 @@
 """`dvc repro` end to end on the real default model (Gemma-3-270M), in a temporary git repository.
 
 The project's own dvc.yaml, stages/, params.yaml and data/heldout.txt, with only edits/curie.yaml
-active. The model and its statistics come from the usual cache ($ROMEFLOW_CACHE), so after the real
-engine tests this costs a few minutes. ROMEFLOW_SKIP_REAL=1 skips it.
+active, and the trace stage's committed per-fact rows (so that it only aggregates them). The model
+and its statistics come from the usual cache ($ROMEFLOW_CACHE), so after the real engine tests this
+costs a few minutes. ROMEFLOW_SKIP_REAL=1 skips it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def test_dvc_repro_on_gemma(tmp_path):
     shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "data" / "heldout.txt", repo / "data" / "heldout.txt")
     shutil.copy(REPO / "edits" / "curie.yaml", repo / "edits" / "curie.yaml")
+    shutil.copy(REPO / "data" / "known_1000.json", repo / "data" / "known_1000.json")
+    (repo / "reports" / "trace").mkdir(parents=True)  # the trace stage's per-fact rows: it only aggregates them
+    shutil.copy(REPO / "reports" / "trace" / "rows.jsonl", repo / "reports" / "trace" / "rows.jsonl")
     params = (REPO / "params.yaml").read_text()
     params = re.sub(r"(?ms)^manifests:.*?\n\n", "manifests:\n  - curie\n\n", params)
     (repo / "params.yaml").write_text(params)
@@ -53,7 +57,8 @@ def test_dvc_repro_on_gemma(tmp_path):
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "project")
 
-    assert repro() == {"stats", "edit@curie", "eval@curie", "stack"}
+    assert repro() == {"stats", "edit@curie", "eval@curie", "stack", "trace"}
+    assert json.loads((repo / "reports" / "trace" / "layer.json").read_text())["layer"] >= 0
     report = json.loads((repo / "reports" / "curie.json").read_text())
     assert report["post"]["ES"] == 100.0 and report["post"]["rewrite_top1"] == 100.0
     assert report["post"]["neighbor_top1_kept"] == 100.0
