@@ -104,10 +104,11 @@ class Run:
     folder: Path
     settings: dict  # what the numbers depend on: model fingerprint, dataset, per-method params, generation
 
-    def open(self) -> None:
+    def open(self, write: bool = True) -> None:
         """Create the folder, or check that an existing one was started with the same settings."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / "run.json"
+        if write:
+            self.folder.mkdir(parents=True, exist_ok=True)
         if path.exists():
             old = json.loads(path.read_text())
             for key in ("kind", "model", "dataset", "generation"):
@@ -118,6 +119,8 @@ class Run:
                 if name in old.get("methods", {}) and old["methods"][name] != params:
                     raise BenchError(f"{path}: method '{name}' was run with other hyper-parameters; use another --out")
             self.settings = {**old, "methods": merged}
+        if not write:
+            return
         with atomic_path(path) as tmp:
             Path(tmp).write_text(json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
 
@@ -272,13 +275,22 @@ class Report:
 
 def build_report(run: Run, kind: str, methods: list[str], records: list, command: str,
                  reference_records: list | None = None, references: dict[str, list[str]] | None = None,
-                 resamples: int = 1000) -> Report:
+                 resamples: int = 1000, partial: bool = False) -> Report:
     """Aggregate every method's rows over the records of this run (only methods with all rows done).
 
+    partial: aggregate over the records that every method has finished so far instead (a look at a
+    run in progress); the report says how many.
     RS references come from ``references`` ({object: [text]}) when given, else from ``reference_records``
     (the whole dataset file, not just the records run)."""
     ids = [r.case_id for r in records]
     report = Report(kind, run.settings, command=command)
+    if partial:
+        done_by = [run.done(m) for m in methods]
+        ids = [i for i in ids if all(i in d for d in done_by)]
+        if not ids:
+            raise BenchError(f"{run.folder}: no record is finished by every method yet")
+        report.notes.append(f"Partial report: the {len(ids)} records (of {len(records)}) that every method had "
+                            "finished when it was written.")
     refs, tfidf = {}, None
     if kind == "counterfact":
         refs, source = reference_texts(reference_records or records, references)
@@ -344,12 +356,12 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: Report, folder: Path) -> tuple[Path, Path]:
+def write_report(report: Report, folder: Path, stem: str = "report") -> tuple[Path, Path]:
     data = report.to_dict()
     errors = validate("bench", data)
     if errors:
         raise BenchError(f"bench report {errors[0][0]}: {errors[0][1]}")
-    out_json, out_md = folder / "report.json", folder / "report.md"
+    out_json, out_md = folder / f"{stem}.json", folder / f"{stem}.md"
     with atomic_path(out_json) as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
     with atomic_path(out_md) as tmp:
@@ -386,12 +398,24 @@ def benchmark(lm: LoadedModel, kind: str, records: list, editors: dict[str, Edit
     return report
 
 
-def run_settings(kind: str, lm: LoadedModel, dataset_path: Path, records: list, method_params: dict[str, dict],
+def run_settings(kind: str, model: dict, dataset_path: Path, records: list, method_params: dict[str, dict],
                  gen: GenerationParams | None, generation_source: str | None) -> dict:
     """What a run's numbers depend on; a resumed run must match it (run.json)."""
     dataset = {"path": str(dataset_path), "sha256": sha256_bytes(Path(dataset_path).read_bytes()),
                "n": len(records), "case_ids_sha256": sha256_bytes(json.dumps([r.case_id for r in records]).encode())}
     if generation_source:
         dataset["generation_prompts"] = generation_source
-    return {"kind": kind, "model": {"name": lm.name, "fingerprint": lm.fingerprint}, "dataset": dataset,
+    return {"kind": kind, "model": model, "dataset": dataset,
             "generation": gen.to_dict() if gen else None, "methods": method_params}
+
+
+def partial_report(kind: str, records: list, methods: list[str], folder: Path, settings: dict, command: str,
+                   reference_records: list | None = None, references: dict[str, list[str]] | None = None) -> Report:
+    """Aggregate a run in progress (nothing is run): report-partial.json / .md in the run folder."""
+    run = Run(Path(folder), settings)
+    if not (run.folder / "run.json").exists():
+        raise BenchError(f"{run.folder}: no run here (run.json is missing)")
+    run.open(write=False)
+    report = build_report(run, kind, methods, records, command, reference_records, references, partial=True)
+    write_report(report, run.folder, "report-partial")
+    return report

@@ -262,14 +262,17 @@ def _bench_options(default_methods: str):
         f = click.option("--out", type=click.Path(file_okay=False), default=None,
                          help="Run folder (resumable) [default: reports/bench/<kind>].")(f)
         f = click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")(f)
+        f = click.option("--partial", is_flag=True,
+                         help="Run nothing: report on the records every method has finished so far "
+                              "(report-partial.md), e.g. while a run is in progress.")(f)
         return click.pass_context(f)
     return wrap
 
 
-def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, references_path=None):
+def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, references_path=None, partial=False):
     from tqdm.auto import tqdm
 
-    from .bench import GenerationParams, benchmark, generation_prompts, run_settings
+    from .bench import GenerationParams, benchmark, generation_prompts, partial_report, run_settings
     from .datasets import load_counterfact, load_zsre
     from .editors import make_editor, method_params, params_from_dict
 
@@ -297,26 +300,39 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
         gen_source = generation_prompts(records[0], gen)[1]
         if gen_source != "dataset":
             gen_source += f" ({', '.join(repr(t) for t in ('{rewrite prompt}',) + gen.templates)})"
+    out = Path(out or Path("reports") / "bench" / kind)
+    command = "romeflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    param_dicts = {"unedited": {}, **{name: p.to_dict() for name, p in params.items()}}
+    if partial:  # aggregate only: the run's own settings must match (model fingerprint included)
+        prior = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        model = prior.get("model", {"name": "?", "fingerprint": "?"})
+        run_cfg = run_settings(kind, model, Path(records_path), records, param_dicts, gen, gen_source)
+        report = partial_report(kind, records, ["unedited"] + names, out, run_cfg, command,
+                                all_records if kind == "counterfact" else None, references)
+        _print_report(kind, report, out / "report-partial.md", len(records))
+        return
     lm = _load(ctx, model_spec or settings.model)
     stats = _stats_for(ctx, lm, settings, [params["rome"].layer], ()) if "rome" in params else {}
     editors = {"unedited": None}
     editors.update({name: make_editor(name, lm, params[name], lambda layer: stats[layer].second_moment)
                     for name in names})
-    param_dicts = {"unedited": {}, **{name: p.to_dict() for name, p in params.items()}}
-    run_cfg = run_settings(kind, lm, Path(records_path), records, param_dicts, gen, gen_source)
+    run_cfg = run_settings(kind, {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,
+                           param_dicts, gen, gen_source)
     bars = {}
 
     def progress(name, total, done):
         bars[name] = tqdm(total=total, initial=done, desc=f"{kind} {name}", unit="record", file=sys.stderr)
         return lambda: bars[name].update(1)
 
-    out = Path(out or Path("reports") / "bench" / kind)
-    command = "romeflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = benchmark(lm, kind, records, editors, out, run_cfg, command, gen,
                        all_records if kind == "counterfact" else None, references, progress)
     for bar in bars.values():
         bar.close()
-    table = Table(title=f"{kind}: {len(records)} records -> {out}/report.md")
+    _print_report(kind, report, out / "report.md", len(records))
+
+
+def _print_report(kind: str, report, path: Path, n: int) -> None:
+    table = Table(title=f"{kind}: {n} records -> {path}")
     cols = ["S", "ES", "PS", "NS", "GE", "RS"] if kind == "counterfact" else ["Efficacy", "Paraphrase", "Specificity"]
     for col in ["method"] + cols + ["s/edit"]:
         table.add_column(col)
@@ -333,19 +349,19 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
 @_bench_options("rome,ft,ftl,kn")
 @click.option("--references", "references_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="RS reference texts, JSON {object: [text, ...]} [default: built from the dataset's records].")
-def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path):
+def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path, partial):
     """Edit each COUNTERFACT record alone, score ES/EM, PS/PM, NS/NM, S, GE, RS with 95% CIs.
 
     Resumable: re-running the same command continues where it stopped, then writes report.json and
     report.md in the run folder."""
-    _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path)
+    _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path, partial)
 
 
 @bench.command("zsre")
 @_bench_options("rome,ft,ftl,kn")
-def bench_zsre(ctx, records_path, n, methods, out, model_spec):
+def bench_zsre(ctx, records_path, n, methods, out, model_spec, partial):
     """Edit each zsRE record alone, score efficacy, paraphrase and specificity accuracy with 95% CIs."""
-    _run_bench(ctx, "zsre", records_path, n, methods, out, model_spec)
+    _run_bench(ctx, "zsre", records_path, n, methods, out, model_spec, partial=partial)
 
 
 @main.command()

@@ -13,6 +13,7 @@ import torch
 from .models import LoadedModel, final_hidden, logits_at
 from .prompts import continuation, encode, fill, flush_denormals, mean_per_pair, teacher_forced
 from .datasets import CounterfactRecord, load_counterfact  # noqa: F401  (re-exported)
+from .metrics import harmonic_mean, magnitude, success
 
 
 @torch.no_grad()
@@ -97,28 +98,17 @@ def score_record(lm: LoadedModel, rec: CounterfactRecord) -> dict[str, list[tupl
 
 
 def record_metrics(scores: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
-    """Per-record success rates and magnitudes (%, means over the record's prompts).
+    """Per-record success rates and magnitudes (%, means over the record's prompts): the same functions
+    as the benchmark's (metrics.success / metrics.magnitude).
 
     ES/PS: P[new] > P[true]; NS: P[true] > P[new]; EM/PM/NM: the matching probability differences.
-    Probabilities are exp(−mean per-token NLL).
     """
-    def rate(pairs, new_wins: bool) -> float:
-        return 100.0 * sum((a < b) if new_wins else (b < a) for a, b in pairs) / len(pairs)
-
-    def margin(pairs, new_wins: bool) -> float:
-        diffs = [math.exp(-a) - math.exp(-b) for a, b in pairs]
-        return 100.0 * sum(diffs if new_wins else [-d for d in diffs]) / len(pairs)
-
     out = {}
     for short, group, new_wins in (("E", "rewrite", True), ("P", "paraphrase", True), ("N", "neighborhood", False)):
         if scores.get(group):
-            out[short + "S"] = rate(scores[group], new_wins)
-            out[short + "M"] = margin(scores[group], new_wins)
+            out[short + "S"] = success(scores[group], new_wins)
+            out[short + "M"] = magnitude(scores[group], new_wins)
     return out
-
-
-def harmonic_mean(values: list[float]) -> float:
-    return 0.0 if any(v <= 0 for v in values) else len(values) / sum(1.0 / v for v in values)
 
 
 # --------------------------------------------------------------------------------------------------

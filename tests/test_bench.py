@@ -94,6 +94,16 @@ def test_counterfact_bench_writes_a_table4_report_and_resumes(project):
     again = json.loads((out / "report.json").read_text())
     assert again["methods"]["ft"]["metrics"]["ES"] == report["methods"]["ft"]["metrics"]["ES"]
 
+    # A look at a run in progress: --partial runs nothing and reports on the records every method finished.
+    (out / "kn.jsonl").write_text("".join((out / "kn.jsonl").read_text().splitlines(keepends=True)[:2]))
+    r = run(project, "bench", "counterfact", "--records", str(project / "cf.json"), "--n", "4", "--out", str(out),
+            "--partial")
+    assert r.exit_code == 0, r.output
+    partial = json.loads((out / "report-partial.json").read_text())
+    assert validate("bench", partial) == [] and {m["n"] for m in partial["methods"].values()} == {2}
+    assert any("the 2 records (of 4)" in note for note in partial["notes"])
+    assert len((out / "kn.jsonl").read_text().splitlines()) == 2  # nothing was run
+
     # The same folder with other hyper-parameters is refused.
     other = yaml.safe_load((project / "params.yaml").read_text())
     other["ft"]["lr"] = 0.5
