@@ -147,7 +147,7 @@ class FineTune:
 class KnParams:
     """The ``kn:`` section of params.yaml."""
 
-    ig_steps: int = 20  # Riemann steps of the integrated gradient
+    ig_steps: int = 5  # Riemann steps of the integrated gradient (Dai et al.: 20)
     threshold: float = 0.2  # keep neurons with attribution ≥ threshold · the largest one
     max_neurons: int = 10
     scale: float = 2.0  # each neuron's value vector moves by scale · its norm towards e[new] − e[true]
