@@ -475,9 +475,29 @@ def test_diff_reads_reports_at_git_revisions(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+def add_trace_inputs(repo: Path, lm) -> None:
+    """The trace stage's inputs for the tiny model: facts it gets right (its own greedy next token) and a
+    `trace:` section asking for two of them."""
+    from romeflow.tracing import next_token_probs
+
+    facts = []
+    for i, (subject, prompt) in enumerate([("Pierre Curie", "Pierre Curie was born in"),
+                                           ("The Space Needle", "The Space Needle is located in"),
+                                           ("Paris", "Paris is the capital of"), ("Rome", "Rome is the capital of"),
+                                           ("Marie Curie", "Marie Curie won the"), ("The river", "The river flows through")]):
+        top = int(next_token_probs(lm, torch.tensor([lm.tokenizer(prompt).input_ids]))[0].argmax())
+        facts.append({"known_id": i, "subject": subject, "prompt": prompt,
+                      "attribute": lm.tokenizer.decode([top]).strip() or "x"})
+    (repo / "data" / "facts.json").write_text(json.dumps(facts))
+    with open(repo / "params.yaml", "a") as f:
+        f.write("\ntrace:\n  facts: data/facts.json\n  n: 2\n  samples: 1\n  window: 2\n  batch_rows: 64\n"
+                "  out: reports/trace\n")
+
+
 @pytest.mark.workflow
 def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm):
     repo = make_project(tmp_path / "repo", model_dir, active=("a", "b", "c"))
+    add_trace_inputs(repo, lm)
     shutil.copy(REPO / "dvc.yaml", repo)
     shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / ".gitignore", repo)
@@ -508,7 +528,8 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
     sh("git", "commit", "-qm", "project")
 
     ran, _ = repro()
-    assert ran == {"stats", "edit@a", "edit@b", "edit@c", "eval@a", "eval@b", "eval@c", "stack"}
+    assert ran == {"stats", "edit@a", "edit@b", "edit@c", "eval@a", "eval@b", "eval@c", "stack", "trace"}
+    assert validate("trace-layer", json.loads((repo / "reports" / "trace" / "layer.json").read_text())) == []
     for name in ("a", "b", "c"):
         assert validate("report", json.loads((repo / "reports" / f"{name}.json").read_text())) == []
     plots = json.loads(sh("dvc", "plots", "show", "--json").stdout)["data"]
