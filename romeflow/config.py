@@ -97,3 +97,12 @@ def load_settings(path: str | Path | None, resolve_auto: bool = True) -> Setting
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: rome: {e}") from e
     return Settings(str(raw.get("model", DEFAULT_MODEL)), stats, rome, raw, trace, layer_file, layer_auto)
+
+
+def stage_settings(path: str | Path = "params.yaml", resolve_auto: bool = True) -> Settings:
+    """load_settings for the DVC stage scripts: a bad file (or `layer: auto` before the trace stage ran)
+    ends the stage with one line on stderr, as the CLI does, not a traceback."""
+    try:
+        return load_settings(path, resolve_auto)
+    except ConfigError as e:
+        raise SystemExit(f"Error: {e}") from None

@@ -6,11 +6,11 @@
 import sys
 
 from romeflow.cli import main
-from romeflow.config import load_settings
+from romeflow.config import stage_settings
 from romeflow.workflow import Layout
 
 name, paths = sys.argv[1], Layout()
-settings = load_settings("params.yaml")  # rome.layer: auto -> the traced layer (reports/trace/layer.json)
+settings = stage_settings("params.yaml")  # rome.layer: auto -> the traced layer (reports/trace/layer.json)
 layer = "auto" if settings.layer_auto else settings.rome.layer  # dvc.yaml's stats/layer${rome.layer}
 main(["apply", str(paths.manifest(name)), "--stats", str(paths.stats(layer)), "--out", str(paths.delta(name))],
      prog_name="romeflow")

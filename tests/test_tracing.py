@@ -306,3 +306,12 @@ def test_one_fact_on_gemma():
     assert row["effects"]["hidden"]["last"][L - 1] == pytest.approx(row["p_clean"] - row["p_corrupted"], abs=1e-5)
     mlp = row["effects"]["mlp"]["last_subject"]
     assert max(mlp) > 0.05 and mlp.index(max(mlp)) < L // 2  # an early-to-middle MLP peak at the subject
+
+
+def test_stage_scripts_stop_with_one_line_before_the_trace(tmp_path):
+    from romeflow.config import stage_settings
+
+    (tmp_path / "params.yaml").write_text("rome: {layer: auto}\n")
+    with pytest.raises(SystemExit, match=r"^Error: .*params.yaml: rome.layer: auto: .*layer.json: cannot read"):
+        stage_settings(tmp_path / "params.yaml")
+    assert stage_settings(tmp_path / "params.yaml", resolve_auto=False).layer_auto
