@@ -103,6 +103,7 @@ def sha256_bytes(data: bytes) -> str:
 class Run:
     folder: Path
     settings: dict  # what the numbers depend on: model fingerprint, dataset, per-method params, generation
+    shard: tuple[int, int] | None = None  # (k, n): this process runs the records with index % n == k - 1
 
     def open(self, write: bool = True) -> None:
         """Create the folder, or check that an existing one was started with the same settings."""
@@ -125,24 +126,29 @@ class Run:
             Path(tmp).write_text(json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
 
     def results_path(self, method: str) -> Path:
-        return self.folder / f"{method}.jsonl"
+        """This process's results file: METHOD.jsonl, or METHOD.shardKofN.jsonl when sharded."""
+        if self.shard is None:
+            return self.folder / f"{method}.jsonl"
+        k, n = self.shard
+        return self.folder / f"{method}.shard{k}of{n}.jsonl"
 
     def done(self, method: str) -> dict[int, dict]:
-        """The records already scored for a method, by case_id. A torn last line (a crash) is dropped."""
-        path = self.results_path(method)
-        if not path.exists():
-            return {}
-        out, good_bytes = {}, 0
-        with open(path, "rb") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                out[row["case_id"]] = row
-                good_bytes += len(line)
-        if good_bytes != path.stat().st_size:
-            os.truncate(path, good_bytes)
+        """The records already scored for a method (in any of its files), by case_id.
+
+        A torn last line (a crash) is dropped, and cut from this process's own file."""
+        out = {}
+        for path in sorted(self.folder.glob(f"{method}.jsonl")) + sorted(self.folder.glob(f"{method}.shard*.jsonl")):
+            good_bytes = 0
+            with open(path, "rb") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        break
+                    out.setdefault(row["case_id"], row)
+                    good_bytes += len(line)
+            if path == self.results_path(method) and good_bytes != path.stat().st_size:
+                os.truncate(path, good_bytes)
         return out
 
     def append(self, method: str, row: dict) -> None:
@@ -157,7 +163,8 @@ def run_method(run: Run, method: str, editor: Editor | None, lm: LoadedModel, re
                progress: Callable[[int, int], Callable[[], None]] | None = None) -> None:
     """Edit, score and restore each record not yet done; append its raw result."""
     done = run.done(method)
-    todo = [(i, rec) for i, rec in enumerate(records) if rec.case_id not in done]
+    mine = (lambda i: True) if run.shard is None else (lambda i: i % run.shard[1] == run.shard[0] - 1)
+    todo = [(i, rec) for i, rec in enumerate(records) if rec.case_id not in done and mine(i)]
     tick = progress(len(records), len(records) - len(todo)) if progress else (lambda: None)
     for i, rec in todo:
         row = {"case_id": rec.case_id, "index": i, "seconds": 0.0}
@@ -377,12 +384,14 @@ def write_report(report: Report, folder: Path, stem: str = "report") -> tuple[Pa
 def benchmark(lm: LoadedModel, kind: str, records: list, editors: dict[str, Editor | None], folder: Path,
               settings: dict, command: str, gen: GenerationParams | None = None,
               reference_records: list | None = None, references: dict[str, list[str]] | None = None,
-              progress: Callable[[str, int, int], Callable[[], None]] | None = None) -> Report:
+              progress: Callable[[str, int, int], Callable[[], None]] | None = None,
+              shard: tuple[int, int] | None = None) -> Report:
     """Run (or resume) every method over the records, then aggregate whatever is complete.
 
     editors: method name -> editor (None for the unedited model), run in this order.
+    shard (k, n): run only every n-th record, starting at the k-th, so that n processes share a run.
     """
-    run = Run(Path(folder), settings)
+    run = Run(Path(folder), settings, shard)
     run.open()
     if kind == "counterfact":
         def score(lm_, rec, i):

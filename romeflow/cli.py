@@ -262,6 +262,8 @@ def _bench_options(default_methods: str):
         f = click.option("--out", type=click.Path(file_okay=False), default=None,
                          help="Run folder (resumable) [default: reports/bench/<kind>].")(f)
         f = click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")(f)
+        f = click.option("--shard", default=None, metavar="K/N",
+                         help="Run only records K, K+N, K+2N, … (1-based) so N processes share one run folder.")(f)
         f = click.option("--partial", is_flag=True,
                          help="Run nothing: report on the records every method has finished so far "
                               "(report-partial.md), e.g. while a run is in progress.")(f)
@@ -269,13 +271,27 @@ def _bench_options(default_methods: str):
     return wrap
 
 
-def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, references_path=None, partial=False):
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise click.BadParameter("must be K/N, e.g. 1/2", param_hint="--shard") from None
+    if not 1 <= k <= n:
+        raise click.BadParameter("needs 1 <= K <= N", param_hint="--shard")
+    return k, n
+
+
+def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, references_path=None, partial=False,
+               shard=None):
     from tqdm.auto import tqdm
 
     from .bench import GenerationParams, benchmark, generation_prompts, partial_report, run_settings
     from .datasets import load_counterfact, load_zsre
     from .editors import make_editor, method_params, params_from_dict
 
+    shard = _parse_shard(shard)
     settings = _settings(ctx)
     section = dict(settings.raw.get("bench") or {})
     records_path = records_path or (section.get(kind) or {}).get("records")
@@ -325,7 +341,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
         return lambda: bars[name].update(1)
 
     report = benchmark(lm, kind, records, editors, out, run_cfg, command, gen,
-                       all_records if kind == "counterfact" else None, references, progress)
+                       all_records if kind == "counterfact" else None, references, progress, shard)
     for bar in bars.values():
         bar.close()
     _print_report(kind, report, out / "report.md", len(records))
@@ -349,19 +365,19 @@ def _print_report(kind: str, report, path: Path, n: int) -> None:
 @_bench_options("rome,ft,ftl,kn")
 @click.option("--references", "references_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="RS reference texts, JSON {object: [text, ...]} [default: built from the dataset's records].")
-def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path, partial):
+def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path, partial, shard):
     """Edit each COUNTERFACT record alone, score ES/EM, PS/PM, NS/NM, S, GE, RS with 95% CIs.
 
     Resumable: re-running the same command continues where it stopped, then writes report.json and
     report.md in the run folder."""
-    _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path, partial)
+    _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path, partial, shard)
 
 
 @bench.command("zsre")
 @_bench_options("rome,ft,ftl,kn")
-def bench_zsre(ctx, records_path, n, methods, out, model_spec, partial):
+def bench_zsre(ctx, records_path, n, methods, out, model_spec, partial, shard):
     """Edit each zsRE record alone, score efficacy, paraphrase and specificity accuracy with 95% CIs."""
-    _run_bench(ctx, "zsre", records_path, n, methods, out, model_spec, partial=partial)
+    _run_bench(ctx, "zsre", records_path, n, methods, out, model_spec, partial=partial, shard=shard)
 
 
 @main.command()

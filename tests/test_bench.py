@@ -114,6 +114,22 @@ def test_counterfact_bench_writes_a_table4_report_and_resumes(project):
     assert r.exit_code != 0 and "method 'ft' was run with other hyper-parameters" in r.output
 
 
+def test_two_shards_share_one_run(project):
+    out = project / "sharded"
+    for k in (1, 2):
+        r = run(project, "bench", "counterfact", "--records", str(project / "cf.json"), "--n", "3", "--methods", "ft",
+                "--out", str(out), "--shard", f"{k}/2")
+        assert r.exit_code == 0, r.output
+    ids = {k: [json.loads(line)["case_id"] for line in (out / f"ft.shard{k}of2.jsonl").read_text().splitlines()]
+           for k in (1, 2)}
+    assert ids == {1: [11, 13], 2: [12]}
+    report = json.loads((out / "report.json").read_text())
+    assert report["methods"]["ft"]["n"] == 3  # the last shard to finish reports on all records
+    r = run(project, "bench", "counterfact", "--records", str(project / "cf.json"), "--shard", "3/2",
+            "--out", str(out))
+    assert r.exit_code != 0 and "--shard" in r.output
+
+
 def test_zsre_bench(project):
     out = project / "zsre"
     r = run(project, "bench", "zsre", "--records", str(project / "zsre.json"), "--methods", "rome,ft",
