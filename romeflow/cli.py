@@ -569,7 +569,6 @@ def verify(ctx, names, atol):
 
 def _trace_params(ctx, **overrides):
     """params.yaml trace: with the options given on the command line (None = keep)."""
-    from dataclasses import replace
 
     from .tracing import TraceParams
 

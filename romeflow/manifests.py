@@ -7,7 +7,7 @@ Every problem is reported as one line naming the file, the edit and the field, e
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
