@@ -164,3 +164,16 @@ def test_unknown_method_fails_with_one_line(project, tmp_path):
     r = run(project, "bench", "counterfact", "--records", str(project / "cf.json"), "--methods", "rome,mend",
             "--out", str(tmp_path / "o"))
     assert r.exit_code == 1 and "unknown method 'mend'" in r.output
+
+
+@pytest.mark.parametrize("record, message", [
+    ({k: v for k, v in ZSRE[0].items() if k != "alt"}, "record 0: missing or invalid field 'alt'"),
+    ({**ZSRE[0], "subject": "Quercus"}, "record 0: missing or invalid field 'subject' (not found in src)"),
+    ({**ZSRE[0], "rephrase": ""}, "record 0: missing or invalid field 'rephrase' (must be a non-empty string)"),
+])
+def test_bad_zsre_records_fail_with_one_line(project, tmp_path, record, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([record]))
+    r = run(project, "bench", "zsre", "--records", str(bad), "--out", str(tmp_path / "o"))
+    assert r.exit_code == 1 and message in r.output and str(bad) in r.output
+    assert len(r.output.strip().splitlines()) == 1
