@@ -10,8 +10,7 @@ import hashlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import yaml
-
+from . import safeyaml
 from .rome import EditRequest
 from .schemas import validate
 
@@ -88,17 +87,11 @@ def _fail(path, where: str, what: str):
 
 def load_manifest(path: str | Path) -> Manifest:
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read manifest ({e.strerror})") from e
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ManifestError(f"{path}: invalid YAML{at}: {problem}") from e
+    try:  # bounded: size, string lengths, no aliases or duplicate keys (romeflow.safeyaml)
+        raw = safeyaml.read_bytes(path, "manifest")
+        data = safeyaml.loads(raw, path)
+    except safeyaml.YamlError as e:
+        raise ManifestError(str(e)) from None
     if data is None:
         _fail(path, "(top level)", "the manifest is empty")
     errors = validate("manifest", data)

@@ -33,8 +33,43 @@ def _where(path) -> str:
     return out or "(top level)"
 
 
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_TYPES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+          "array": "a list", "object": "a mapping", "null": "null"}
+
+
+def _describe(schema: dict) -> str:
+    """A subschema in words, e.g. 'an integer >= 0' or "'auto'" (for anyOf / oneOf messages)."""
+    if "const" in schema:
+        return repr(schema["const"])
+    if "enum" in schema:
+        return " or ".join(map(repr, schema["enum"]))
+    t = schema.get("type")
+    words = " or ".join(_TYPES.get(x, x) for x in (t if isinstance(t, list) else [t])) if t else "a value"
+    bounds = [f"{op} {schema[k]:g}" for k, op in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                                                    ("maximum", "<="), ("exclusiveMaximum", "<")) if k in schema]
+    return words + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _branch(error: jsonschema.ValidationError):
+    """For oneOf/anyOf: the error inside the one branch whose type fits the value, if exactly one does."""
+    fits = {}
+    for sub in error.context or []:
+        i = sub.relative_schema_path[0]
+        branch = error.validator_value[i]
+        t = branch.get("type")
+        if t is not None and jsonschema.Draft202012Validator({"type": t}).is_valid(error.instance):
+            fits.setdefault(i, []).append(sub)
+    return min(fits.popitem()[1], key=lambda e: len(e.path)) if len(fits) == 1 else None
+
+
 def _say(error: jsonschema.ValidationError) -> str:
     v, kw = error.validator, error.validator_value
+    got = f", got {_show(error.instance)}"
     if v == "required":
         missing = [k for k in kw if k not in (error.instance or {})]
         return f"missing required field '{missing[0]}'" if missing else error.message
@@ -46,15 +81,41 @@ def _say(error: jsonschema.ValidationError) -> str:
     if v == "pattern" and kw == "\\{\\}":
         return "must contain {} where the subject goes"
     if v == "minItems":
-        return "must not be empty"
+        return "must not be empty" if kw == 1 else f"must have at least {kw} items"
+    if v == "maxItems":
+        return f"has {len(error.instance)} items, more than the {kw} allowed"
+    if v == "maxLength":
+        return f"is {len(error.instance)} characters long, more than the {kw} allowed"
     if v == "type":
-        return f"must be of type {kw}"
-    if v == "oneOf":
-        return "must be a prompt string or {prompt, answer}"
+        return f"must be {_describe({'type': kw})}{got}"
+    if v == "minimum":
+        return f"must be >= {kw:g}{got}"
+    if v == "maximum":
+        return f"must be <= {kw:g}{got}"
+    if v == "exclusiveMinimum":
+        return f"must be > {kw:g}{got}"
+    if v == "exclusiveMaximum":
+        return f"must be < {kw:g}{got}"
+    if v in ("const", "enum"):
+        return f"must be {_describe(error.schema)}{got}"
+    if v == "uniqueItems":
+        return "must not repeat an item"
+    if v in ("oneOf", "anyOf"):
+        return f"must be {' or '.join(_describe(s) for s in kw)}{got}"
     return error.message
 
 
 def validate(name: str, instance) -> list[tuple[str, str]]:
     """Errors as (where, what), e.g. ('edits[2].target', 'must not be empty'); [] when valid."""
-    errors = sorted(_validator(name).iter_errors(instance), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    return validate_with(_validator(name), instance)
+
+
+def validate_with(validator: jsonschema.protocols.Validator, instance) -> list[tuple[str, str]]:
+    """As validate, with a validator built elsewhere (e.g. params.yaml's, completed from dataclasses)."""
+    errors = []
+    for e in validator.iter_errors(instance):
+        if e.validator in ("oneOf", "anyOf"):
+            e = _branch(e) or e
+        errors.append(e)
+    errors.sort(key=lambda e: (list(map(str, e.absolute_path)), e.validator))
     return [(_where(e.absolute_path), _say(e)) for e in errors]
