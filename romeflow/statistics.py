@@ -151,26 +151,78 @@ def stats_meta(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, seq_l
             "romeflow_version": __version__}
 
 
+MAX_STATS_DIM = 65536  # d_in of the edited module
+
+
+def tensor_sha256(c: torch.Tensor) -> str:
+    """sha256 of the second-moment tensor: dtype and shape, then its bytes."""
+    c = c.detach().contiguous()
+    h = hashlib.sha256(f"second_moment|{str(c.dtype).removeprefix('torch.')}|{tuple(c.shape)}|".encode())
+    h.update(c.numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_stats(path: str | os.PathLike, second_moment: torch.Tensor, meta: dict) -> Stats:
+    """Write (atomically) with the tensor's sha256 in the metadata; return the file as load_stats reads it."""
+    c = second_moment.detach().float().contiguous()
+    meta = {**meta, "tensor_sha256": tensor_sha256(c)}
     with atomic_path(path) as tmp:
-        save_file({"second_moment": second_moment.contiguous()}, tmp, metadata={"romeflow": json.dumps(meta, sort_keys=True)})
+        save_file({"second_moment": c}, tmp, metadata={"romeflow": json.dumps(meta, sort_keys=True)})
     return load_stats(path)
 
 
+def _check_meta(path: Path, meta) -> None:
+    def bad(field: str, what: str):
+        raise ValueError(f"{path}: {field}: {what}")
+
+    if not isinstance(meta, dict):
+        bad("metadata", "not an object")
+    if meta.get("format") != STATS_FORMAT:
+        bad("format", f"{meta.get('format')!r} is not {STATS_FORMAT}")
+    for key, kind in (("layer", int), ("tokens", int), ("seq_len", int), ("model", str),
+                      ("model_fingerprint", str), ("module", str), ("corpus_id", str), ("corpus_sha256", str)):
+        v = meta.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0) or (kind is str and len(v) > 1000):
+            bad(key, f"missing or not {'a non-negative integer' if kind is int else 'a string'}")
+    if not re.fullmatch(r"[0-9a-f]{64}", meta["model_fingerprint"]):
+        bad("model_fingerprint", "not a sha256")
+    if "tensor_sha256" in meta and not (isinstance(meta["tensor_sha256"], str)
+                                        and re.fullmatch(r"[0-9a-f]{64}", meta["tensor_sha256"])):
+        bad("tensor_sha256", "not a sha256")
+
+
 def load_stats(path: str | os.PathLike) -> Stats:
+    """Read and check a statistics file: metadata fields, one float32 (d, d) tensor, finite, symmetric,
+    non-negative diagonal, and its sha256 against the metadata's ``tensor_sha256`` (files written
+    before that field existed are accepted without it). Problems are ValueErrors, one line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: statistics file not found")
     try:
         with safe_open(path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["romeflow"])
+            text = (f.metadata() or {}).get("romeflow")
+            if text is None or len(text) > 1 << 20:
+                raise ValueError("no romeflow metadata" if text is None else "metadata over 1 MiB")
+            meta = json.loads(text)
+            keys = sorted(f.keys())
+            if keys != ["second_moment"]:
+                raise ValueError(f"tensors {keys}, expected only second_moment")
+            shape = f.get_slice("second_moment").get_shape()
+            if len(shape) != 2 or shape[0] != shape[1] or not 0 < shape[0] <= MAX_STATS_DIM:
+                raise ValueError(f"second_moment: shape {tuple(shape)}, expected (d, d) with d <= {MAX_STATS_DIM}")
             c = f.get_tensor("second_moment")
-        if not isinstance(meta, dict):
-            raise ValueError("its metadata is not an object")
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path}: not a romeflow statistics file ({e})") from e
-    if meta.get("format") != STATS_FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {STATS_FORMAT}")
+        raise ValueError(f"{path}: not a romeflow statistics file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    _check_meta(path, meta)
+    if c.dtype != torch.float32:
+        raise ValueError(f"{path}: second_moment: dtype {str(c.dtype).removeprefix('torch.')}, not float32")
+    if not torch.isfinite(c).all():
+        raise ValueError(f"{path}: second_moment: holds NaN or infinite values")
+    scale = c.abs().max().item()
+    if (c.diagonal() < 0).any() or (c - c.T).abs().max().item() > 1e-4 * max(scale, 1e-30):
+        raise ValueError(f"{path}: second_moment: not a second moment (asymmetric or a negative diagonal)")
+    if "tensor_sha256" in meta and tensor_sha256(c) != meta["tensor_sha256"]:
+        raise ValueError(f"{path}: tensor_sha256: does not match the tensor (the file was changed after it was written)")
     return Stats(c, meta, sha256_file(path))
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from romeflow import statistics
-from romeflow.statistics import (STATS_FORMAT, get_stats, load_stats, save_stats, second_moments, stats_meta,
+from romeflow.statistics import (STATS_FORMAT, tensor_sha256, get_stats, load_stats, save_stats, second_moments, stats_meta,
                                  text_files_corpus, token_rows)
 
 from conftest import EXPECTED_MODULE, INTERMEDIATE
@@ -155,7 +155,7 @@ def test_save_and_load_stats_round_trip(tiny_lm, corpus, tmp_path):
     saved = save_stats(path, c, meta)
     loaded = load_stats(path)
     for s in (saved, loaded):
-        assert s.meta == meta
+        assert s.meta == {**meta, "tensor_sha256": tensor_sha256(c)}  # the content hash is added on save
         assert s.layer == 1
         assert torch.equal(s.second_moment, c)
         assert s.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -179,7 +179,7 @@ def test_get_stats_computes_once_then_uses_the_cache(tiny_lm, corpus, tmp_path, 
     assert sorted(first) == [0, 1]
     for layer in (0, 1):
         assert torch.equal(first[layer].second_moment, spy.result[layer])
-        assert first[layer].meta == stats_meta(lm, layer, corpus, 256, 32)
+        assert first[layer].meta == {**stats_meta(lm, layer, corpus, 256, 32), "tensor_sha256": tensor_sha256(spy.result[layer])}
         assert first[layer].layer == layer
 
     def fail(*_args, **_kwargs):
