@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,16 +13,18 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import ConfigError, Settings, load_settings
-from .deltas import DeltaError, EditedModel, compute_delta, load_delta, save_delta
+from .deltas import DeltaError, EditedModel, compute_delta, load_deltas, save_delta
 from .evaluation import greedy_continuation, next_token_top
 from .history import RevisionError, diff_reports, markdown_table
-from .manifests import ManifestError, load_manifest
-from .models import LoadedModel, ModelError, cache_dir, load_model
-from .registry import register, unregister
+from .io import atomic_folder, check_writable
+from .manifests import Manifest, ManifestError, load_manifest
+from .models import EMBEDDED, LoadedModel, ModelError, cache_dir, layer_count, load_model
+from .names import BadName
+from .params import ConfigError, Params, check_layers, load_params
+from .registry import check_name, register, unregister
 from .statistics import Stats, get_stats, load_stats, save_stats, text_files_corpus
 from .workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error, status as workflow_status,
-                       verify_manifest, workflow_params)
+                       verify_manifest)
 
 USER_ERRORS = (ManifestError, ModelError, DeltaError, ConfigError, GateError, RevisionError, FileNotFoundError,
                ValueError)  # DatasetError and BenchError are ValueErrors
@@ -60,8 +59,34 @@ def main(ctx, params_path, cache, threads):
     ctx.obj = {"params": params_path, "cache": cache}
 
 
-def _settings(ctx) -> Settings:
-    return load_settings(ctx.obj["params"])
+def _settings(ctx, resolve_auto: bool = True) -> Params:
+    return load_params(ctx.obj["params"], resolve_auto)
+
+
+def _model_spec(ctx, settings: Params, given: str | None, deltas: list = ()) -> str:
+    """--model, else the deltas' base model if it is an embedded name, else params.yaml's model.
+
+    A delta's metadata is never used as a path: a delta made on a folder model is loaded onto the
+    params file's model (or --model) and refused there if the fingerprints differ."""
+    if given:
+        return given
+    name = deltas[0].meta["base_model"]["name"] if deltas else None
+    return name if name in EMBEDDED else settings.model
+
+
+def _layer_uses(m: Manifest, settings: Params) -> list[tuple[str, int]]:
+    """(where it was set, layer) of each edit: the edit's layer, the manifest's, else rome.layer."""
+    out = []
+    for i, e in enumerate(m.edits):
+        where = (f"{m.path}: edits[{i}].layer" if e.layer is not None else
+                 f"{m.path}: layer" if m.layer is not None else f"{settings.path}: rome.layer")
+        out.append((where, m.layer_of(e, settings.rome.layer)))
+    return out
+
+
+def _check_layers(ctx, spec: str, uses: list[tuple[str, int]]) -> None:
+    """Layers vs the model's config.json, before its weights are loaded (when the folder is known)."""
+    check_layers(layer_count(spec, ctx.obj["cache"]), uses)
 
 
 def _load(ctx, spec: str) -> LoadedModel:
@@ -72,11 +97,12 @@ def _load(ctx, spec: str) -> LoadedModel:
     return lm
 
 
-def _stats_for(ctx, lm: LoadedModel, settings: Settings, layers: list[int], files: tuple[str, ...]) -> dict[int, Stats]:
-    """Statistics from the given files (checked against the model), the rest from the cache or computed."""
+def _stats_for(ctx, lm: LoadedModel, settings: Params, layers: list[int], files) -> dict[int, Stats]:
+    """Statistics from the given files or Stats (checked against the model), the rest from the cache or
+    computed."""
     found: dict[int, Stats] = {}
     for f in files:
-        s = load_stats(f)
+        s = f if isinstance(f, Stats) else load_stats(f)
         if s.meta["model_fingerprint"] != lm.fingerprint:
             raise ValueError(f"{f}: statistics of another model ({s.meta['model']}), not {lm.name}")
         found[s.layer] = s
@@ -87,10 +113,6 @@ def _stats_for(ctx, lm: LoadedModel, settings: Settings, layers: list[int], file
     return found
 
 
-def _load_deltas(paths) -> list:
-    return [load_delta(p) for p in paths]
-
-
 def _params_path(ctx) -> Path:
     return Path(ctx.obj["params"] or "params.yaml")
 
@@ -98,11 +120,6 @@ def _params_path(ctx) -> Path:
 def _layout(ctx) -> Layout:
     """The project root is the folder of the params file."""
     return Layout(_params_path(ctx).parent)
-
-
-def _workflow(ctx):
-    settings = _settings(ctx)
-    return settings, workflow_params(_params_path(ctx), settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,10 +137,19 @@ def apply(ctx, manifest, out, model_spec, stats_files):
     """Compute a manifest's edits with ROME and write them as one delta file."""
     settings = _settings(ctx)
     m = settings.resolve_manifest(load_manifest(manifest))  # `layer: auto` -> the traced layer
-    lm = _load(ctx, model_spec or m.model or settings.model)
-    layers = sorted({m.layer_of(e, settings.rome.layer) for e in m.edits})
-    stats = _stats_for(ctx, lm, settings, layers, stats_files)
-    out = Path(out or Path("deltas") / f"{m.name}.safetensors")
+    try:
+        out = Path(out) if out else Layout().delta(m.name)
+    except BadName as e:
+        raise ManifestError(f"{manifest}: {e}; pass --out") from None
+    check_writable(out, "--out")
+    spec = model_spec or m.model or settings.model
+    uses = _layer_uses(m, settings)
+    _check_layers(ctx, spec, uses)
+    given = [load_stats(f) for f in stats_files]  # checked before the model loads
+    lm = _load(ctx, spec)
+    check_layers(lm.num_layers, uses)
+    layers = sorted({layer for _, layer in uses})
+    stats = _stats_for(ctx, lm, settings, layers, given)
     from tqdm.auto import tqdm
 
     with tqdm(total=len(m.edits), desc=f"editing ({m.name})", unit="edit", file=sys.stderr) as bar:
@@ -156,10 +182,14 @@ def evaluate(ctx, manifest, deltas, out, details, use_gate, model_spec):
     """Score a manifest's edits (rewrite, paraphrases, neighbours) before and after its delta."""
     if details and not out:
         raise click.UsageError("--details needs --out")
+    settings = _settings(ctx)
+    for path, option in ((out, "--out"), (details, "--details")):
+        if path:
+            check_writable(path, option)
     m = load_manifest(manifest)
-    loaded = _load_deltas(deltas or [_layout(ctx).delta(m.name)])
-    gate = _workflow(ctx)[1].gate if use_gate else None
-    lm = _load(ctx, model_spec or loaded[0].meta["base_model"]["name"])
+    loaded = load_deltas(deltas or [_layout(ctx).delta(m.name)])
+    gate = settings.gate if use_gate else None
+    lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
     result = eval_manifest(EditedModel(lm), m, loaded, gate)
     if out:
         result.write(out, details)
@@ -192,14 +222,20 @@ def stack(ctx, out, markdown, plots_dir, use_gate):
     guard is the perplexity of a held-out text (params.yaml stack.heldout) and the neighbour
     prompts' top-1 agreement, both vs the base model.
     """
-    settings, wp = _workflow(ctx)
+    settings = _settings(ctx)
     layout = _layout(ctx)
-    manifests = [load_manifest(layout.manifest(n)) for n in wp.manifests]
-    deltas = _load_deltas(layout.delta(n) for n in wp.manifests)
-    lm = _load(ctx, settings.model)
-    result = eval_stack(EditedModel(lm), manifests, deltas, layout.root / wp.heldout, wp.window,
-                        wp.gate if use_gate else None)
     out = Path(out or layout.stack_report)
+    for path, option, folder in ((out, "--out", False), (markdown or layout.stack_markdown, "--md", False),
+                                 (plots_dir or layout.plots, "--plots", True)):
+        check_writable(path, option, folder)
+    manifests = [load_manifest(layout.manifest(n)) for n in settings.manifests]
+    deltas = load_deltas(layout.delta(n) for n in settings.manifests)
+    heldout = layout.root / settings.stack.heldout
+    if not heldout.is_file():
+        raise ConfigError(f"{settings.path}: stack.heldout: {heldout} not found")
+    lm = _load(ctx, settings.model)
+    result = eval_stack(EditedModel(lm), manifests, deltas, heldout, settings.stack.window,
+                        settings.gate if use_gate else None)
     result.write(out, markdown or layout.stack_markdown, plots_dir or layout.plots)
     r = result.report
     table = Table(title=f"stack of {len(manifests)} manifest(s): S alone -> stack")
@@ -228,8 +264,9 @@ def stack(ctx, out, markdown, plots_dir, use_gate):
 @click.pass_context
 def generate(ctx, prompt, deltas, model_spec, max_new_tokens, top_k, as_json):
     """Next-token ranking and a greedy continuation of PROMPT, on base + deltas."""
-    loaded = _load_deltas(deltas)
-    lm = _load(ctx, model_spec or (loaded[0].meta["base_model"]["name"] if loaded else _settings(ctx).model))
+    settings = _settings(ctx)
+    loaded = load_deltas(deltas)
+    lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
     EditedModel(lm).compose(loaded)
     top = next_token_top(lm, [prompt], top_k)[0]
     text = greedy_continuation(lm, prompt, max_new_tokens)
@@ -287,22 +324,23 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
                shard=None):
     from tqdm.auto import tqdm
 
-    from .bench import GenerationParams, benchmark, generation_prompts, partial_report, run_settings
+    from .bench import benchmark, generation_prompts, partial_report, run_settings
     from .datasets import load_counterfact, load_zsre
-    from .editors import make_editor, method_params, params_from_dict
+    from .editors import make_editor
 
     shard = _parse_shard(shard)
     settings = _settings(ctx)
-    section = dict(settings.raw.get("bench") or {})
-    records_path = records_path or (section.get(kind) or {}).get("records")
+    records_path = records_path or settings.bench.records(kind)
     if not records_path:
         raise click.UsageError(f"--records is required (or set bench.{kind}.records in params.yaml)")
-    all_records = load_counterfact(records_path) if kind == "counterfact" else load_zsre(records_path)
     if n is not None and n < 1:
         raise click.BadParameter("must be at least 1", param_hint="--n")
-    records = all_records[:n] if n else all_records
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    params = {name: method_params(name, settings.raw, settings.rome) for name in names}
+    params = {name: settings.method(name) for name in names}
+    out = Path(out or Path("reports") / "bench" / kind)
+    check_writable(out, "--out", folder=True)
+    all_records = load_counterfact(records_path) if kind == "counterfact" else load_zsre(records_path)
+    records = all_records[:n] if n else all_records
     references = None
     if references_path:
         references = json.loads(Path(references_path).read_text())
@@ -310,13 +348,10 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
             raise click.BadParameter("must be a JSON object {object: [text, ...]}", param_hint="--references")
     gen, gen_source = None, None
     if kind == "counterfact":
-        gen = params_from_dict(GenerationParams, {k: tuple(v) if k == "templates" else v
-                                                  for k, v in (section.get("generation") or {}).items()},
-                               "bench.generation")
+        gen = settings.bench.generation
         gen_source = generation_prompts(records[0], gen)[1]
         if gen_source != "dataset":
             gen_source += f" ({', '.join(repr(t) for t in ('{rewrite prompt}',) + gen.templates)})"
-    out = Path(out or Path("reports") / "bench" / kind)
     command = "romeflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     param_dicts = {"unedited": {}, **{name: p.to_dict() for name, p in params.items()}}
     if partial:  # aggregate only: the run's own settings must match (model fingerprint included)
@@ -327,7 +362,12 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
                                 all_records if kind == "counterfact" else None, references)
         _print_report(kind, report, out / "report-partial.md", len(records))
         return
-    lm = _load(ctx, model_spec or settings.model)
+    spec = model_spec or settings.model
+    uses = [(f"{settings.path}: {name}.layer", params[name].layer) for name in names if name in ("rome", "ft", "ftl")]
+    uses += [(f"{settings.path}: kn.layers", layer) for layer in (settings.kn.layers or ()) if "kn" in names]
+    _check_layers(ctx, spec, uses)
+    lm = _load(ctx, spec)
+    check_layers(lm.num_layers, uses)
     stats = _stats_for(ctx, lm, settings, [params["rome"].layer], ()) if "rome" in params else {}
     editors = {"unedited": None}
     editors.update({name: make_editor(name, lm, params[name], lambda layer: stats[layer].second_moment)
@@ -392,9 +432,19 @@ def bench_zsre(ctx, records_path, n, methods, out, model_spec, partial, shard):
 def stats(ctx, layers, model_spec, corpus_files, tokens, out):
     """Compute (or find in the cache) the key second moments C = E[k kᵀ] of edit layers."""
     settings = _settings(ctx)
-    layers = list(layers) or [settings.rome.layer]
-    lm = _load(ctx, model_spec or settings.model)
+    if tokens is not None and tokens < 1:
+        raise click.BadParameter(f"must be at least 1, got {tokens}", param_hint="--tokens")
+    uses = ([("--layer", l) for l in layers] if layers else [(f"{settings.path}: rome.layer", settings.rome.layer)])
+    layers = [l for _, l in uses]
+    if out:
+        targets = [Path(out)] if len(layers) == 1 else [Path(out) / f"layer{l}.safetensors" for l in layers]
+        for t in targets:
+            check_writable(t, "--out")
+    spec = model_spec or settings.model
+    _check_layers(ctx, spec, uses)
     corpus = text_files_corpus(corpus_files) if corpus_files else settings.stats.corpus_source()
+    lm = _load(ctx, spec)
+    check_layers(lm.num_layers, uses)
     n = tokens or settings.stats.tokens
     t = time.perf_counter()
     found = get_stats(lm, layers, corpus, n, cache_dir(ctx.obj["cache"]), settings.stats.seq_len)
@@ -416,26 +466,23 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out):
 @click.pass_context
 def export(ctx, out, deltas, model_spec):
     """Write base + deltas as a Hugging Face model folder (safetensors)."""
-    loaded = _load_deltas(deltas)
-    lm = _load(ctx, model_spec or loaded[0].meta["base_model"]["name"])
-    EditedModel(lm).compose(loaded)
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out}: already exists; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        with err.status(f"writing {out}"):
-            lm.model.save_pretrained(tmp, safe_serialization=True)
-            lm.tokenizer.save_pretrained(tmp)
-            (tmp / "romeflow-export.json").write_text(json.dumps({
-                "base_model": {"name": lm.name, "fingerprint": lm.fingerprint},
-                "deltas": [{"path": d.path, "manifest": d.meta["manifest"]["name"],
-                            "manifest_sha256": d.meta["manifest"]["sha256"]} for d in loaded],
-                "romeflow_version": __version__}, indent=1))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    check_writable(out, "OUT", folder=True)
+    settings = _settings(ctx)
+    loaded = load_deltas(deltas)
+    lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
+    EditedModel(lm).compose(loaded)
+    with err.status(f"writing {out}"), atomic_folder(out) as tmp:  # built under .romeflow-tmp-..., renamed
+        lm.model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        (tmp / "romeflow-export.json").write_text(json.dumps({
+            "base_model": {"name": lm.name, "fingerprint": lm.fingerprint},
+            "deltas": [{"path": d.path, "manifest": d.meta["manifest"]["name"],
+                        "manifest_sha256": d.meta["manifest"]["sha256"],
+                        "tensors_sha256": d.meta["tensors_sha256"]} for d in loaded],
+            "romeflow_version": __version__}, indent=1))
     console.print(f"exported {lm.name} + {len(loaded)} delta(s) -> {out}")
 
 
@@ -449,9 +496,13 @@ def export(ctx, out, deltas, model_spec):
 @click.pass_context
 def add(ctx, manifest):
     """Validate edits/NAME.yaml and register NAME in params.yaml manifests: (`dvc repro` then computes it)."""
+    _settings(ctx, resolve_auto=False)  # a bad params file fails here, before anything else
     m = load_manifest(manifest)
     layout = _layout(ctx)
-    expected = layout.manifest(m.name)
+    try:
+        expected = layout.manifest(m.name)
+    except BadName as e:
+        raise ManifestError(f"{manifest}: {e}") from None
     if Path(manifest).resolve() != expected.resolve():
         raise ValueError(f"{manifest}: the pipeline reads manifests from {expected}; move it there first")
     register(_params_path(ctx), m.name)
@@ -467,11 +518,17 @@ def revert(ctx, name):
 
     The next `dvc repro` re-runs only the stack, which then equals base + the remaining deltas.
     """
-    layout = _layout(ctx)
-    unregister(_params_path(ctx), name)
-    removed = [p for p in (layout.delta(name), layout.report(name), layout.details(name)) if p.exists()]
-    for p in removed:
-        p.unlink()
+    layout, params = _layout(ctx), _params_path(ctx)
+    check_name(name, f"{params}: manifests")  # before anything is read or deleted
+    removed = []
+
+    def delete():  # under the registry's lock, after the name left params.yaml
+        for p in (layout.delta(name), layout.report(name), layout.details(name)):
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+
+    unregister(params, name, then=delete)
     click.echo(f"reverted {name}: removed from {_params_path(ctx)}" + "".join(f", deleted {p}" for p in removed))
 
 
@@ -511,8 +568,8 @@ def diff(ctx, rev_a, rev_b, all_rows, as_json, as_md):
 def status(ctx, as_json):
     """Active manifests, their deltas and reports, and whether each is stale (manifest, base model,
     statistics or hyper-parameters changed since the delta was computed)."""
-    settings, wp = _workflow(ctx)
-    st = workflow_status(_layout(ctx), settings, wp, ctx.obj["cache"])
+    settings = _settings(ctx)
+    st = workflow_status(_layout(ctx), settings, ctx.obj["cache"])
     if as_json:
         click.echo(json.dumps(st, indent=1))
         return
@@ -537,11 +594,14 @@ def verify(ctx, names, atol):
     Also checks each delta's provenance against the current manifest, base model, statistics and
     hyper-parameters. Exits 1 (one line) if any delta differs or is stale.
     """
-    settings, wp = _workflow(ctx)
+    settings = _settings(ctx)
     layout = _layout(ctx)
-    names = list(names) or list(wp.manifests)
+    names = list(names) or list(settings.manifests)
     if not names:
         raise ConfigError(f"{_params_path(ctx)}: manifests: no active manifests to verify")
+    for name in names:
+        check_name(name, "NAMES")
+        load_deltas([layout.delta(name)])  # a bad delta fails before the model loads
     lm = _load(ctx, settings.model)
 
     def stats_for(layers: list[int]) -> dict[int, Stats]:  # the pipeline's files where present, else the cache
@@ -570,14 +630,10 @@ def verify(ctx, names, atol):
 def _trace_params(ctx, **overrides):
     """params.yaml trace: with the options given on the command line (None = keep)."""
 
-    from .tracing import TraceParams
-
-    settings = load_settings(ctx.obj["params"], resolve_auto=False)  # tracing computes `auto`; never needs it
-    changed = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return settings, TraceParams.from_dict({**settings.trace.to_dict(), **changed})
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
+    settings = _settings(ctx, resolve_auto=False)  # tracing computes `auto`; never needs it
+    options = {k: "--" + k.replace("_", "-") for k in overrides}
+    settings = settings.with_trace(options, **overrides)
+    return settings, settings.trace
 
 
 @main.command()
@@ -611,6 +667,9 @@ def trace(ctx, prompt, subject, target, model_spec, samples, window, noise_scale
     if subject not in prompt:
         raise ValueError(f"--subject: {subject!r} not found in the prompt {prompt!r}")
     settings, params = _trace_params(ctx, samples=samples, window=window, noise_scale=noise_scale, seed=seed)
+    for path, option in [(out, "--out")] + [(p, "--plot") for p in plots]:
+        if path:
+            check_writable(path, option)
     lm = _load(ctx, model_spec or settings.model)
     with tqdm(desc="restorations", unit="state", file=sys.stderr) as bar:
         result = trace_prompt(lm, prompt, subject, target, params, progress=bar.update,
@@ -659,6 +718,7 @@ def trace_average_cmd(ctx, facts_path, n, model_spec, samples, window, out, rows
     root = _params_path(ctx).parent  # params.yaml's paths are relative to its folder (the project root)
     facts_path = facts_path or root / params.facts
     load_facts(facts_path)  # fail on a bad file before loading the model
+    check_writable(Path(out) if out else root / params.out, "--out", folder=True)
     lm = _load(ctx, model_spec or settings.model)
     rows_path = rows_path or rows_file(cache_dir(ctx.obj["cache"]), lm, params, embedding_std(lm), facts_path)
     out = Path(out) if out else root / params.out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -18,15 +18,6 @@ import torch
 from .models import LoadedModel, edited_module, edited_module_name, final_hidden, logits_at, num_layers, weight_out_in
 from .prompts import continuation, encode, flush_denormals, mean_per_pair, target_logprobs, teacher_forced
 from .rome import EditRequest, RankOneUpdate, Rome, RomeParams, add_rank_one
-
-
-def params_from_dict(cls, d: dict | None, section: str):
-    """A hyper-parameter dataclass from a params.yaml section; unknown keys are an error naming them."""
-    d = dict(d or {})
-    unknown = set(d) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ValueError(f"{section}: unknown hyper-parameter(s): {', '.join(sorted(unknown))}")
-    return cls(**d)
 
 
 @dataclass
@@ -260,25 +251,6 @@ def timed_edit(editor: Editor, request: EditRequest) -> tuple[WeightEdit, float]
 
 
 METHODS = ("rome", "ft", "ftl", "kn")
-
-
-def method_params(name: str, sections: dict, rome: RomeParams):
-    """The hyper-parameters of a method from params.yaml's sections (ft, ftl, kn; rome parsed already)."""
-    if name == "rome":
-        return rome
-    if name in ("ft", "ftl"):
-        p = params_from_dict(FtParams, sections.get(name), name)
-        if name == "ftl" and p.linf is None:
-            raise ValueError("ftl: needs linf (the L∞ bound ε)")
-        if name == "ft" and p.linf is not None:
-            raise ValueError("ft: linf belongs to ftl")
-        return p
-    if name == "kn":
-        d = dict(sections.get("kn") or {})
-        if d.get("layers") is not None:
-            d["layers"] = tuple(d["layers"])
-        return params_from_dict(KnParams, d, "kn")
-    raise ValueError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
 
 
 def make_editor(name: str, lm: LoadedModel, params, second_moment: Callable[[int], torch.Tensor]) -> Editor:

@@ -300,6 +300,31 @@ def resolve(spec: str, cache: Path, log: Callable[[str], None] = lambda s: None)
     return folder, spec, fingerprint_folder(folder)
 
 
+def layer_count(spec: str, cache: str | os.PathLike | None = None) -> int | None:
+    """The model's number of layers from its config.json, without loading (or converting) it; None
+    when that is not known yet (an embedded model not converted, an id not in the local cache)."""
+    if spec in EMBEDDED:
+        folder = converted_folder(spec, cache_dir(cache))
+    elif Path(spec).expanduser().is_dir():
+        folder = Path(spec).expanduser()
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(spec, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not available offline: load_model says so
+            return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for d in (config, config.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
+                return d[key]
+    return None
+
+
 def load_model(spec: str = DEFAULT_MODEL, cache: str | os.PathLike | None = None,
                log: Callable[[str], None] = lambda s: None) -> LoadedModel:
     """Load an embedded model by name, a local HF folder, or an HF id already in the local cache."""

@@ -4,20 +4,26 @@ params.yaml is written by people (comments, alignment, order), so the list is ed
 the one item line is inserted or removed, and the result is re-read to check that nothing else
 changed. Supported forms: a block list (``manifests:`` then ``  - name`` lines, comments allowed
 between them), a flow list (``manifests: [a, b]``), an empty value, or no key at all.
+
+Every change holds an exclusive lock (``fcntl.flock`` on ``.params.yaml.lock`` beside the file),
+re-reads the file under it and replaces it atomically, so concurrent `add`/`revert` lose nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
-from .config import ConfigError
+from . import safeyaml
 from .io import write_text_atomic
-
-NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-RESERVED = {"stack", "plots"}  # reports/stack.json and reports/plots/ belong to the stack stage
+from .names import BadName, check_name as _check
+from .params import ConfigError, load_params, parse_params
 
 _KEY = re.compile(r"^manifests[ \t]*:(?P<value>.*)$")
 _ITEM = re.compile(r"^(?P<indent>[ \t]*)-[ \t]+(?P<item>.*?)[ \t]*$")
@@ -25,29 +31,39 @@ _SKIP = re.compile(r"^[ \t]*(#.*)?$")  # blank or comment-only line
 
 
 def check_name(name: str, where: str) -> None:
-    """Manifest names become file names and DVC stage keys: letters, digits, '_' and '-' only."""
-    if not NAME.match(name):
-        raise ConfigError(f"{where}: manifest name '{name}' may only contain letters, digits, '_' and '-'")
-    if name in RESERVED:
-        raise ConfigError(f"{where}: manifest name '{name}' is reserved for the stack stage's reports")
+    """names.check_name, with the file or field it came from in the message."""
+    try:
+        _check(name)
+    except BadName as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+@contextlib.contextmanager
+def params_lock(params: Path) -> Iterator[None]:
+    """An exclusive lock on params.yaml's registry (a lock file beside it), released on exit."""
+    lock = params.parent / f".{params.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def read_manifests(params: Path) -> list[str]:
     """The active manifest names, in order ([] when the key is missing or empty)."""
-    data = _load(params, params.read_text())
-    names = data.get("manifests") or []
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f"{params}: manifests: must be a list of manifest names")
-    return names
+    return list(load_params(params, resolve_auto=False).manifests)
 
 
 def _load(params: Path, text: str) -> dict:
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{params}: invalid YAML: {str(e).splitlines()[0]}") from e
+        data = safeyaml.loads(text, params)
+    except safeyaml.YamlError as e:
+        raise ConfigError(str(e)) from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{params}: must be a mapping of sections")
+        raise ConfigError(f"{params}: (top level): must be a mapping of sections")
     return data
 
 
@@ -104,9 +120,18 @@ def edit_manifest_list(text: str, add: str | None = None, remove: str | None = N
 
 
 def _write_list(params: Path, add: str | None = None, remove: str | None = None) -> None:
-    text = params.read_text() if params.exists() else ""
+    """Under the lock: re-read, check (the file as it is now), edit one line, check again, replace."""
+    try:
+        text = safeyaml.read_bytes(params, "params file").decode("utf-8") if params.exists() else ""
+    except (safeyaml.YamlError, UnicodeDecodeError) as e:
+        raise ConfigError(str(e) if isinstance(e, safeyaml.YamlError) else f"{params}: not UTF-8 text") from None
     before = _load(params, text)
+    parse_params(before, str(params), resolve_auto=False)
     names = list(before.get("manifests") or [])
+    if add is not None and add in names:
+        raise ConfigError(f"{params}: manifests: '{add}' is already registered")
+    if remove is not None and remove not in names:
+        raise ConfigError(f"{params}: manifests: '{remove}' is not registered")
     want = names + [add] if add is not None else [n for n in names if n != remove]
     try:
         new = edit_manifest_list(text, add, remove)
@@ -121,14 +146,18 @@ def _write_list(params: Path, add: str | None = None, remove: str | None = None)
 
 def register(params: Path, name: str) -> None:
     """Append ``name`` to params.yaml ``manifests:``; error if it is there already."""
-    check_name(name, str(params))
-    if params.exists() and name in read_manifests(params):
-        raise ConfigError(f"{params}: manifests: '{name}' is already registered")
-    _write_list(params, add=name)
+    check_name(name, f"{params}: manifests")
+    with params_lock(params):
+        _write_list(params, add=name)
 
 
-def unregister(params: Path, name: str) -> None:
-    """Remove ``name`` from params.yaml ``manifests:``; error if it is not there."""
-    if not params.exists() or name not in read_manifests(params):
+def unregister(params: Path, name: str, then=None) -> None:
+    """Remove ``name`` from params.yaml ``manifests:`` (error if it is not there); ``then()``, if given,
+    runs under the same lock (revert deletes the manifest's artifacts there)."""
+    check_name(name, f"{params}: manifests")
+    if not params.exists():
         raise ConfigError(f"{params}: manifests: '{name}' is not registered")
-    _write_list(params, remove=name)
+    with params_lock(params):
+        _write_list(params, remove=name)
+        if then is not None:
+            then()

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -50,7 +50,7 @@ POSITIONS = ("last_subject", "last")  # where the averages are taken
 
 @dataclass(frozen=True)
 class TraceParams:
-    """Hyper-parameters of causal tracing (the ``trace:`` section of params.yaml)."""
+    """Hyper-parameters of causal tracing (the ``trace:`` section of params.yaml; checked by romeflow.params)."""
 
     facts: str = "../shared/data/known_1000.json"  # known facts for the average and `layer: auto`
     n: int = 100  # facts the model gets right, traced for the average
@@ -60,23 +60,6 @@ class TraceParams:
     seed: int = 0  # of the noise
     batch_rows: int = 256  # batch rows per forward pass
     out: str = "reports/trace"  # folder of the trace stage's outputs (layer.json, average.json, ...)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "TraceParams":
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown field '{sorted(unknown)[0]}'")
-        p = cls(**d)
-        for name in ("n", "samples", "window", "batch_rows"):
-            v = getattr(p, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: must be a positive integer, not {v!r}")
-        if not isinstance(p.noise_scale, (int, float)) or p.noise_scale < 0:
-            raise ValueError(f"noise_scale: must be a non-negative number, not {p.noise_scale!r}")
-        if not isinstance(p.seed, int):
-            raise ValueError(f"seed: must be an integer, not {p.seed!r}")
-        return p
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,26 +16,25 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .config import ConfigError, Settings
 from .deltas import Delta, DeltaError, EditedModel, compute_delta, load_delta, save_delta
 from .evaluation import base_references, evaluate_manifest, score_manifest, text_predictions
 from .io import write_json_atomic, write_text_atomic
 from .manifests import Manifest, ManifestError, load_manifest
 from .models import EMBEDDED, LoadedModel, resolve, sha256_file, weight_out_in
-from .registry import check_name, read_manifests
+from .names import check_name
+from .params import METRICS, Gate, Params  # noqa: F401 - METRICS, Gate re-exported
 from .rome import RomeParams
 from .schemas import validate
 
 REPORT_FORMAT = "romeflow.report/1"
 DETAILS_FORMAT = "romeflow.details/1"
 STACK_FORMAT = "romeflow.stack/1"
-METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "S", "rewrite_top1", "paraphrase_top1", "neighbor_top1_kept")
 SHOWN = ("ES", "PS", "NS", "S")  # the scores in tables and plots
 
 
@@ -50,21 +49,24 @@ class GateError(ValueError):
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the pipeline keeps each artifact, relative to the project root (the folder of params.yaml)."""
+    """Where the pipeline keeps each artifact, relative to the project root (the folder of params.yaml).
+
+    Every manifest name goes through names.check_name here, so no name reaches a path unchecked.
+    """
 
     root: Path = Path(".")
 
     def manifest(self, name: str) -> Path:
-        return self.root / "edits" / f"{name}.yaml"
+        return self.root / "edits" / f"{check_name(name)}.yaml"
 
     def delta(self, name: str) -> Path:
-        return self.root / "deltas" / f"{name}.safetensors"
+        return self.root / "deltas" / f"{check_name(name)}.safetensors"
 
     def report(self, name: str) -> Path:
-        return self.root / "reports" / f"{name}.json"
+        return self.root / "reports" / f"{check_name(name)}.json"
 
     def details(self, name: str) -> Path:
-        return self.root / "reports" / f"{name}.details.json"
+        return self.root / "reports" / f"{check_name(name)}.details.json"
 
     def stats(self, layer: int) -> Path:
         return self.root / "stats" / f"layer{layer}.safetensors"
@@ -80,70 +82,6 @@ class Layout:
     @property
     def plots(self) -> Path:
         return self.root / "reports" / "plots"
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Thresholds (params.yaml ``gate:``); None means "not checked"."""
-
-    eval: dict[str, float] = field(default_factory=dict)  # metric -> minimum post-edit score (%)
-    max_perplexity_increase: float | None = None  # % on the held-out text, stack vs base
-    min_neighbor_kept: float | None = None  # % of all neighbour prompts whose top-1 is unchanged
-    max_interference: float | None = None  # points a manifest's S may lose in the stack vs alone
-
-
-@dataclass(frozen=True)
-class WorkflowParams:
-    """The sections of params.yaml this module owns: ``manifests:``, ``stack:`` and ``gate:``."""
-
-    manifests: tuple[str, ...]
-    gate: Gate
-    heldout: str = "data/heldout.txt"
-    window: int = 256
-
-
-def _number(where: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: must be a number, got {value!r}")
-    return float(value)
-
-
-def _section(path: Path, raw: dict, name: str, where: str = "") -> dict:
-    value = raw.get(name) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: {where}{name}: must be a mapping")
-    return value
-
-
-def workflow_params(path: Path, settings: Settings) -> WorkflowParams:
-    """Read and check ``manifests:``, ``stack:`` and ``gate:``; every problem is one line naming the field."""
-    raw = settings.raw
-    names = read_manifests(path) if path.exists() else []
-    for name in names:
-        check_name(name, f"{path}: manifests")
-    stack = _section(path, raw, "stack")
-    unknown = set(stack) - {"heldout", "window"}
-    if unknown:
-        raise ConfigError(f"{path}: stack.{sorted(unknown)[0]}: unknown field")
-    window = stack.get("window", 256)
-    if not isinstance(window, int) or isinstance(window, bool) or window < 2:
-        raise ConfigError(f"{path}: stack.window: must be an integer of at least 2, got {window!r}")
-    gate = _section(path, raw, "gate")
-    unknown = set(gate) - {"eval", "stack"}
-    if unknown:
-        raise ConfigError(f"{path}: gate.{sorted(unknown)[0]}: unknown field (expected eval, stack)")
-    ev = _section(path, gate, "eval", "gate.")
-    for k in ev:
-        if k not in METRICS:
-            raise ConfigError(f"{path}: gate.eval.{k}: unknown metric (expected one of {', '.join(METRICS)})")
-    st = _section(path, gate, "stack", "gate.")
-    keys = ("max_perplexity_increase", "min_neighbor_kept", "max_interference")
-    for k in st:
-        if k not in keys:
-            raise ConfigError(f"{path}: gate.stack.{k}: unknown field (expected one of {', '.join(keys)})")
-    g = Gate({k: _number(f"{path}: gate.eval.{k}", v) for k, v in ev.items()},
-             **{k: _number(f"{path}: gate.stack.{k}", st[k]) if st.get(k) is not None else None for k in keys})
-    return WorkflowParams(tuple(names), g, str(stack.get("heldout", "data/heldout.txt")), window)
 
 
 def write_artifact(path: str | os.PathLike, schema: str, obj) -> None:
@@ -416,12 +354,12 @@ def _report_state(path: Path, delta_sha: str | None) -> str:
     return "ok" if delta_sha is not None and shas == [delta_sha] else "stale"
 
 
-def status(layout: Layout, settings: Settings, wp: WorkflowParams, cache=None) -> dict:
+def status(layout: Layout, settings: Params, cache=None) -> dict:
     """Active manifests, their deltas and reports, and each delta's provenance vs the current inputs."""
     model_fp = model_fingerprint(settings.model, cache)
     stats = stats_hashes(layout)
     entries = []
-    for name in wp.manifests:
+    for name in settings.manifests:
         e = {"name": name, "manifest": "ok", "delta": "missing", "report": "missing", "issues": []}
         try:
             manifest = load_manifest(layout.manifest(name))
@@ -444,10 +382,10 @@ def status(layout: Layout, settings: Settings, wp: WorkflowParams, cache=None) -
         entries.append(e)
     return {"model": {"spec": settings.model, "fingerprint": model_fp},
             "stats": {str(k): v for k, v in stats.items()}, "manifests": entries,
-            "stack": _stack_state(layout, wp)}
+            "stack": _stack_state(layout, settings.manifests)}
 
 
-def _stack_state(layout: Layout, wp: WorkflowParams) -> str:
+def _stack_state(layout: Layout, manifests: tuple[str, ...]) -> str:
     if not layout.stack_report.is_file():
         return "missing"
     try:
@@ -456,9 +394,9 @@ def _stack_state(layout: Layout, wp: WorkflowParams) -> str:
         listed = r["composed"]["manifests"]
     except (ValueError, KeyError, TypeError):
         return "invalid"
-    if listed != list(wp.manifests):
+    if listed != list(manifests):
         return "stale"
-    for name in wp.manifests:
+    for name in manifests:
         p = layout.delta(name)
         if not p.is_file() or sha256_file(p) != shas.get(name):
             return "stale"
@@ -485,7 +423,7 @@ def verify_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats:
             "metadata_equal": json.loads(json.dumps(fresh.meta)) == stored.meta}
 
 
-def verify_manifest(lm: LoadedModel, layout: Layout, settings: Settings, name: str,
+def verify_manifest(lm: LoadedModel, layout: Layout, settings: Params, name: str,
                     stats_for: Callable[[list[int]], dict], atol: float = 0.0) -> dict:
     """``romeflow verify NAME``: provenance of deltas/NAME vs the current inputs, and a recomputation.
 

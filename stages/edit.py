@@ -6,11 +6,12 @@
 import sys
 
 from romeflow.cli import main
-from romeflow.config import stage_settings
+from romeflow.params import stage_params
+from romeflow.names import stage_name
 from romeflow.workflow import Layout
 
-name, paths = sys.argv[1], Layout()
-settings = stage_settings("params.yaml")  # rome.layer: auto -> the traced layer (reports/trace/layer.json)
+name, paths = stage_name(sys.argv[1]), Layout()  # a plain name, or one line and exit 1
+settings = stage_params("params.yaml")  # rome.layer: auto -> the traced layer (reports/trace/layer.json)
 layer = "auto" if settings.layer_auto else settings.rome.layer  # dvc.yaml's stats/layer${rome.layer}
 main(["apply", str(paths.manifest(name)), "--stats", str(paths.stats(layer)), "--out", str(paths.delta(name))],
      prog_name="romeflow")

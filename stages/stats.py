@@ -4,9 +4,9 @@
 """
 
 from romeflow.cli import main
-from romeflow.config import stage_settings
+from romeflow.params import stage_params
 from romeflow.workflow import Layout
 
-settings = stage_settings("params.yaml")  # rome.layer: auto -> the traced layer (reports/trace/layer.json)
+settings = stage_params("params.yaml")  # rome.layer: auto -> the traced layer (reports/trace/layer.json)
 name = "auto" if settings.layer_auto else settings.rome.layer  # dvc.yaml's stats/layer${rome.layer}
 main(["stats", "--out", str(Layout().stats(name))], prog_name="romeflow")

@@ -5,7 +5,7 @@ between runs, so a run only traces the facts not there yet; delete the file to r
 """
 
 from romeflow.cli import main
-from romeflow.config import stage_settings
+from romeflow.params import stage_params
 
-out = stage_settings("params.yaml", resolve_auto=False).trace.out
+out = stage_params("params.yaml", resolve_auto=False).trace.out
 main(["trace-average", "--out", out, "--rows", f"{out}/rows.jsonl"], prog_name="romeflow")

@@ -127,4 +127,4 @@ def test_bad_params_file_is_one_line(project, tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("rome:\n  learning_rate: 3\n")
     r = CliRunner().invoke(main, ["--params", str(p), "apply", str(project / "curie.yaml")])
-    assert r.exit_code != 0 and "rome: unknown ROME hyper-parameter(s): learning_rate" in r.stderr
+    assert r.exit_code != 0 and f"{p}: rome.learning_rate: unknown field" in r.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from romeflow.editors import (FineTune, FtParams, KnowledgeNeurons, KnParams, RomeEditor, last_token_keys,
-                              make_editor, method_params, neuron_attributions, target_loss)
+                              make_editor, neuron_attributions, target_loss)
 from romeflow.models import edited_module, edited_module_name, final_hidden, logits_at, weight_out_in
 from romeflow.rome import EditRequest, RomeParams
 
@@ -117,16 +117,20 @@ def test_kn_edits_only_the_selected_neurons(tiny_lm):
 
 
 def test_method_params_from_params_sections():
-    sections = {"ft": {"layer": 2, "lr": 0.001}, "ftl": {"linf": 0.01}, "kn": {"layers": [1, 2], "scale": 0.5}}
-    assert method_params("ft", sections, ROME).layer == 2
-    assert method_params("ftl", sections, ROME).linf == 0.01
-    assert method_params("kn", sections, ROME).layers == (1, 2)
-    assert method_params("rome", sections, ROME) is ROME
-    with pytest.raises(ValueError, match="ftl: needs linf"):
-        method_params("ftl", {}, ROME)
-    with pytest.raises(ValueError, match="ft: unknown hyper-parameter"):
-        method_params("ft", {"ft": {"lr_typo": 1}}, ROME)
-    with pytest.raises(ValueError, match="unknown method 'mend'"):
-        method_params("mend", sections, ROME)
+    from romeflow.params import ConfigError, parse_params
+
+    sections = {"ft": {"layer": 2, "lr": 0.001}, "ftl": {"linf": 0.01}, "kn": {"layers": [1, 2], "scale": 0.5},
+                "rome": ROME.to_dict()}
+    p = parse_params(sections)
+    assert p.method("ft").layer == 2
+    assert p.method("ftl").linf == 0.01
+    assert p.method("kn").layers == (1, 2)
+    assert p.method("rome") == ROME
+    with pytest.raises(ConfigError, match="ftl.linf: required"):
+        parse_params({}).method("ftl")
+    with pytest.raises(ConfigError, match="ft.lr_typo: unknown field"):
+        parse_params({"ft": {"lr_typo": 1}})
+    with pytest.raises(ConfigError, match="unknown method 'mend'"):
+        p.method("mend")
     with pytest.raises(ValueError, match="unknown method"):
         make_editor("mend", None, None, None)

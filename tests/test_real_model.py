@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from romeflow.config import load_settings
+from romeflow.params import load_params as load_settings
 from romeflow.deltas import EditedModel, compute_delta, load_delta, save_delta
 from romeflow.evaluation import next_token_top
 from romeflow.manifests import load_manifest

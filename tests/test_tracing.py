@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from romeflow import tracing as tr
 from romeflow.cli import main
-from romeflow.config import ConfigError, load_settings
+from romeflow.params import ConfigError, load_params as load_settings, parse_params
 from romeflow.manifests import ManifestError, load_manifest
 from romeflow.models import blocks, num_layers
 from romeflow.schemas import validate
@@ -196,10 +196,10 @@ def test_average_ci_and_bad_inputs(tmp_path):
     (tmp_path / "l.json").write_text('{"layer": -1}')
     with pytest.raises(ValueError, match="layer"):
         tr.read_layer(tmp_path / "l.json")
-    with pytest.raises(ValueError, match="samples"):
-        tr.TraceParams.from_dict({"samples": 0})
-    with pytest.raises(ValueError, match="unknown field 'sample'"):
-        tr.TraceParams.from_dict({"sample": 3})
+    with pytest.raises(ConfigError, match="trace.samples: must be >= 1, got 0"):
+        parse_params({"trace": {"samples": 0}})
+    with pytest.raises(ConfigError, match="trace.sample: unknown field"):
+        parse_params({"trace": {"sample": 3}})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_cli_trace_writes_json_and_heatmaps(project):
 @pytest.mark.parametrize("args, message", [
     (["--subject", "Eiffel Tower"], "not found in the prompt"),
     (["--subject", SUBJECT, "--plot", "x.pdf"], "must end in .png or .svg"),
-    (["--subject", SUBJECT, "--samples", "0"], "samples: must be a positive integer"),
+    (["--subject", SUBJECT, "--samples", "0"], "--samples: must be >= 1, got 0"),
 ])
 def test_cli_trace_bad_input_is_one_line(project, args, message):
     r = cli(project, "trace", PROMPT, *args)
@@ -309,7 +309,7 @@ def test_one_fact_on_gemma():
 
 
 def test_stage_scripts_stop_with_one_line_before_the_trace(tmp_path):
-    from romeflow.config import stage_settings
+    from romeflow.params import stage_params as stage_settings
 
     (tmp_path / "params.yaml").write_text("rome: {layer: auto}\n")
     with pytest.raises(SystemExit, match=r"^Error: .*params.yaml: rome.layer: auto: .*layer.json: cannot read"):

@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from romeflow.cli import main
-from romeflow.config import ConfigError, load_settings
+from romeflow.params import ConfigError, load_params
 from romeflow.deltas import DeltaError, EditedModel, load_delta, save_delta
 from romeflow.evaluation import evaluate_manifest, text_predictions
 from romeflow.history import diff_reports, metric_rows, read_reports
@@ -26,8 +26,7 @@ from romeflow.manifests import load_manifest
 from romeflow.models import load_model
 from romeflow.registry import edit_manifest_list, read_manifests, register, unregister
 from romeflow.schemas import validate
-from romeflow.workflow import (Gate, Layout, edited_weights_sha256, eval_manifest, eval_stack, stack_gate,
-                               workflow_params)
+from romeflow.workflow import Gate, Layout, edited_weights_sha256, eval_manifest, eval_stack, stack_gate
 
 from conftest import EDIT_LAYER, corpus_text
 
@@ -204,7 +203,7 @@ def test_registry_refuses_duplicates_unknown_names_and_unsafe_edits(tmp_path):
         register(p, "a.details")
     odd = "manifests:\n  - name: a\n"  # not a list of names: refused, file untouched
     p.write_text(odd)
-    with pytest.raises(ConfigError, match="manifests: must be a list of manifest names"):
+    with pytest.raises(ConfigError, match=r"manifests\[0\]: must be a string"):
         register(p, "b")
     assert p.read_text() == odd
 
@@ -242,22 +241,22 @@ def test_revert_unregisters_and_deletes_only_that_manifests_artifacts(project):
     assert r.exit_code != 0 and "'b' is not registered" in one_line(r)
 
 
-def test_workflow_params_errors_name_the_field(tmp_path):
+def test_params_errors_name_the_field(tmp_path):
     p = tmp_path / "params.yaml"
-    for body, where in [("gate:\n  eval: {XS: 3}\n", "gate.eval.XS: unknown metric"),
+    for body, where in [("gate:\n  eval: {XS: 3}\n", "gate.eval.XS: unknown field"),
                         ("gate:\n  stack: {max_ppl: 3}\n", "gate.stack.max_ppl: unknown field"),
                         ("gate:\n  eval: {ES: high}\n", "gate.eval.ES: must be a number"),
-                        ("stack:\n  window: 1\n", "stack.window: must be an integer"),
+                        ("stack:\n  window: 1\n", "stack.window: must be >= 2, got 1"),
                         ("gate:\n  eval: [ES]\n", "gate.eval: must be a mapping"),
-                        ("manifests: [a.b]\n", "manifests: manifest name 'a.b' may only contain"),
+                        ("manifests: [a.b]\n", "manifests[0]: manifest name 'a.b' may only contain"),
                         ("manifests: curie\n", "manifests: must be a list")]:
         p.write_text(body)
         with pytest.raises(ConfigError, match=re.escape(f"{p}: {where}")):
-            workflow_params(p, load_settings(p))
+            load_params(p)
     p.write_text(PARAMS.format(model="m", layer=1))
-    wp = workflow_params(p, load_settings(p))
-    assert wp.manifests == ("a", "b") and wp.gate.eval == {"ES": 100.0, "NS": 50.0} and wp.window == 64
-    assert wp.gate.max_interference == 100.0
+    params = load_params(p)
+    assert params.manifests == ("a", "b") and params.gate.eval == {"ES": 100.0, "NS": 50.0}
+    assert params.stack.window == 64 and params.gate.max_interference == 100.0
 
 
 # --------------------------------------------------------------------------------------------------
