@@ -38,6 +38,9 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # one line, as every other bad input (no usage banner)
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            raise click.ClickException(e.format_message().splitlines()[0] + hint) from e
         except USER_ERRORS as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
@@ -187,7 +190,11 @@ def evaluate(ctx, manifest, deltas, out, details, use_gate, model_spec):
         if path:
             check_writable(path, option)
     m = load_manifest(manifest)
-    loaded = load_deltas(deltas or [_layout(ctx).delta(m.name)])
+    try:
+        paths = deltas or [_layout(ctx).delta(m.name)]
+    except BadName as e:
+        raise ManifestError(f"{manifest}: {e}; pass --delta") from None
+    loaded = load_deltas(paths)
     gate = settings.gate if use_gate else None
     lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
     result = eval_manifest(EditedModel(lm), m, loaded, gate)
@@ -520,6 +527,7 @@ def revert(ctx, name):
     """
     layout, params = _layout(ctx), _params_path(ctx)
     check_name(name, f"{params}: manifests")  # before anything is read or deleted
+    _settings(ctx, resolve_auto=False)
     removed = []
 
     def delete():  # under the registry's lock, after the name left params.yaml

@@ -88,9 +88,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     clean_temp(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=_prefix(path), dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, _mode(0o666))  # mkstemp makes 0600; give the file the usual permissions (0644)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _mode(0o666))  # mkstemp (and safetensors) make 0600; the usual permissions: 0644
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -147,6 +147,8 @@ def _write_list(params: Path, add: str | None = None, remove: str | None = None)
 def register(params: Path, name: str) -> None:
     """Append ``name`` to params.yaml ``manifests:``; error if it is there already."""
     check_name(name, f"{params}: manifests")
+    if params.exists() and name in read_manifests(params):  # refused before the lock file is made
+        raise ConfigError(f"{params}: manifests: '{name}' is already registered")
     with params_lock(params):
         _write_list(params, add=name)
 
@@ -155,7 +157,7 @@ def unregister(params: Path, name: str, then=None) -> None:
     """Remove ``name`` from params.yaml ``manifests:`` (error if it is not there); ``then()``, if given,
     runs under the same lock (revert deletes the manifest's artifacts there)."""
     check_name(name, f"{params}: manifests")
-    if not params.exists():
+    if not params.exists() or name not in read_manifests(params):  # refused before the lock file is made
         raise ConfigError(f"{params}: manifests: '{name}' is not registered")
     with params_lock(params):
         _write_list(params, remove=name)

@@ -107,8 +107,9 @@ def loads(text: str | bytes, name: str | os.PathLike) -> object:
     size = len(text.encode() if isinstance(text, str) else text)
     if size > MAX_FILE_BYTES:
         raise YamlError(f"{name}: (top level): file is {size} bytes, more than the {MAX_FILE_BYTES} allowed")
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # reading the first chunk may already fail (not UTF-8)
         node = loader.get_single_node()
         return None if node is None else loader.construct_document(node)
     except _Refused as e:
@@ -119,7 +120,8 @@ def loads(text: str | bytes, name: str | os.PathLike) -> object:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise YamlError(f"{name}: invalid YAML{at}: {problem}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:

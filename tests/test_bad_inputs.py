@@ -1,0 +1,562 @@
+"""The bad-input corpus: every case ends with exit status != 0, exactly one line on stderr naming the
+file and the field, and the project folder exactly as it was (no file written, changed or deleted).
+
+Each case copies a small built project (tiny GPT-2, statistics, a delta), breaks one thing, runs one
+`romeflow` command in it (from its root, with ``--params params.yaml``) and compares a snapshot of
+every file (bytes and mode) before and after. Classes: manifests, params, deltas, statistics files,
+CLI paths and names, outputs, faults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from romeflow import safeyaml
+from romeflow.cli import main
+from romeflow.deltas import tensors_sha256
+from romeflow.registry import read_manifests, register, unregister
+from romeflow.statistics import tensor_sha256
+
+from test_workflow import make_project
+
+CURIE = """edits:
+  - subject: Pierre Curie
+    relation: "{} worked in the field of"
+    target: medicine
+    target_true: physics
+    neighbors: ["Albert Einstein worked in the field of"]
+"""
+
+BOMB = """edits:
+  - subject: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+    relation: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+    target: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+    target_true: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+    paraphrases: [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+"""
+
+
+def cli(root: Path, *args):
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return CliRunner().invoke(main, ["--params", "params.yaml", "--cache", "cache", *args])
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_lm):
+    folder = tmp_path_factory.mktemp("model")
+    lm = tiny_lm("gpt2")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, model_dir):
+    """edits/{a,b,curie}.yaml, stats/layer1.safetensors, deltas/{a,curie}.safetensors, manifests [a, b]."""
+    root = make_project(tmp_path_factory.mktemp("bad-inputs"), model_dir, manifests=("a", "b"))
+    (root / "edits" / "curie.yaml").write_text(CURIE)
+    r = cli(root, "stats", "--out", "stats/layer1.safetensors")
+    assert r.exit_code == 0, r.output
+    for name in ("a", "curie"):
+        r = cli(root, "apply", f"edits/{name}.yaml", "--stats", "stats/layer1.safetensors")
+        assert r.exit_code == 0, r.output
+    (root / "outside").mkdir()
+    (root / "outside" / "victim.txt").write_text("must survive\n")
+    (root / "afile").write_text("a file, not a folder\n")
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = ("dir", p.stat().st_mode) if p.is_dir() else (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                                                  p.stat().st_mode)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Ways to break a project
+# --------------------------------------------------------------------------------------------------
+
+
+def write(rel: str, text: str | bytes):
+    def setup(root: Path):
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return setup
+
+
+def params_edit(old: str, new: str):
+    def setup(root: Path):
+        p = root / "params.yaml"
+        text = p.read_text()
+        assert old in text, old
+        p.write_text(text.replace(old, new, 1))
+    return setup
+
+
+def params_append(text: str):
+    def setup(root: Path):
+        with open(root / "params.yaml", "a") as f:
+            f.write(text)
+    return setup
+
+
+def manifest(body: str, name: str = "bad"):
+    return write(f"edits/{name}.yaml", body)
+
+
+def edit_field(field: str, value: str):
+    """CURIE with one field's line replaced (or added)."""
+    lines = [l for l in CURIE.splitlines() if not l.strip().startswith(f"{field}:")]
+    lines.insert(2, f"    {field}: {value}")
+    return manifest("\n".join(lines) + "\n")
+
+
+def read_delta(path: Path):
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["romeflow"])
+
+
+def delta(change, rehash: bool = True, src: str = "deltas/curie.safetensors", dst: str = "deltas/bad.safetensors",
+          meta_text=None):
+    """A copy of a good delta with its tensors / metadata changed by ``change(tensors, meta)``; the
+    content hash recomputed (``rehash``) so that the check under test is the one that fires."""
+    def setup(root: Path):
+        tensors, meta = read_delta(root / src)
+        change(tensors, meta)
+        if rehash:
+            meta["tensors_sha256"] = tensors_sha256(tensors, len(meta["edits"]))
+        header = {"romeflow": meta_text if meta_text is not None else json.dumps(meta)}
+        save_file(tensors, root / dst, metadata=header)
+    return setup
+
+
+def set_tensor(name, fn):
+    def change(t, m):
+        t[name] = fn(t[name])
+    return change
+
+
+def stats(change, rehash: bool = True, dst: str = "stats/bad.safetensors"):
+    def setup(root: Path):
+        with safe_open(root / "stats/layer1.safetensors", framework="pt") as f:
+            t = {k: f.get_tensor(k) for k in f.keys()}
+            meta = json.loads(f.metadata()["romeflow"])
+        change(t, meta)
+        if rehash and "second_moment" in t:
+            meta["tensor_sha256"] = tensor_sha256(t["second_moment"])
+        save_file(t, root / dst, metadata={"romeflow": json.dumps(meta)})
+    return setup
+
+
+def both(*setups):
+    def setup(root: Path):
+        for s in setups:
+            s(root)
+    return setup
+
+
+APPLY_BAD = ("apply", "edits/bad.yaml", "--stats", "stats/layer1.safetensors", "--out", "new.safetensors")
+APPLY = ("apply", "edits/curie.yaml", "--stats", "stats/layer1.safetensors", "--out", "new.safetensors")
+GEN_BAD = ("generate", "Pierre Curie", "--delta", "deltas/bad.safetensors")
+LONG = "x" * 201
+
+# (id, setup, argv, every string the one line must contain)
+CASES = [
+    # ---- manifests ------------------------------------------------------------------------------
+    ("manifest-alias-bomb", manifest(BOMB), APPLY_BAD, ["edits/bad.yaml: edits[0].subject: anchors (&a) are not allowed"]),
+    ("manifest-alias-bomb-add", manifest(BOMB), ("add", "edits/bad.yaml"), ["edits/bad.yaml: edits[0].subject: anchors"]),
+    ("manifest-anchor-in-target", manifest(CURIE.replace("target: medicine", "target: &t medicine")), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].target: anchors (&t)"]),
+    ("manifest-duplicate-key", manifest(CURIE.replace("target: medicine", "target: medicine\n    target: law")),
+     APPLY_BAD, ["edits/bad.yaml: edits[0].target: duplicate key"]),
+    ("manifest-duplicate-section", manifest(CURIE + CURIE), APPLY_BAD, ["edits/bad.yaml: edits: duplicate key"]),
+    ("manifest-merge-key", manifest("edits:\n  - <<: {subject: x}\n    relation: '{} is'\n    target: y\n"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].<<: merge keys"]),
+    ("manifest-long-target", edit_field("target", LONG), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].target: is 201 characters long, more than the 200 allowed"]),
+    ("manifest-long-subject", manifest(CURIE.replace("subject: Pierre Curie", f"subject: {LONG}")), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].subject: is 201 characters long"]),
+    ("manifest-long-relation", edit_field("relation", "'{} " + "y" * 1000 + "'"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].relation: is 1003 characters long, more than the 1000 allowed"]),
+    ("manifest-long-paraphrase", edit_field("paraphrases", "['Pierre Curie " + "z" * 1000 + "']"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].paraphrases[0]: is 1013 characters long"]),
+    ("manifest-long-neighbor", edit_field("neighbors", "['" + "n" * 1001 + "']"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].neighbors[0]: is 1001 characters long"]),
+    ("manifest-long-answer", edit_field("neighbors", "[{prompt: 'A is', answer: " + LONG + "}]"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].neighbors[0].answer: is 201 characters long"]),
+    ("manifest-huge-string", edit_field("target_true", "w" * 20000), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].target_true: value is 20000 characters long, more than the 10000 allowed"]),
+    ("manifest-file-too-large", manifest(CURIE + "# " + "c" * (1 << 20) + "\n"), APPLY_BAD,
+     ["edits/bad.yaml: (top level): file is larger than the 1048576 bytes allowed"]),
+    ("manifest-too-deep", manifest("edits: " + "[" * 40 + "]" * 40 + "\n"), APPLY_BAD,
+     ["edits/bad.yaml: edits", "nested deeper than 32 levels"]),
+    ("manifest-empty-target", edit_field("target", "''"), APPLY_BAD, ["edits/bad.yaml: edits[0].target: must not be empty"]),
+    ("manifest-missing-subject", manifest("edits:\n  - {relation: '{} is', target: x}\n"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0]: missing required field 'subject'"]),
+    ("manifest-unknown-field", edit_field("colour", "red"), APPLY_BAD, ["edits/bad.yaml: edits[0]: unknown field 'colour'"]),
+    ("manifest-relation-no-slot", edit_field("relation", "'worked in'"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].relation: must contain {}"]),
+    ("manifest-relation-two-slots", edit_field("relation", "'{} and {}'"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].relation: must contain {} exactly once"]),
+    ("manifest-target-is-true", edit_field("target", "physics"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].target: is the same as target_true"]),
+    ("manifest-two-documents", manifest(CURIE + "---\n" + CURIE), APPLY_BAD, ["edits/bad.yaml: invalid YAML"]),
+    ("manifest-invalid-yaml", manifest("edits: [\n"), APPLY_BAD, ["edits/bad.yaml: invalid YAML at line 2"]),
+    ("manifest-not-utf8", manifest(b"edits:\n  - subject: \xff\xfe\n"), APPLY_BAD, ["edits/bad.yaml: invalid YAML"]),
+    ("manifest-empty", manifest(""), APPLY_BAD, ["edits/bad.yaml: (top level): the manifest is empty"]),
+    ("manifest-negative-layer", edit_field("layer", "-1"), APPLY_BAD, ["edits/bad.yaml: edits[0].layer: must be >= 0, got -1"]),
+    ("manifest-layer-beyond-model", edit_field("layer", "7"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].layer: must be < 3 (the model's number of layers), got 7"]),
+    ("manifest-top-layer-beyond-model", manifest("layer: 5\n" + CURIE), APPLY_BAD,
+     ["edits/bad.yaml: layer: must be < 3 (the model's number of layers), got 5"]),
+    ("manifest-edits-not-a-list", manifest("edits: {subject: x}\n"), APPLY_BAD, ["edits/bad.yaml: edits: must be a list"]),
+    ("manifest-missing", None, ("apply", "edits/nope.yaml", "--out", "new.safetensors"),
+     ["edits/nope.yaml: cannot read manifest"]),
+    ("manifest-name-with-dot-add", manifest(CURIE, "a.b"), ("add", "edits/a.b.yaml"),
+     ["edits/a.b.yaml: manifest name 'a.b' may only contain"]),
+    ("manifest-add-outside-edits", write("elsewhere/c.yaml", CURIE), ("add", "elsewhere/c.yaml"),
+     ["elsewhere/c.yaml: the pipeline reads manifests from edits/c.yaml"]),
+    ("manifest-add-already-registered", None, ("add", "edits/a.yaml"), ["params.yaml: manifests: 'a' is already registered"]),
+
+    # ---- params.yaml ----------------------------------------------------------------------------
+    ("params-steps-negative", params_edit("  steps: 6", "  steps: -1"), APPLY, ["params.yaml: rome.steps: must be >= 1, got -1"]),
+    ("params-lr-string", params_edit("  lr: 0.1", "  lr: abc"), APPLY, ["params.yaml: rome.lr: must be a number, got 'abc'"]),
+    ("params-lr-zero", params_edit("  lr: 0.1", "  lr: 0"), APPLY, ["params.yaml: rome.lr: must be > 0, got 0"]),
+    ("params-lr-nan", params_edit("  lr: 0.1", "  lr: .nan"), APPLY, ["params.yaml: rome.lr: must be a finite number"]),
+    ("params-tokens-negative", params_edit("  tokens: 3000", "  tokens: -5"), ("stats", "--out", "s.safetensors"),
+     ["params.yaml: stats.tokens: must be >= 1, got -5"]),
+    ("params-seq-len-one", params_edit("  seq_len: 64", "  seq_len: 1"), ("stats",), ["params.yaml: stats.seq_len: must be >= 2, got 1"]),
+    ("params-layer-word", params_edit("  layer: 1", "  layer: one"), APPLY,
+     ["params.yaml: rome.layer: must be an integer", "or 'auto', got 'one'"]),
+    ("params-layer-beyond-model", params_edit("  layer: 1", "  layer: 9"), ("stats", "--out", "s.safetensors"),
+     ["params.yaml: rome.layer: must be < 3 (the model's number of layers), got 9"]),
+    ("params-layer-auto-untraced", params_edit("  layer: 1", "  layer: auto"), APPLY,
+     ["params.yaml: rome.layer: auto:", "layer.json"]),
+    ("params-duplicate-section", params_append("rome:\n  lr: 0.2\n"), APPLY, ["params.yaml: rome: duplicate key"]),
+    ("params-duplicate-field", params_edit("  lr: 0.1", "  lr: 0.1\n  lr: 0.2"), APPLY, ["params.yaml: rome.lr: duplicate key"]),
+    ("params-unknown-field", params_edit("  lr: 0.1", "  learning_rate: 0.1"), APPLY, ["params.yaml: rome.learning_rate: unknown field"]),
+    ("params-unknown-section", params_append("romee:\n  lr: 0.2\n"), APPLY, ["params.yaml: romee: unknown field"]),
+    ("params-alias", params_append("ft: &ft {lr: 0.1}\nftl: *ft\n"), APPLY, ["params.yaml: ft: anchors (&ft)"]),
+    ("params-trace-samples-zero", params_append("trace:\n  samples: 0\n"), ("status",), ["params.yaml: trace.samples: must be >= 1, got 0"]),
+    ("params-manifest-traversal", params_edit("  - a\n", "  - ../../outside/victim\n"), ("status",),
+     ["params.yaml: manifests[0]: manifest name '../../outside/victim' may only contain"]),
+    ("params-manifest-twice", params_edit("  - b\n", "  - a\n"), ("status",), ["params.yaml: manifests[1]: 'a' is listed twice"]),
+    ("params-gate-unknown-metric", params_edit("    ES: 100", "    XS: 100"), ("status",), ["params.yaml: gate.eval.XS: unknown field"]),
+    ("params-stack-window", params_edit("  window: 64", "  window: 1"), ("stack",), ["params.yaml: stack.window: must be >= 2, got 1"]),
+    ("params-ftl-linf-negative", params_append("ftl:\n  linf: -1\n"), ("bench", "zsre", "--records", "r.json"),
+     ["params.yaml: ftl.linf: must be > 0, got -1"]),
+    ("params-ft-linf", params_append("ft:\n  linf: 0.1\n"), ("status",), ["params.yaml: ft.linf: belongs to ftl"]),
+    ("params-kn-threshold", params_append("kn:\n  threshold: 2\n"), ("status",), ["params.yaml: kn.threshold: must be <= 1, got 2"]),
+    ("params-generation-template", params_append("bench:\n  generation:\n    templates: [abc]\n"), ("status",),
+     ["params.yaml: bench.generation.templates[0]: must contain {}"]),
+    ("params-prefix-starts-empty", params_edit("  lr: 0.1", "  lr: 0.1\n  prefix_starts: []"), APPLY,
+     ["params.yaml: rome.prefix_starts: must not be empty"]),
+    ("params-essence-prompt", params_edit("  lr: 0.1", "  lr: 0.1\n  essence_prompt: 'a {} {}'"), APPLY,
+     ["params.yaml: rome.essence_prompt: must contain {} exactly once"]),
+    ("params-seed-negative", params_edit("  lr: 0.1", "  lr: 0.1\n  seed: -3"), APPLY, ["params.yaml: rome.seed: must be >= 0, got -3"]),
+    ("params-steps-float", params_edit("  steps: 6", "  steps: 2.5"), APPLY, ["params.yaml: rome.steps: must be an integer, got 2.5"]),
+    ("params-model-number", params_edit("model: ", "model: 3\n#"), APPLY, ["params.yaml: model: must be a string, got 3"]),
+    ("params-not-a-mapping", write("params.yaml", "- a\n- b\n"), APPLY, ["params.yaml: (top level): must be a mapping"]),
+    ("params-too-large", params_append("# " + "p" * (1 << 20) + "\n"), APPLY, ["params.yaml: (top level): file is larger"]),
+    ("params-bad-on-add", params_edit("  lr: 0.1", "  lr: -1"), ("add", "edits/curie.yaml"), ["params.yaml: rome.lr: must be > 0"]),
+    ("params-bad-on-revert", params_edit("  lr: 0.1", "  lr: -1"), ("revert", "a"), ["params.yaml: rome.lr: must be > 0"]),
+
+    # ---- deltas ---------------------------------------------------------------------------------
+    ("delta-nan-generate", delta(set_tensor("edits.0.u", lambda u: u * float("nan"))), GEN_BAD,
+     ["deltas/bad.safetensors: edits.0.u: holds NaN or infinite values"]),
+    ("delta-inf-eval", delta(set_tensor("edits.0.v", lambda v: v.index_fill(0, torch.tensor([0]), float("inf")))),
+     ("eval", "edits/curie.yaml", "--delta", "deltas/bad.safetensors"), ["deltas/bad.safetensors: edits.0.v: holds NaN"]),
+    ("delta-int32-export", delta(set_tensor("edits.0.u", lambda u: u.to(torch.int32))),
+     ("export", "exported", "--delta", "deltas/bad.safetensors"), ["deltas/bad.safetensors: edits.0.u: dtype int32, not float32"]),
+    ("delta-float64", delta(set_tensor("edits.0.v", lambda v: v.double())), GEN_BAD, ["edits.0.v: dtype float64"]),
+    ("delta-times-1e30", delta(set_tensor("edits.0.u", lambda u: u * 1e30)), GEN_BAD,
+     ["deltas/bad.safetensors: edits.0: ‖u‖·‖v‖ =", "above the plausible bound"]),
+    ("delta-tampered", delta(set_tensor("edits.0.u", lambda u: u * 1.5), rehash=False), GEN_BAD,
+     ["deltas/bad.safetensors: tensors_sha256: the factors' sha256"]),
+    ("delta-no-hash", delta(lambda t, m: m.pop("tensors_sha256"), rehash=False), GEN_BAD,
+     ["deltas/bad.safetensors: metadata (top level): missing required field 'tensors_sha256'"]),
+    ("delta-twice-generate", None, ("generate", "x", "--delta", "deltas/curie.safetensors", "--delta", "deltas/curie.safetensors"),
+     ["deltas/curie.safetensors: the same delta as deltas/curie.safetensors"]),
+    ("delta-copy-export", write("deltas/copy.safetensors", b""), None, ["deltas/copy.safetensors: the same delta as deltas/curie.safetensors"]),
+    ("delta-copy-stack", None, None, ["deltas/b.safetensors: the same delta as deltas/a.safetensors"]),
+    ("delta-nan-in-stack", None, ("stack",), ["deltas/a.safetensors: edits.0.u: holds NaN"]),
+    ("delta-wrong-shape", delta(set_tensor("edits.0.u", lambda u: u[:-1].clone())), GEN_BAD,
+     ["deltas/bad.safetensors: edits.0.u: shape", "does not fit d_out"]),
+    ("delta-rank-mismatch", delta(lambda t, m: t.update({"edits.0.u": torch.zeros(len(t["edits.0.u"]), 2),
+                                                         "edits.0.v": torch.zeros(len(t["edits.0.v"]), 3)})), GEN_BAD,
+     ["deltas/bad.safetensors: edits.0: factors of shapes", "one rank r"]),
+    ("delta-extra-tensor", delta(lambda t, m: t.update({"lm_head.weight": torch.zeros(3)})), GEN_BAD,
+     ["deltas/bad.safetensors: lm_head.weight: a tensor the metadata does not list"]),
+    ("delta-missing-tensor", delta(lambda t, m: t.pop("edits.0.v"), rehash=False), GEN_BAD,
+     ["deltas/bad.safetensors: edits.0.v: missing"]),
+    ("delta-garbage", write("deltas/bad.safetensors", b"\x00" * 64), GEN_BAD, ["deltas/bad.safetensors: not a romeflow delta file"]),
+    ("delta-metadata-not-json", delta(lambda t, m: None, meta_text="{not json"), GEN_BAD,
+     ["deltas/bad.safetensors: not a romeflow delta file (JSONDecodeError"]),
+    ("delta-metadata-bad-field", delta(lambda t, m: m["edits"][0].update(layer=-2)), GEN_BAD,
+     ["deltas/bad.safetensors: metadata edits[0].layer: must be >= 0, got -2"]),
+    ("delta-missing-file", None, ("export", "exported", "--delta", "deltas/none.safetensors"),
+     ["deltas/none.safetensors: delta file not found"]),
+
+    # ---- statistics files -----------------------------------------------------------------------
+    ("stats-nan", stats(lambda t, m: t["second_moment"].fill_diagonal_(float("nan"))),
+     ("apply", "edits/curie.yaml", "--stats", "stats/bad.safetensors", "--out", "n.safetensors"),
+     ["stats/bad.safetensors: second_moment: holds NaN"]),
+    ("stats-float64", stats(lambda t, m: t.update(second_moment=t["second_moment"].double())),
+     ("apply", "edits/curie.yaml", "--stats", "stats/bad.safetensors", "--out", "n.safetensors"),
+     ["stats/bad.safetensors: second_moment: dtype float64, not float32"]),
+    ("stats-not-square", stats(lambda t, m: t.update(second_moment=t["second_moment"][:-1].clone())),
+     ("apply", "edits/curie.yaml", "--stats", "stats/bad.safetensors", "--out", "n.safetensors"),
+     ["stats/bad.safetensors: not a romeflow statistics file (second_moment: shape"]),
+    ("stats-asymmetric", stats(lambda t, m: t["second_moment"].__setitem__((0, 1), 1e3)),
+     ("apply", "edits/curie.yaml", "--stats", "stats/bad.safetensors", "--out", "n.safetensors"),
+     ["stats/bad.safetensors: second_moment: not a second moment"]),
+    ("stats-tampered", stats(lambda t, m: t["second_moment"].mul_(2), rehash=False),
+     ("apply", "edits/curie.yaml", "--stats", "stats/bad.safetensors", "--out", "n.safetensors"),
+     ["stats/bad.safetensors: tensor_sha256: does not match"]),
+    ("stats-meta-no-layer", stats(lambda t, m: m.pop("layer")),
+     ("apply", "edits/curie.yaml", "--stats", "stats/bad.safetensors", "--out", "n.safetensors"),
+     ["stats/bad.safetensors: layer: missing"]),
+    ("stats-garbage", write("stats/bad.safetensors", b"garbage"),
+     ("apply", "edits/curie.yaml", "--stats", "stats/bad.safetensors", "--out", "n.safetensors"),
+     ["stats/bad.safetensors: not a romeflow statistics file"]),
+
+    # ---- CLI paths and names --------------------------------------------------------------------
+    ("revert-traversal", None, ("revert", "../../outside/victim"),
+     ["params.yaml: manifests: manifest name '../../outside/victim' may only contain"]),
+    ("revert-slash", None, ("revert", "a/b"), ["params.yaml: manifests: manifest name 'a/b'"]),
+    ("revert-hidden", None, ("revert", ".a"), ["params.yaml: manifests: manifest name '.a'"]),
+    ("revert-dotdot", None, ("revert", ".."), ["params.yaml: manifests: manifest name '..'"]),
+    ("revert-reserved", None, ("revert", "stack"), ["params.yaml: manifests: manifest name 'stack' is reserved"]),
+    ("revert-unregistered", None, ("revert", "curie"), ["params.yaml: manifests: 'curie' is not registered"]),
+    ("verify-traversal", None, ("verify", "../a"), ["NAMES: manifest name '../a' may only contain"]),
+    ("eval-name-with-dot", manifest(CURIE, "x.y"), ("eval", "edits/x.y.yaml"),
+     ["edits/x.y.yaml: manifest name 'x.y' may only contain", "pass --delta"]),
+    ("apply-name-with-space", manifest(CURIE, "my edit"), ("apply", "edits/my edit.yaml"),
+     ["edits/my edit.yaml: manifest name 'my edit' may only contain", "pass --out"]),
+
+    # ---- outputs --------------------------------------------------------------------------------
+    ("apply-out-is-folder", None, ("apply", "edits/curie.yaml", "--stats", "stats/layer1.safetensors", "--out", "deltas"),
+     ["Invalid value for '--out': File 'deltas' is a directory"]),
+    ("apply-out-under-file", None, ("apply", "edits/curie.yaml", "--stats", "stats/layer1.safetensors", "--out", "afile/x.safetensors"),
+     ["--out afile/x.safetensors: afile is not a folder"]),
+    ("export-out-exists", None, ("export", "deltas", "--delta", "deltas/curie.safetensors"), ["deltas: already exists"]),
+    ("export-out-under-file", None, ("export", "afile/exported", "--delta", "deltas/curie.safetensors"),
+     ["OUT afile/exported: afile is not a folder"]),
+    ("stats-out-under-file", None, ("stats", "--out", "afile/s.safetensors"), ["--out afile/s.safetensors: afile is not a folder"]),
+    ("eval-out-is-folder", None, ("eval", "edits/curie.yaml", "--out", "edits"), ["Invalid value for '--out': File 'edits' is a directory"]),
+    ("eval-details-under-file", None, ("eval", "edits/curie.yaml", "--out", "r.json", "--details", "afile/d.json"),
+     ["--details afile/d.json: afile is not a folder"]),
+    ("bench-out-is-file", write("r.json", "[]"), ("bench", "zsre", "--records", "r.json", "--methods", "rome", "--out", "afile"),
+     ["Invalid value for '--out': Directory 'afile' is a file"]),
+    ("trace-out-under-file", None, ("trace", "Pierre Curie is", "--subject", "Pierre Curie", "--out", "afile/t.json"),
+     ["--out afile/t.json: afile is not a folder"]),
+    ("stack-md-is-folder", None, ("stack", "--md", "edits"), ["Invalid value for '--md': File 'edits' is a directory"]),
+
+    # ---- faults ---------------------------------------------------------------------------------
+    ("fault-stack-heldout-missing", params_edit("  heldout: data/heldout.txt", "  heldout: data/none.txt"), None,
+     ["params.yaml: stack.heldout:", "data/none.txt not found"]),
+    ("fault-stats-corpus-missing", params_edit("corpus: [data/corpus0.txt", "corpus: [data/none.txt"), ("stats",),
+     ["data/none.txt: corpus file not found"]),
+    ("fault-params-missing", write("other/.keep", ""), None, ["nope.yaml: cannot read params file"]),
+    ("fault-params-unreadable-yaml", write("params.yaml", "rome: [\n"), APPLY, ["params.yaml: invalid YAML at line 2"]),
+]
+
+# Cases whose setup or command needs the built project's own files.
+SPECIAL_ARGV = {
+    "delta-copy-export": ("export", "exported", "--delta", "deltas/curie.safetensors", "--delta", "deltas/copy.safetensors"),
+    "delta-copy-stack": ("stack",),
+    "fault-stack-heldout-missing": ("stack",),
+    "fault-params-missing": ("--params", "nope.yaml", "status"),
+}
+
+
+def special_setup(case_id: str, root: Path) -> None:
+    if case_id == "delta-copy-export":
+        shutil.copy(root / "deltas/curie.safetensors", root / "deltas/copy.safetensors")
+    if case_id == "delta-copy-stack":  # b's delta is a byte copy of a's
+        shutil.copy(root / "deltas/a.safetensors", root / "deltas/b.safetensors")
+    if case_id == "fault-stack-heldout-missing":
+        shutil.copy(root / "deltas/a.safetensors", root / "deltas/b.safetensors")
+        (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("  - b\n", ""))
+    if case_id == "delta-nan-in-stack":
+        (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("  - b\n", ""))
+        delta(set_tensor("edits.0.u", lambda u: u * float("nan")), src="deltas/a.safetensors",
+              dst="deltas/a.safetensors")(root)
+
+
+@pytest.fixture
+def project(built, tmp_path):
+    root = tmp_path / "project"
+    shutil.copytree(built, root)
+    return root
+
+
+def test_the_corpus_is_large_and_covers_every_class():
+    ids = [c[0] for c in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 60
+    for prefix in ("manifest-", "params-", "delta-", "stats-", "revert-", "-out-", "fault-"):
+        assert any(prefix in i for i in ids), prefix
+
+
+@pytest.mark.parametrize("case_id, setup, argv, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(project, case_id, setup, argv, expected):
+    if setup is not None:
+        setup(project)
+    special_setup(case_id, project)
+    before = snapshot(project)
+    argv = SPECIAL_ARGV.get(case_id, argv)
+    if argv[0] == "--params":  # a params file other than params.yaml
+        cwd = os.getcwd()
+        os.chdir(project)
+        try:
+            r = CliRunner().invoke(main, list(argv))
+        finally:
+            os.chdir(cwd)
+    else:
+        r = cli(project, *argv)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.exit_code != 0, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)  # no traceback
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    assert snapshot(project) == before  # nothing written, changed or deleted
+    assert (project / "outside" / "victim.txt").read_text() == "must survive\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# The alias bomb costs nothing; the library refuses it as the CLI does
+# --------------------------------------------------------------------------------------------------
+
+
+def test_alias_bomb_is_refused_in_under_a_second_and_100_mb():
+    deeper = BOMB + "".join(f"    x{i}: &e{i} [" + ",".join([f"*{'d' if i == 0 else f'e{i - 1}'}"] * 9) + "]\n"
+                            for i in range(6))
+    for text in (BOMB, deeper):
+        tracemalloc.start()
+        t = time.perf_counter()
+        with pytest.raises(safeyaml.YamlError, match="anchors"):
+            safeyaml.loads(text, "bomb.yaml")
+        took = time.perf_counter() - t
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert took < 1.0 and peak < 100e6, (took, peak)
+
+
+def test_yaml_12_floats_and_plain_data():
+    assert safeyaml.loads("a: 1e-3\nb: 2E+2\nc: '1e-3'\nd: [1, x]\n", "f.yaml") == {"a": 0.001, "b": 200.0, "c": "1e-3",
+                                                                                     "d": [1, "x"]}
+
+
+def test_params_schema_has_a_rule_for_every_dataclass_field():
+    import json as _json
+    from dataclasses import fields as _fields
+
+    from romeflow.params import _DATACLASS_SECTIONS
+    from romeflow.schemas import _schema_text
+
+    raw = _json.loads(_schema_text("params"))
+    for path, cls in _DATACLASS_SECTIONS.items():
+        node = raw
+        for part in path:
+            node = node["properties"][part]
+        missing = {f.name for f in _fields(cls)} - set(node["properties"])
+        assert not missing, (path, missing)  # a new field needs a range rule in schemas/params.schema.json
+
+
+def test_params_defaults_and_the_shipped_file_are_valid():
+    from romeflow.params import Params, load_params
+
+    repo = Path(__file__).resolve().parent.parent
+    p = load_params(repo / "params.yaml")
+    assert p.rome.layer >= 0 and p.manifests and p.ftl.linf > 0 and p.bench.generation.templates
+    assert Params().rome.lr > 0
+
+
+def test_revert_of_a_traversal_name_listed_nowhere_deletes_nothing(project):
+    """Even a name that reaches the registry by hand (not via params.yaml) never becomes a path."""
+    victim = project / "outside" / "victim.txt"
+    with pytest.raises(ValueError, match="may only contain"):
+        unregister(project / "params.yaml", "../outside/victim")
+    assert victim.exists()
+
+
+def test_writes_get_normal_permissions_and_leave_no_temporary(project):
+    umask = os.umask(0o022)
+    try:
+        r = cli(project, "apply", "edits/curie.yaml", "--stats", "stats/layer1.safetensors", "--out", "perm/d.safetensors")
+    finally:
+        os.umask(umask)
+    assert r.exit_code == 0, r.output
+    assert (project / "perm" / "d.safetensors").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in (project / "perm").iterdir()] == ["d.safetensors"]
+
+
+def test_leftover_temporaries_of_dead_processes_are_removed_by_the_next_write(project):
+    from romeflow.io import TMP_PREFIX, write_text_atomic
+
+    folder = project / "reports"
+    folder.mkdir(exist_ok=True)
+    dead = folder / f"{TMP_PREFIX}-999999999-x.json.abc"  # no such process
+    dead.write_text("half")
+    dead_dir = folder / f"{TMP_PREFIX}-999999999-exported.xyz"
+    dead_dir.mkdir()
+    (dead_dir / "model.safetensors").write_text("half")
+    alive = folder / f"{TMP_PREFIX}-{os.getppid()}-y.json.abc"  # a running process's: kept
+    alive.write_text("in use")
+    write_text_atomic(folder / "z.txt", "ok\n")
+    assert not dead.exists() and not dead_dir.exists() and alive.exists()
+    assert (folder / "z.txt").read_text() == "ok\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Concurrency: add / revert under the lock lose nothing
+# --------------------------------------------------------------------------------------------------
+
+
+def _worker(params: str, op: str, name: str, barrier) -> None:
+    barrier.wait()
+    (register if op == "add" else unregister)(Path(params), name)
+
+
+def test_concurrent_add_and_revert_lose_nothing(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("# registry under load\nrome:\n  lr: 0.1   # kept\n\nmanifests:\n  - keep\n  - r0a\n  - r0b\n\n"
+                      "stack:\n  window: 64\n")
+    expected = ["keep", "r0a", "r0b"]
+    ctx = multiprocessing.get_context("fork")
+    for rnd in range(1, 21):
+        ops = [("add", f"r{rnd}a"), ("add", f"r{rnd}b"), ("revert", f"r{rnd - 1}a"), ("revert", f"r{rnd - 1}b")]
+        barrier = ctx.Barrier(len(ops))
+        procs = [ctx.Process(target=_worker, args=(str(params), op, name, barrier)) for op, name in ops]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0], rnd
+        expected = [n for n in expected if n not in (f"r{rnd - 1}a", f"r{rnd - 1}b")] + [f"r{rnd}a", f"r{rnd}b"]
+        assert sorted(read_manifests(params)) == sorted(expected), rnd
+    text = params.read_text()
+    assert text.startswith("# registry under load\nrome:\n  lr: 0.1   # kept\n") and "stack:\n  window: 64\n" in text
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".romeflow-tmp")]
