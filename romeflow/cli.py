@@ -39,6 +39,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except click.UsageError as e:  # one line, as every other bad input (no usage banner)
+            if type(e).__name__ == "NoArgsIsHelpError":  # a group without its command: show its help
+                raise
             hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
             raise click.ClickException(e.format_message().splitlines()[0] + hint) from e
         except USER_ERRORS as e:
@@ -607,9 +609,12 @@ def verify(ctx, names, atol):
     names = list(names) or list(settings.manifests)
     if not names:
         raise ConfigError(f"{_params_path(ctx)}: manifests: no active manifests to verify")
-    for name in names:
+    uses = []
+    for name in names:  # bad names, manifests, deltas and layers fail before the model loads
         check_name(name, "NAMES")
-        load_deltas([layout.delta(name)])  # a bad delta fails before the model loads
+        uses += _layer_uses(settings.resolve_manifest(load_manifest(layout.manifest(name))), settings)
+        load_deltas([layout.delta(name)])
+    _check_layers(ctx, settings.model, uses)
     lm = _load(ctx, settings.model)
 
     def stats_for(layers: list[int]) -> dict[int, Stats]:  # the pipeline's files where present, else the cache
