@@ -26,8 +26,8 @@ from .statistics import Stats, get_stats, load_stats, save_stats, text_files_cor
 from .workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error, status as workflow_status,
                        verify_manifest)
 
-USER_ERRORS = (ManifestError, ModelError, DeltaError, ConfigError, GateError, RevisionError, FileNotFoundError,
-               ValueError)  # DatasetError and BenchError are ValueErrors
+USER_ERRORS = (ManifestError, ModelError, DeltaError, ConfigError, GateError, RevisionError, OSError,
+               ValueError)  # DatasetError, BenchError, YamlError, BadName, OutputError are ValueErrors; OSError: disk full, ...
 err = Console(stderr=True)
 console = Console()
 
@@ -35,14 +35,27 @@ console = Console()
 class _Group(click.Group):
     """Turns the library's user-facing errors into one line on stderr and exit status 1."""
 
+    @staticmethod
+    def _one_line(e: click.UsageError) -> click.ClickException:
+        """A usage error as one line, as every other bad input (no usage banner)."""
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        return click.ClickException(e.format_message().splitlines()[0] + hint)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:  # the global options (--threads 0, ...)
+            if type(e).__name__ == "NoArgsIsHelpError":
+                raise
+            raise self._one_line(e) from e
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except click.UsageError as e:  # one line, as every other bad input (no usage banner)
+        except click.UsageError as e:
             if type(e).__name__ == "NoArgsIsHelpError":  # a group without its command: show its help
                 raise
-            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-            raise click.ClickException(e.format_message().splitlines()[0] + hint) from e
+            raise self._one_line(e) from e
         except USER_ERRORS as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
@@ -53,7 +66,7 @@ class _Group(click.Group):
               help="Hyper-parameter file [default: ./params.yaml if present, else built-in defaults].")
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
               help="Cache folder for converted models and statistics [default: $ROMEFLOW_CACHE or ~/.cache/romeflow].")
-@click.option("--threads", type=int, default=None, help="Torch CPU threads [default: torch's choice].")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="Torch CPU threads [default: torch's choice].")
 @click.pass_context
 def main(ctx, params_path, cache, threads):
     """romeflow: factual edits of language models (ROME) as versioned, reproducible artifacts."""
@@ -151,6 +164,8 @@ def apply(ctx, manifest, out, model_spec, stats_files):
     uses = _layer_uses(m, settings)
     _check_layers(ctx, spec, uses)
     given = [load_stats(f) for f in stats_files]  # checked before the model loads
+    if {layer for _, layer in uses} - {g.layer for g in given}:
+        settings.stats.corpus_source()  # statistics to compute: a missing corpus file fails now
     lm = _load(ctx, spec)
     check_layers(lm.num_layers, uses)
     layers = sorted({layer for _, layer in uses})
@@ -267,8 +282,8 @@ def stack(ctx, out, markdown, plots_dir, use_gate):
 @click.argument("prompt")
 @click.option("--delta", "deltas", multiple=True, type=click.Path(dir_okay=False), help="Delta file(s) to apply.")
 @click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")
-@click.option("--max-new-tokens", default=20, show_default=True)
-@click.option("--top-k", default=5, show_default=True, help="Show the k most likely next tokens.")
+@click.option("--max-new-tokens", type=click.IntRange(0, 10000), default=20, show_default=True)
+@click.option("--top-k", type=click.IntRange(1, 1_000_000), default=5, show_default=True, help="Show the k most likely next tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def generate(ctx, prompt, deltas, model_spec, max_new_tokens, top_k, as_json):
@@ -430,7 +445,7 @@ def bench_zsre(ctx, records_path, n, methods, out, model_spec, partial, shard):
 
 
 @main.command()
-@click.option("--layer", "layers", type=int, multiple=True, help="Layer(s) [default: params.yaml rome.layer].")
+@click.option("--layer", "layers", type=click.IntRange(0), multiple=True, help="Layer(s) [default: params.yaml rome.layer].")
 @click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")
 @click.option("--corpus", "corpus_files", multiple=True, type=click.Path(dir_okay=False),
               help="Plain-text files [default: params.yaml stats.corpus].")
@@ -595,7 +610,7 @@ def status(ctx, as_json):
 
 @main.command()
 @click.argument("names", nargs=-1)
-@click.option("--atol", type=float, default=0.0, show_default=True,
+@click.option("--atol", type=click.FloatRange(0.0), default=0.0, show_default=True,
               help="Accept factors that differ by at most this much (0: byte-identical or equal factors).")
 @click.pass_context
 def verify(ctx, names, atol):

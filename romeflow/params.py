@@ -331,5 +331,5 @@ def check_layers(count: int | None, uses: list[tuple[str, int]]) -> None:
         return
     for where, layer in uses:
         if not 0 <= layer < count:
-            raise ConfigError(f"{where}: must be < {count} (the model's number of layers), got {layer}")
+            raise ConfigError(f"{where}: must be a layer of the model, 0 to {count - 1}, got {layer}")
 

@@ -227,9 +227,9 @@ CASES = [
     ("manifest-empty", manifest(""), APPLY_BAD, ["edits/bad.yaml: (top level): the manifest is empty"]),
     ("manifest-negative-layer", edit_field("layer", "-1"), APPLY_BAD, ["edits/bad.yaml: edits[0].layer: must be >= 0, got -1"]),
     ("manifest-layer-beyond-model", edit_field("layer", "7"), APPLY_BAD,
-     ["edits/bad.yaml: edits[0].layer: must be < 3 (the model's number of layers), got 7"]),
+     ["edits/bad.yaml: edits[0].layer: must be a layer of the model, 0 to 2, got 7"]),
     ("manifest-top-layer-beyond-model", manifest("layer: 5\n" + CURIE), APPLY_BAD,
-     ["edits/bad.yaml: layer: must be < 3 (the model's number of layers), got 5"]),
+     ["edits/bad.yaml: layer: must be a layer of the model, 0 to 2, got 5"]),
     ("manifest-edits-not-a-list", manifest("edits: {subject: x}\n"), APPLY_BAD, ["edits/bad.yaml: edits: must be a list"]),
     ("manifest-missing", None, ("apply", "edits/nope.yaml", "--out", "new.safetensors"),
      ["edits/nope.yaml: cannot read manifest"]),
@@ -250,7 +250,7 @@ CASES = [
     ("params-layer-word", params_edit("  layer: 1", "  layer: one"), APPLY,
      ["params.yaml: rome.layer: must be an integer", "or 'auto', got 'one'"]),
     ("params-layer-beyond-model", params_edit("  layer: 1", "  layer: 9"), ("stats", "--out", "s.safetensors"),
-     ["params.yaml: rome.layer: must be < 3 (the model's number of layers), got 9"]),
+     ["params.yaml: rome.layer: must be a layer of the model, 0 to 2, got 9"]),
     ("params-layer-auto-untraced", params_edit("  layer: 1", "  layer: auto"), APPLY,
      ["params.yaml: rome.layer: auto:", "layer.json"]),
     ("params-duplicate-section", params_append("rome:\n  lr: 0.2\n"), APPLY, ["params.yaml: rome: duplicate key"]),
@@ -372,6 +372,19 @@ CASES = [
     ("trace-out-under-file", None, ("trace", "Pierre Curie is", "--subject", "Pierre Curie", "--out", "afile/t.json"),
      ["--out afile/t.json: afile is not a folder"]),
     ("stack-md-is-folder", None, ("stack", "--md", "edits"), ["Invalid value for '--md': File 'edits' is a directory"]),
+
+    ("cli-threads-zero", None, ("--threads", "0", "status"), ["Invalid value for '--threads': 0 is not in the range"]),
+    ("cli-top-k-zero", None, ("generate", "x", "--top-k", "0"), ["Invalid value for '--top-k'"]),
+    ("cli-stats-layer-beyond-model", None, ("stats", "--layer", "5"), ["--layer: must be a layer of the model, 0 to 2, got 5"]),
+    ("cli-stats-tokens-zero", None, ("stats", "--tokens", "0"), ["--tokens", "must be at least 1, got 0"]),
+    ("cli-trace-samples-zero", None, ("trace", "Pierre Curie is", "--subject", "Pierre Curie", "--samples", "0"),
+     ["--samples: must be >= 1, got 0"]),
+    ("cli-bench-n-zero", write("r.json", "[]"), ("bench", "zsre", "--records", "r.json", "--methods", "rome", "--n", "0"),
+     ["--n", "must be at least 1"]),
+    ("cli-bench-shard", None, ("bench", "zsre", "--records", "r.json", "--shard", "3/2"), ["--shard", "1 <= K <= N"]),
+    ("cli-bench-unknown-method", None, ("bench", "zsre", "--records", "r.json", "--methods", "rome,mend"),
+     ["--methods: unknown method 'mend'"]),
+    ("cli-verify-atol-negative", None, ("verify", "a", "--atol", "-1"), ["Invalid value for '--atol'"]),
 
     # ---- faults ---------------------------------------------------------------------------------
     ("fault-stack-heldout-missing", params_edit("  heldout: data/heldout.txt", "  heldout: data/none.txt"), None,
@@ -560,3 +573,87 @@ def test_concurrent_add_and_revert_lose_nothing(tmp_path):
     text = params.read_text()
     assert text.startswith("# registry under load\nrome:\n  lr: 0.1   # kept\n") and "stack:\n  window: 64\n" in text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".romeflow-tmp")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Good inputs stay accepted; faults while writing leave nothing; the stage scripts
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_rank_r_delta_is_accepted_on_load(project):
+    from romeflow.deltas import load_delta
+
+    def to_rank_2(t, m):
+        t["edits.0.u"] = torch.stack([t["edits.0.u"], t["edits.0.u"] / 2], 1)  # (d_out, 2)
+        t["edits.0.v"] = torch.stack([t["edits.0.v"], -t["edits.0.v"]], 1)  # (d_in, 2)
+        m["edits"][0]["rank"] = 2
+        m["edits"][0]["protected"] = ["Marie Curie"]
+
+    delta(to_rank_2)(project)
+    d = load_delta(project / "deltas" / "bad.safetensors")
+    assert d.updates[0].u.shape[1] == 2 and d.meta["edits"][0]["rank"] == 2
+    delta(lambda t, m: (to_rank_2(t, m), m["edits"][0].update(rank=3)))(project)
+    with pytest.raises(ValueError, match="rank 3 in the metadata, 2 in the factors"):
+        load_delta(project / "deltas" / "bad.safetensors")
+
+
+def test_new_rome_fields_need_only_a_range_rule(monkeypatch):
+    """The lead's RomeParams.protect* fields: allowed as soon as the dataclass has them, with the schema's ranges."""
+    import dataclasses
+
+    from romeflow import params as P
+    from romeflow.rome import RomeParams
+
+    if "protect" in {f.name for f in dataclasses.fields(RomeParams)}:
+        cls = RomeParams
+    else:
+        cls = dataclasses.make_dataclass("RomeWithProtect", [("protect", int, 0), ("protect_sources", tuple, ("wikipedia",)),
+                                                             ("protect_ridge", float, 1e-6),
+                                                             ("protect_min_residual", float, 0.05)],
+                                         bases=(RomeParams,), frozen=True)
+        monkeypatch.setitem(P._DATACLASS_SECTIONS, ("rome",), cls)
+    for f in (P.schema, P._validator, P._section_validator):
+        f.cache_clear()
+    try:
+        ok = P.validate_with(P._validator(), {"rome": {"protect": 3, "protect_sources": ["wikipedia", "a.txt"],
+                                                       "protect_ridge": 0.0, "protect_min_residual": 0.5}})
+        assert ok == []
+        for body, message in [({"protect": -1}, "must be >= 0, got -1"), ({"protect_sources": []}, "must not be empty"),
+                              ({"protect_sources": [""]}, "must not be empty"), ({"protect_ridge": -1e-3}, "must be >= 0"),
+                              ({"protect_min_residual": 1}, "must be < 1, got 1"),
+                              ({"protect_min_residual": 0}, "must be > 0, got 0")]:
+            errors = P.validate_with(P._validator(), {"rome": body})
+            assert errors and message in errors[0][1], (body, errors)
+    finally:
+        for f in (P.schema, P._validator, P._section_validator):
+            f.cache_clear()
+
+
+def test_a_full_disk_while_writing_leaves_no_temporary_and_no_target(project, monkeypatch):
+    import errno
+
+    import romeflow.deltas as deltas_module
+
+    def full(*args, **kwargs):
+        Path(args[1]).write_bytes(b"half")  # a partial temporary, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(deltas_module, "save_file", full)
+    r = cli(project, "apply", "edits/curie.yaml", "--stats", "stats/layer1.safetensors", "--out", "full/d.safetensors")
+    assert r.exit_code != 0 and r.stderr.strip().splitlines()[-1] == "Error: [Errno 28] No space left on device"
+    assert not (project / "full" / "d.safetensors").exists() and list((project / "full").iterdir()) == []
+
+
+def test_stage_script_with_a_bad_name_is_one_line(project):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copytree(repo / "stages", project / "stages")
+    before = snapshot(project)
+    r = subprocess.run([sys.executable, "stages/edit.py", "../outside/victim"], cwd=project, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode != 0 and lines == ["Error: manifest name '../outside/victim' may only contain letters, digits, "
+                                           "'_' and '-'"], r.stderr
+    assert snapshot(project) == before
