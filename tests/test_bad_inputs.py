@@ -283,24 +283,11 @@ CASES = [
     ("params-bad-on-revert", params_edit("  lr: 0.1", "  lr: -1"), ("revert", "a"), ["params.yaml: rome.lr: must be > 0"]),
 
     # ---- deltas ---------------------------------------------------------------------------------
-    ("delta-nan-generate", delta(set_tensor("edits.0.u", lambda u: u * float("nan"))), GEN_BAD,
-     ["deltas/bad.safetensors: edits.0.u: holds NaN or infinite values"]),
-    ("delta-inf-eval", delta(set_tensor("edits.0.v", lambda v: v.index_fill(0, torch.tensor([0]), float("inf")))),
-     ("eval", "edits/curie.yaml", "--delta", "deltas/bad.safetensors"), ["deltas/bad.safetensors: edits.0.v: holds NaN"]),
-    ("delta-int32-export", delta(set_tensor("edits.0.u", lambda u: u.to(torch.int32))),
-     ("export", "exported", "--delta", "deltas/bad.safetensors"), ["deltas/bad.safetensors: edits.0.u: dtype int32, not float32"]),
     ("delta-float64", delta(set_tensor("edits.0.v", lambda v: v.double())), GEN_BAD, ["edits.0.v: dtype float64"]),
-    ("delta-times-1e30", delta(set_tensor("edits.0.u", lambda u: u * 1e30)), GEN_BAD,
-     ["deltas/bad.safetensors: edits.0: ‖u‖·‖v‖ =", "above the plausible bound"]),
     ("delta-tampered", delta(set_tensor("edits.0.u", lambda u: u * 1.5), rehash=False), GEN_BAD,
      ["deltas/bad.safetensors: tensors_sha256: the factors' sha256"]),
     ("delta-no-hash", delta(lambda t, m: m.pop("tensors_sha256"), rehash=False), GEN_BAD,
      ["deltas/bad.safetensors: metadata (top level): missing required field 'tensors_sha256'"]),
-    ("delta-twice-generate", None, ("generate", "x", "--delta", "deltas/curie.safetensors", "--delta", "deltas/curie.safetensors"),
-     ["deltas/curie.safetensors: the same delta as deltas/curie.safetensors"]),
-    ("delta-copy-export", write("deltas/copy.safetensors", b""), None, ["deltas/copy.safetensors: the same delta as deltas/curie.safetensors"]),
-    ("delta-copy-stack", None, None, ["deltas/b.safetensors: the same delta as deltas/a.safetensors"]),
-    ("delta-nan-in-stack", None, ("stack",), ["deltas/a.safetensors: edits.0.u: holds NaN"]),
     ("delta-wrong-shape", delta(set_tensor("edits.0.u", lambda u: u[:-1].clone())), GEN_BAD,
      ["deltas/bad.safetensors: edits.0.u: shape", "does not fit d_out"]),
     ("delta-rank-mismatch", delta(lambda t, m: t.update({"edits.0.u": torch.zeros(len(t["edits.0.u"]), 2),
@@ -395,27 +382,47 @@ CASES = [
     ("fault-params-unreadable-yaml", write("params.yaml", "rome: [\n"), APPLY, ["params.yaml: invalid YAML at line 2"]),
 ]
 
+# The bad deltas the issue reproduced, for each command that composes deltas.
+NAN = set_tensor("edits.0.u", lambda u: u * float("nan"))
+INF = set_tensor("edits.0.v", lambda v: v.index_fill(0, torch.tensor([0]), float("inf")))
+INT32 = set_tensor("edits.0.u", lambda u: u.to(torch.int32))
+HUGE = set_tensor("edits.0.u", lambda u: u * 1e30)
+DELTA_FAULTS = {"nan": (NAN, "edits.0.u: holds NaN or infinite values"),
+                "inf": (INF, "edits.0.v: holds NaN or infinite values"),
+                "int32": (INT32, "edits.0.u: dtype int32, not float32"),
+                "x1e30": (HUGE, "edits.0: ‖u‖·‖v‖ ="),
+                "duplicate": (None, "the same delta as")}
+DELTA_COMMANDS = {"generate": ("generate", "Pierre Curie", "--delta", "deltas/curie.safetensors", "--delta", "{bad}"),
+                  "eval": ("eval", "edits/curie.yaml", "--delta", "deltas/curie.safetensors", "--delta", "{bad}"),
+                  "export": ("export", "exported", "--delta", "deltas/curie.safetensors", "--delta", "{bad}"),
+                  "stack": ("stack",)}
+
+
+def delta_case(fault: str, command: str):
+    change, message = DELTA_FAULTS[fault]
+    stack = command == "stack"  # the stack reads deltas/a and deltas/b (both registered)
+    bad = "deltas/b.safetensors" if stack else "deltas/bad.safetensors"
+    if fault == "duplicate":
+        setup = (lambda root: shutil.copy(root / "deltas/a.safetensors", root / bad)) if stack else \
+            (lambda root: shutil.copy(root / "deltas/curie.safetensors", root / bad))
+    else:
+        setup = delta(change, src="deltas/a.safetensors" if stack else "deltas/curie.safetensors", dst=bad)
+    argv = tuple(a.format(bad=bad) for a in DELTA_COMMANDS[command])
+    return (f"delta-{fault}-{command}", setup, argv, [f"{bad}: {message}"])
+
+
+CASES += [delta_case(f, c) for f in DELTA_FAULTS for c in DELTA_COMMANDS]
+
 # Cases whose setup or command needs the built project's own files.
 SPECIAL_ARGV = {
-    "delta-copy-export": ("export", "exported", "--delta", "deltas/curie.safetensors", "--delta", "deltas/copy.safetensors"),
-    "delta-copy-stack": ("stack",),
     "fault-stack-heldout-missing": ("stack",),
     "fault-params-missing": ("--params", "nope.yaml", "status"),
 }
 
 
 def special_setup(case_id: str, root: Path) -> None:
-    if case_id == "delta-copy-export":
-        shutil.copy(root / "deltas/curie.safetensors", root / "deltas/copy.safetensors")
-    if case_id == "delta-copy-stack":  # b's delta is a byte copy of a's
-        shutil.copy(root / "deltas/a.safetensors", root / "deltas/b.safetensors")
     if case_id == "fault-stack-heldout-missing":
-        shutil.copy(root / "deltas/a.safetensors", root / "deltas/b.safetensors")
         (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("  - b\n", ""))
-    if case_id == "delta-nan-in-stack":
-        (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("  - b\n", ""))
-        delta(set_tensor("edits.0.u", lambda u: u * float("nan")), src="deltas/a.safetensors",
-              dst="deltas/a.safetensors")(root)
 
 
 @pytest.fixture
@@ -475,6 +482,35 @@ def test_alias_bomb_is_refused_in_under_a_second_and_100_mb():
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert took < 1.0 and peak < 100e6, (took, peak)
+
+
+FIELDS = ["subject", "relation", "target", "target_true", "paraphrases", "neighbors", "layer"]
+
+
+@pytest.mark.parametrize("where", FIELDS + ["description", "model", "top-level layer"])
+def test_alias_bomb_in_any_manifest_field_is_refused_fast(tmp_path, where):
+    from romeflow.manifests import ManifestError, load_manifest
+
+    bomb = "&a [" + ",".join(['"lol"'] * 9) + "]"
+    value = f"[{bomb}, &b [{','.join(['*a'] * 9)}], &c [{','.join(['*b'] * 9)}], [{','.join(['*c'] * 9)}]]"
+    lines = [l for l in CURIE.splitlines() if not (where in FIELDS and l.strip().startswith(f"{where}:"))]
+    if where in FIELDS:
+        lines.insert(2, f"    {where}: {value}")
+        field = f"edits[0].{where}"
+    else:
+        key = "layer" if where == "top-level layer" else where
+        lines.insert(0, f"{key}: {value}")
+        field = key
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    tracemalloc.start()
+    t = time.perf_counter()
+    with pytest.raises(ManifestError) as e:
+        load_manifest(path)
+    took, peak = time.perf_counter() - t, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert str(e.value).startswith(f"{path}: {field}") and "anchors (&a) are not allowed" in str(e.value)
+    assert took < 1.0 and peak < 100e6, (took, peak)
 
 
 def test_yaml_12_floats_and_plain_data():
