@@ -21,7 +21,7 @@ from .deltas import DeltaError, EditedModel, compute_delta, load_delta, save_del
 from .evaluation import greedy_continuation, next_token_top
 from .history import RevisionError, diff_reports, markdown_table
 from .manifests import ManifestError, load_manifest
-from .models import LoadedModel, ModelError, cache_dir, load_model
+from .models import LoadedModel, ModelError, cache_dir, load_model, resolve, sha256_file
 from .registry import register, unregister
 from .statistics import Stats, get_stats, load_stats, save_stats, text_files_corpus
 from .workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error, status as workflow_status,
@@ -87,6 +87,14 @@ def _stats_for(ctx, lm: LoadedModel, settings: Settings, layers: list[int], file
     return found
 
 
+def _tokenizer(ctx, spec: str):
+    """The model's tokenizer alone (no weights loaded): for what must be known before the model is."""
+    from transformers import AutoTokenizer
+
+    folder, _name, _fp = resolve(spec, cache_dir(ctx.obj["cache"]), log=lambda s: err.print(f"[dim]{s}[/dim]"))
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def _load_deltas(paths) -> list:
     return [load_delta(p) for p in paths]
 
@@ -127,7 +135,8 @@ def apply(ctx, manifest, out, model_spec, stats_files):
     from tqdm.auto import tqdm
 
     with tqdm(total=len(m.edits), desc=f"editing ({m.name})", unit="edit", file=sys.stderr) as bar:
-        delta = compute_delta(lm, m, settings.rome, stats, progress=lambda i, r: bar.update(1))
+        delta = compute_delta(lm, m, settings.rome, stats, progress=lambda i, r: bar.update(1),
+                              root=_params_path(ctx).parent)
     save_delta(out, delta)
     table = Table(title=f"{m.name}: {len(m.edits)} edit(s) -> {out}")
     for col in ("#", "prompt", "target", "P before", "P after", "true before", "true after"):
@@ -284,11 +293,11 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, references_path=None, partial=False,
-               shard=None):
+               shard=None, require_tok=False):
     from tqdm.auto import tqdm
 
-    from .bench import GenerationParams, benchmark, generation_prompts, partial_report, run_settings
-    from .datasets import load_counterfact, load_zsre
+    from .bench import GenerationParams, ValueStore, benchmark, generation_prompts, partial_report, run_settings
+    from .datasets import load_counterfact, load_known_facts, load_zsre, mine_token_neighbors
     from .editors import make_editor, method_params, params_from_dict
 
     shard = _parse_shard(shard)
@@ -300,7 +309,21 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     all_records = load_counterfact(records_path) if kind == "counterfact" else load_zsre(records_path)
     if n is not None and n < 1:
         raise click.BadParameter("must be at least 1", param_hint="--n")
+    tok_cfg = None
+    if kind == "counterfact":  # NS_tok: token-sharing neighbours, mined with the model's tokenizer
+        tok_section = dict(section.get("token_neighbors") or {})
+        k_tok = int(tok_section.get("k", 5))
+        facts_path = tok_section.get("facts")
+        extra = load_known_facts(facts_path) if facts_path else []
+        all_records = mine_token_neighbors(all_records, _tokenizer(ctx, model_spec or settings.model), k_tok, extra)
+        if require_tok:
+            all_records = [r for r in all_records if r.token_neighbors]
+        tok_cfg = {"k": k_tok, "facts": facts_path,
+                   "facts_sha256": sha256_file(Path(facts_path)) if facts_path else None,
+                   "only_records_with_neighbors": bool(require_tok)}
     records = all_records[:n] if n else all_records
+    if not records:
+        raise click.UsageError(f"{records_path}: no records to run")
     names = [m.strip() for m in methods.split(",") if m.strip()]
     params = {name: method_params(name, settings.raw, settings.rome) for name in names}
     references = None
@@ -322,18 +345,20 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     if partial:  # aggregate only: the run's own settings must match (model fingerprint included)
         prior = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
         model = prior.get("model", {"name": "?", "fingerprint": "?"})
-        run_cfg = run_settings(kind, model, Path(records_path), records, param_dicts, gen, gen_source)
+        run_cfg = run_settings(kind, model, Path(records_path), records, param_dicts, gen, gen_source, tok_cfg)
         report = partial_report(kind, records, ["unedited"] + names, out, run_cfg, command,
                                 all_records if kind == "counterfact" else None, references)
         _print_report(kind, report, out / "report-partial.md", len(records))
         return
     lm = _load(ctx, model_spec or settings.model)
-    stats = _stats_for(ctx, lm, settings, [params["rome"].layer], ()) if "rome" in params else {}
+    rome_layers = sorted({params[m].layer for m in names if m in ("rome", "rome-r1")})
+    stats = _stats_for(ctx, lm, settings, rome_layers, ()) if rome_layers else {}
+    values = ValueStore(out / "values")  # (k*, v*) shared by the ROME variants: they differ only in the insert
     editors = {"unedited": None}
-    editors.update({name: make_editor(name, lm, params[name], lambda layer: stats[layer].second_moment)
+    editors.update({name: make_editor(name, lm, params[name], lambda layer: stats[layer].second_moment, values)
                     for name in names})
     run_cfg = run_settings(kind, {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,
-                           param_dicts, gen, gen_source)
+                           param_dicts, gen, gen_source, tok_cfg)
     bars = {}
 
     def progress(name, total, done):
@@ -365,12 +390,17 @@ def _print_report(kind: str, report, path: Path, n: int) -> None:
 @_bench_options("rome,ft,ftl,kn")
 @click.option("--references", "references_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="RS reference texts, JSON {object: [text, ...]} [default: built from the dataset's records].")
-def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path, partial, shard):
-    """Edit each COUNTERFACT record alone, score ES/EM, PS/PM, NS/NM, S, GE, RS with 95% CIs.
+@click.option("--with-token-neighbors", "require_tok", is_flag=True,
+              help="Only records that have token-sharing neighbours (NS_tok), before --n.")
+def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path, partial, shard, require_tok):
+    """Edit each COUNTERFACT record alone, score ES/EM, PS/PM, NS/NM, NS_tok/NM_tok, S, S+, GE, RS with 95% CIs.
 
+    NS_tok: other subjects that share the edited subject's last token (from the dataset and from
+    params.yaml bench.token_neighbors.facts), asked the same relation, must keep their own answer.
     Resumable: re-running the same command continues where it stopped, then writes report.json and
     report.md in the run folder."""
-    _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path, partial, shard)
+    _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path, partial, shard,
+               require_tok)
 
 
 @bench.command("zsre")

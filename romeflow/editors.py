@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Protocol
 
 import torch
@@ -61,16 +61,18 @@ class Editor(Protocol):
 class RomeEditor:
     name = "rome"
 
-    def __init__(self, lm: LoadedModel, params: RomeParams, second_moment: Callable[[int], torch.Tensor]):
-        self.lm, self.params = lm, params
-        self.rome = Rome(lm, params, second_moment)
+    def __init__(self, lm: LoadedModel, params: RomeParams, second_moment: Callable[[int], torch.Tensor],
+                 name: str = "rome", values: dict | None = None):
+        self.lm, self.params, self.name = lm, params, name
+        self.rome = Rome(lm, params, second_moment, values=values)
 
     def edit(self, request: EditRequest) -> WeightEdit:
         result = self.rome.compute(request)
         up = result.update
         originals = _snapshot(self.lm.model, [up.module])
         add_rank_one(self.lm.model, up.module, up.u, up.v)
-        return WeightEdit(originals, [up], {"steps": len(result.nll_trace), "final_nll": result.nll_trace[-1]})
+        return WeightEdit(originals, [up], {"steps": len(result.nll_trace), "final_nll": result.nll_trace[-1],
+                                            "protected": result.protected})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,13 +261,15 @@ def timed_edit(editor: Editor, request: EditRequest) -> tuple[WeightEdit, float]
     return edit, time.perf_counter() - t0
 
 
-METHODS = ("rome", "ft", "ftl", "kn")
+METHODS = ("rome", "rome-r1", "ft", "ftl", "kn")  # rome-r1: ROME with no protected keys (the rank-one insert)
 
 
 def method_params(name: str, sections: dict, rome: RomeParams):
     """The hyper-parameters of a method from params.yaml's sections (ft, ftl, kn; rome parsed already)."""
     if name == "rome":
         return rome
+    if name == "rome-r1":
+        return replace(rome, protect=0)
     if name in ("ft", "ftl"):
         p = params_from_dict(FtParams, sections.get(name), name)
         if name == "ftl" and p.linf is None:
@@ -281,9 +285,12 @@ def method_params(name: str, sections: dict, rome: RomeParams):
     raise ValueError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
 
 
-def make_editor(name: str, lm: LoadedModel, params, second_moment: Callable[[int], torch.Tensor]) -> Editor:
-    if name == "rome":
-        return RomeEditor(lm, params, second_moment)
+def make_editor(name: str, lm: LoadedModel, params, second_moment: Callable[[int], torch.Tensor],
+                values: dict | None = None) -> Editor:
+    """An editor by method name. ``values``: a (k*, v*) cache shared by the ROME variants of one benchmark
+    (they differ only in the insert, and every edit starts from the restored base model)."""
+    if name in ("rome", "rome-r1"):
+        return RomeEditor(lm, params, second_moment, name, values)
     if name in ("ft", "ftl"):
         return FineTune(lm, params, name)
     if name == "kn":

@@ -465,10 +465,11 @@ def _stack_state(layout: Layout, wp: WorkflowParams) -> str:
     return "ok"
 
 
-def verify_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict, stored: Delta) -> dict:
+def verify_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict, stored: Delta,
+                 root: Path = Path(".")) -> dict:
     """Recompute ``stored`` from its manifest and compare: byte-identical files, else the factors'
     max |difference| (inf when the edits do not line up)."""
-    fresh = compute_delta(lm, manifest, params, stats)
+    fresh = compute_delta(lm, manifest, params, stats, root=root)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fresh.safetensors"
         save_delta(path, fresh)
@@ -495,7 +496,7 @@ def verify_manifest(lm: LoadedModel, layout: Layout, settings: Settings, name: s
     stored = load_delta(layout.delta(name))
     issues = provenance_issues(stored, m, lm.fingerprint, stats_hashes(layout), settings.rome)
     layers = sorted({m.layer_of(e, settings.rome.layer) for e in m.edits})
-    v = verify_delta(lm, m, settings.rome, stats_for(layers), stored)
+    v = verify_delta(lm, m, settings.rome, stats_for(layers), stored, layout.root)
     ok = v["identical"] or v["max_abs_diff"] <= atol
     v["result"] = ("identical" if v["identical"] else "equal factors" if v["max_abs_diff"] == 0 else
                    "within tolerance" if ok else "DIFFERENT")

@@ -78,7 +78,8 @@ def test_counterfact_bench_writes_a_table4_report_and_resumes(project):
     es = {name: m["metrics"]["ES"]["value"] for name, m in report["methods"].items()}
     assert es["rome"] > es["unedited"], es  # the edits take on the tiny model too
     md = (out / "report.md").read_text()
-    assert "| Method | S | ES | EM | PS | PM | NS | NM | GE | RS | s/edit |" in md and "| FT+L |" in md
+    assert "| Method | S | S+ | ES | EM | PS | PM | NS | NM | NS_tok | NM_tok | GE | RS | s/edit |" in md
+    assert "| FT+L |" in md
     assert "dataset" in report["settings"]["dataset"]["generation_prompts"] or "subject" in \
         report["settings"]["dataset"]["generation_prompts"]
 
