@@ -47,6 +47,16 @@ def mean_ci(values) -> Estimate:
     return Estimate(mean, mean - half, mean + half, int(x.size))
 
 
+def wilson_ci(successes: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion, in %: for the few prompts of one manifest."""
+    if n <= 0:
+        raise ValueError("no trials")
+    p, z2 = successes / n, Z95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
 def harmonic_mean(values) -> float:
     values = list(values)
     return 0.0 if any(v <= 0 for v in values) else len(values) / sum(1.0 / v for v in values)

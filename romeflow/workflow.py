@@ -35,8 +35,9 @@ from .schemas import validate
 REPORT_FORMAT = "romeflow.report/1"
 DETAILS_FORMAT = "romeflow.details/1"
 STACK_FORMAT = "romeflow.stack/1"
-METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "S", "rewrite_top1", "paraphrase_top1", "neighbor_top1_kept")
-SHOWN = ("ES", "PS", "NS", "S")  # the scores in tables and plots
+METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "S", "NS_tok", "NM_tok", "NS_tok_low", "NS_tok_high", "S+",
+           "rewrite_top1", "paraphrase_top1", "neighbor_top1_kept")
+SHOWN = ("ES", "PS", "NS", "S", "NS_tok", "S+")  # the scores in tables and plots
 
 
 class GateError(ValueError):
