@@ -23,6 +23,7 @@ from .history import RevisionError, diff_reports, markdown_table
 from .manifests import ManifestError, load_manifest
 from .models import LoadedModel, ModelError, cache_dir, load_model, resolve, sha256_file
 from .registry import register, unregister
+from .rome import RomeParams
 from .statistics import Stats, get_stats, load_stats, save_stats, text_files_corpus
 from .workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error, status as workflow_status,
                        verify_manifest, workflow_params)
@@ -273,6 +274,8 @@ def _bench_options(default_methods: str):
         f = click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")(f)
         f = click.option("--shard", default=None, metavar="K/N",
                          help="Run only records K, K+N, K+2N, … (1-based) so N processes share one run folder.")(f)
+        f = click.option("--variant", "variants", multiple=True, metavar="NAME:key=value[:key=value]",
+                         help="An extra ROME method with changed hyper-parameters, e.g. l4:layer=4 (repeatable).")(f)
         f = click.option("--partial", is_flag=True,
                          help="Run nothing: report on the records every method has finished so far "
                               "(report-partial.md), e.g. while a run is in progress.")(f)
@@ -293,12 +296,12 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, references_path=None, partial=False,
-               shard=None, require_tok=False):
+               shard=None, require_tok=False, variants=()):
     from tqdm.auto import tqdm
 
     from .bench import GenerationParams, ValueStore, benchmark, generation_prompts, partial_report, run_settings
     from .datasets import load_counterfact, load_known_facts, load_zsre, mine_token_neighbors
-    from .editors import make_editor, method_params, params_from_dict
+    from .editors import make_editor, method_params, params_from_dict, rome_variant
 
     shard = _parse_shard(shard)
     settings = _settings(ctx)
@@ -324,8 +327,10 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     records = all_records[:n] if n else all_records
     if not records:
         raise click.UsageError(f"{records_path}: no records to run")
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    params = {name: method_params(name, settings.raw, settings.rome) for name in names}
+    extra = dict(rome_variant(v, settings.rome) for v in variants)
+    names = [m.strip() for m in methods.split(",") if m.strip()] + list(extra)
+    params = {name: extra[name] if name in extra else method_params(name, settings.raw, settings.rome)
+              for name in names}
     references = None
     if references_path:
         references = json.loads(Path(references_path).read_text())
@@ -351,7 +356,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
         _print_report(kind, report, out / "report-partial.md", len(records))
         return
     lm = _load(ctx, model_spec or settings.model)
-    rome_layers = sorted({params[m].layer for m in names if m in ("rome", "rome-r1")})
+    rome_layers = sorted({p.layer for p in params.values() if isinstance(p, RomeParams)})
     stats = _stats_for(ctx, lm, settings, rome_layers, ()) if rome_layers else {}
     values = ValueStore(out / "values")  # (k*, v*) shared by the ROME variants: they differ only in the insert
     editors = {"unedited": None}
@@ -392,7 +397,8 @@ def _print_report(kind: str, report, path: Path, n: int) -> None:
               help="RS reference texts, JSON {object: [text, ...]} [default: built from the dataset's records].")
 @click.option("--with-token-neighbors", "require_tok", is_flag=True,
               help="Only records that have token-sharing neighbours (NS_tok), before --n.")
-def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path, partial, shard, require_tok):
+def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path, partial, shard, require_tok,
+                      variants):
     """Edit each COUNTERFACT record alone, score ES/EM, PS/PM, NS/NM, NS_tok/NM_tok, S, S+, GE, RS with 95% CIs.
 
     NS_tok: other subjects that share the edited subject's last token (from the dataset and from
@@ -400,14 +406,15 @@ def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references
     Resumable: re-running the same command continues where it stopped, then writes report.json and
     report.md in the run folder."""
     _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path, partial, shard,
-               require_tok)
+               require_tok, variants)
 
 
 @bench.command("zsre")
 @_bench_options("rome,ft,ftl,kn")
-def bench_zsre(ctx, records_path, n, methods, out, model_spec, partial, shard):
+def bench_zsre(ctx, records_path, n, methods, out, model_spec, partial, shard, variants):
     """Edit each zsRE record alone, score efficacy, paraphrase and specificity accuracy with 95% CIs."""
-    _run_bench(ctx, "zsre", records_path, n, methods, out, model_spec, partial=partial, shard=shard)
+    _run_bench(ctx, "zsre", records_path, n, methods, out, model_spec, partial=partial, shard=shard,
+               variants=variants)
 
 
 @main.command()

@@ -11,6 +11,7 @@ model width). W is always handled as (d_out, d_in), whatever the storage orienta
 from __future__ import annotations
 
 import copy
+import random
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
@@ -46,6 +47,8 @@ class RomeParams:
     protect_sources: tuple[str, ...] = ("wikipedia",)  # reference entity names: 'wikipedia' or files
     protect_ridge: float = 1e-6  # ridge on (Kᵀ C⁻¹ K), relative to its mean diagonal
     protect_min_residual: float = 0.05  # refuse protected keys that leave less of k* than this to edit
+    protect_weight: float = 0.0  # α: C + α·(tr C / tr F)·F, F the second moment of the subject's family (0: off)
+    protect_siblings: int = 0  # family members made up: other reference names' first words + the last word
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RomeParams":
@@ -434,17 +437,57 @@ class Rome:
                                      else bare_keys(self.lm, layer, [subject])[0])
         return self._keys[cache_key]
 
-    def protected_keys(self, request: EditRequest, layer: int, k_star: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    def bare_keys(self, layer: int, subjects: list[str]) -> torch.Tensor:
+        """The keys of subjects alone as prompts (n, d_in), cached per subject."""
+        missing = [s for s in dict.fromkeys(subjects) if (layer, s, False) not in self._keys]
+        if missing:
+            for s, k in zip(missing, bare_keys(self.lm, layer, missing)):
+                self._keys[(layer, s, False)] = k
+        return torch.stack([self._keys[(layer, s, False)] for s in subjects])
+
+    def family(self, subject: str) -> list[str]:
+        """Other subjects that share the subject's last token: the reference names that do (at most 256),
+        then ``protect_siblings`` made-up ones (the subject with its words but the last replaced by the
+        first word of another reference name, in a seeded order)."""
+        names = self.names().sharing(self.lm.tokenizer, subject)[:256]
+        n = self.params.protect_siblings
+        if n <= 0:
+            return names
+        *head, last = subject.split()
+        article = [head.pop(0)] if head and head[0] in ("The", "the", "A", "An") else []
+        words = sorted({w for ws in self.names().by_token.values() for name in ws
+                        if (w := name.split()[0]).isalpha() and w[:1].isupper() and w not in head})
+        picked = random.Random(f"{self.params.seed}:{subject}").sample(words, min(n, len(words)))
+        siblings = [" ".join(article + [w, last]) for w in picked]
+        return names + [s for s in siblings if s != subject and s not in names]
+
+    def family_solver(self, layer: int, subject: str) -> Solver:
+        """C⁻¹ for the insert: C itself, or with ``protect_weight`` > 0, C + α (tr C / tr F) F where
+        F = mean k kᵀ over the bare keys of the subject's family (``family``): the update then also
+        keeps off the directions those keys share (a least-squares form of protecting them all)."""
+        alpha = self.params.protect_weight
+        names = self.family(subject) if alpha > 0 else []
+        if not names:
+            return self.solver(layer)
+        keys = self.bare_keys(layer, names).double()  # (f, d_in)
+        c = self._second_moment(layer).double()
+        f = keys.T @ keys / len(names)  # (d_in, d_in)
+        return Solver(c + alpha * (c.diagonal().sum() / f.diagonal().sum()) * f)
+
+    def protected_keys(self, request: EditRequest, layer: int, k_star: torch.Tensor,
+                       solve: Solver | None = None) -> tuple[list[str], torch.Tensor]:
         """The subjects whose keys the insert holds fixed, and their prefix-averaged keys (m, d_in).
+        ``solve``: the C⁻¹ the insert uses (default: the layer's).
 
         The request's own ``protect`` list always; then up to ``params.protect`` reference names that
         share the subject's last token, chosen by ``choose_protected`` (largest leak first). Candidates
         are ranked on their bare keys, and the 3 × protect most leaky re-ranked on averaged keys.
         """
-        solve, p = self.solver(layer), self.params
+        p = self.params
         fixed_names = [s for s in dict.fromkeys(request.protect) if s != request.subject]
         fixed = torch.stack([self.subject_key(layer, s) for s in fixed_names]) if fixed_names \
             else k_star.new_zeros((0, k_star.numel()))
+        solve = solve or self.solver(layer)
         if fixed_names and residual_share(solve, k_star, fixed) < p.protect_min_residual:
             raise InsertError(f"protect: {', '.join(fixed_names)}: these keys cannot be separated from "
                               f"'{request.subject}' at layer {layer} (too little of its key is left to edit)")
@@ -453,11 +496,7 @@ class Rome:
         names = [n for n in self.names().sharing(self.lm.tokenizer, request.subject) if n not in fixed_names]
         if not names:
             return fixed_names, fixed
-        missing = [n for n in names if (layer, n, False) not in self._keys]
-        if missing:
-            for n, k in zip(missing, bare_keys(self.lm, layer, missing)):
-                self._keys[(layer, n, False)] = k
-        bare = torch.stack([self._keys[(layer, n, False)] for n in names])  # (c, d_in)
+        bare = self.bare_keys(layer, names)  # (c, d_in)
         pool = leak(solve(k_star), k_star, bare).abs().argsort(descending=True)[:3 * p.protect].tolist()
         pool_names = [names[i] for i in pool]
         pool_keys = torch.stack([self.subject_key(layer, n) for n in pool_names])  # (≤ 3·protect, d_in)
@@ -486,8 +525,9 @@ class Rome:
             t3 = clock()
             k_d = k_star if self.params.symmetric_keys else subject_keys(self.lm, layer, ["{}"], request.subject)[0]
             with torch.no_grad():
-                names, protected = self.protected_keys(request, layer, k_star)
-                u, v = insert(self.solver(layer), k_star, v_star, k_d, module(k_d[None])[0],
+                solve = self.family_solver(layer, request.subject)
+                names, protected = self.protected_keys(request, layer, k_star, solve)
+                u, v = insert(solve, k_star, v_star, k_d, module(k_d[None])[0],
                               protected if names else None, self.params.protect_ridge,
                               self.params.protect_min_residual)
             t4 = clock()

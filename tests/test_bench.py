@@ -71,7 +71,7 @@ def test_counterfact_bench_scores_token_sharing_neighbours(project):
     (project / "tok.json").write_text(json.dumps(FLAT + [marie, irene]))
     out = project / "run-tok"
     r = run(project, "bench", "counterfact", "--records", str(project / "tok.json"), "--with-token-neighbors",
-            "--methods", "rome,rome-r1", "--out", str(out))
+            "--methods", "rome,rome-r1", "--variant", "soft:protect_weight=1:protect_siblings=3", "--out", str(out))
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     assert validate("bench", report) == []
@@ -81,12 +81,17 @@ def test_counterfact_bench_scores_token_sharing_neighbours(project):
     assert sorted(by_id) == [12, 21, 22]
     assert sorted(by_id[12]["token_neighbors"]) == ["Irène Curie", "Marie Curie"]
     assert len(by_id[12]["scores"]["neighborhood_tok"]) == 2  # [NLL new, NLL own answer, acc, acc] per neighbour
-    for name in ("unedited", "rome", "rome-r1"):
+    assert report["settings"]["methods"]["soft"]["protect_weight"] == 1.0
+    for name in ("unedited", "rome", "rome-r1", "soft"):
         m = report["methods"][name]["metrics"]
         assert m["NS_tok"]["n"] == 3 and m["S+"] is not None
         assert m["S+"]["ci95"][0] <= m["S+"]["value"] <= m["S+"]["ci95"][1]
     assert len(list((out / "values").glob("*.safetensors"))) == 3  # one v* per record, shared by both variants
     assert any("NS_tok / NM_tok" in note for note in report["notes"])
+    for bad in ("rome:layer=1", "x:nope=1", "x:layer=one", "X:layer=1"):
+        r = run(project, "bench", "counterfact", "--records", str(project / "tok.json"), "--variant", bad,
+                "--out", str(project / "run-bad"))
+        assert r.exit_code != 0 and "--variant" in r.output and not (project / "run-bad").exists()
 
 
 def test_counterfact_bench_writes_a_table4_report_and_resumes(project):
