@@ -1,27 +1,37 @@
-"""Paired comparison of two methods' S in one `romeflow bench counterfact` run folder.
+"""Paired comparison of two methods in one `romeflow bench counterfact` run folder: S, S+ or one metric.
 
-Both methods edited the same records, so the difference of their S is bootstrapped over records
-jointly (one resample of record ids feeds both methods): a 95% percentile interval of S_a − S_b.
+Both methods edited the same records, so the difference is bootstrapped over records jointly (one
+resample of record ids feeds both methods): a 95% percentile interval of a − b.
 
-    python bench/compare_s.py reports/bench/counterfact-dev200 rome ftl
+    python bench/compare_s.py reports/bench/counterfact-dev200 rome ftl                  # S
+    python bench/compare_s.py reports/bench/nstok-dev100 rome rome-r1 --metric S+
+    python bench/compare_s.py reports/bench/nstok-dev100 rome rome-r1 --metric NS_tok
+
+S = harmonic mean of the ES, PS, NS means; S+ adds NS_tok, whose mean (like any single metric's) is
+over the records that have a value (records without token-sharing neighbours have none).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from romeflow.bench import Run, counterfact_record_values
-from romeflow.metrics import harmonic_mean
+
+COMPOSITES = {"S": ("ES", "PS", "NS"), "S+": ("ES", "PS", "NS", "NS_tok")}
 
 
-def s_of(cols: np.ndarray) -> np.ndarray:  # (3, R, n) per-record ES/PS/NS -> (R,) S of each resample
-    means = cols.mean(-1)  # (3, R)
-    with np.errstate(divide="ignore"):
-        return np.where((means > 0).all(0), 3.0 / (1.0 / means).sum(0), 0.0)
+def statistic(cols: np.ndarray, harmonic: bool) -> np.ndarray:
+    """(c, R, n) per-record values (NaN: none) -> (R,): the harmonic mean of the column means, or the one mean."""
+    means = np.nanmean(cols, -1)  # (c, R)
+    if not harmonic:
+        return means[0]
+    ok = (means > 0).all(0)
+    return np.where(ok, cols.shape[0] / (1.0 / np.where(ok, means, 1.0)).sum(0), 0.0)
 
 
 def main() -> None:
@@ -29,20 +39,26 @@ def main() -> None:
     ap.add_argument("folder")
     ap.add_argument("a")
     ap.add_argument("b")
+    ap.add_argument("--metric", default="S", help="S, S+, or a per-record metric such as NS_tok, PS, NS")
     ap.add_argument("--resamples", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     run = Run(Path(args.folder), json.loads((Path(args.folder) / "run.json").read_text()))
     rows_a, rows_b = run.done(args.a), run.done(args.b)
     ids = sorted(set(rows_a) & set(rows_b))
-    cols = {m: np.array([[counterfact_record_values(rows[i])[k] for i in ids] for k in ("ES", "PS", "NS")])
-            for m, rows in ((args.a, rows_a), (args.b, rows_b))}  # (3, n)
-    point = {m: harmonic_mean(c.mean(1).tolist()) for m, c in cols.items()}
+    keys = COMPOSITES.get(args.metric, (args.metric,))
+    cols = {m: np.array([[counterfact_record_values(rows[i]).get(k, np.nan) for i in ids] for k in keys])
+            for m, rows in ((args.a, rows_a), (args.b, rows_b))}  # (c, n)
+    harmonic = args.metric in COMPOSITES
+    point = {m: float(statistic(c[:, None, :], harmonic)[0]) for m, c in cols.items()}
     rng = np.random.default_rng(args.seed)
     idx = rng.integers(0, len(ids), size=(args.resamples, len(ids)))  # (R, n)
-    diff = s_of(cols[args.a][:, idx]) - s_of(cols[args.b][:, idx])  # (R,)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample may hold no record with a value
+        diff = statistic(cols[args.a][:, idx], harmonic) - statistic(cols[args.b][:, idx], harmonic)  # (R,)
+    diff = diff[~np.isnan(diff)]
     low, high = np.percentile(diff, [2.5, 97.5])
-    out = {"records": len(ids), "S": point, "difference": point[args.a] - point[args.b],
+    out = {"records": len(ids), "metric": args.metric, args.metric: point, "difference": point[args.a] - point[args.b],
            "ci95": [float(low), float(high)], "share_of_resamples_a_wins": float((diff > 0).mean()),
            "resamples": args.resamples, "seed": args.seed}
     print(json.dumps(out, indent=2))

@@ -29,7 +29,8 @@ from .prompts import fill
 from .schemas import validate
 
 UNEDITED = "unedited"
-METHOD_TITLES = {UNEDITED: "Unedited", "rome": "ROME", "ft": "FT", "ftl": "FT+L", "kn": "KN"}
+METHOD_TITLES = {UNEDITED: "Unedited", "rome": "ROME", "rome-r1": "ROME, rank-one (no protected keys)", "ft": "FT",
+                 "ftl": "FT+L", "kn": "KN"}
 
 
 class BenchError(ValueError):
@@ -65,15 +66,20 @@ def generation_prompts(rec: CounterfactRecord, gen: GenerationParams) -> tuple[l
 
 def score_counterfact(lm: LoadedModel, rec: CounterfactRecord, gen: GenerationParams | None,
                       seed: int) -> dict:
-    """Raw results of one record: per prompt group [NLL new, NLL true, acc new, acc true]; texts."""
-    groups = {"rewrite": [rec.prompt], "paraphrase": list(rec.paraphrases), "neighborhood": list(rec.neighborhood)}
+    """Raw results of one record: per prompt group [NLL new, NLL true, acc new, acc true]; texts.
+
+    For the token-sharing neighbours (``neighborhood_tok``) "true" is each neighbour's own answer."""
+    groups = {"rewrite": [rec.prompt], "paraphrase": list(rec.paraphrases), "neighborhood": list(rec.neighborhood),
+              "neighborhood_tok": [n.prompt for n in rec.token_neighbors]}
     prompts = [p for ps in groups.values() for p in ps]
-    nll, acc = target_scores(lm, prompts * 2, [rec.target_new] * len(prompts) + [rec.target_true] * len(prompts))
+    olds = [rec.target_true] * (len(prompts) - len(rec.token_neighbors)) + [n.answer for n in rec.token_neighbors]
+    nll, acc = target_scores(lm, prompts * 2, [rec.target_new] * len(prompts) + olds)
     rows = torch.stack([nll[:len(prompts)], nll[len(prompts):], acc[:len(prompts)], acc[len(prompts):]], 1).tolist()
     out, i = {"scores": {}}, 0
     for name, ps in groups.items():
         out["scores"][name] = rows[i:i + len(ps)]
         i += len(ps)
+    out["token_neighbors"] = [n.subject for n in rec.token_neighbors]
     if gen is not None:
         gen_prompts, _ = generation_prompts(rec, gen)
         generator = torch.Generator().manual_seed(gen.seed * 1_000_003 + seed)
@@ -112,7 +118,7 @@ class Run:
             self.folder.mkdir(parents=True, exist_ok=True)
         if path.exists():
             old = json.loads(path.read_text())
-            for key in ("kind", "model", "dataset", "generation"):
+            for key in ("kind", "model", "dataset", "generation", "token_neighbors"):
                 if old.get(key) != self.settings.get(key):
                     raise BenchError(f"{path}: this folder holds a run with a different '{key}'; use another --out")
             merged = {**old.get("methods", {}), **self.settings["methods"]}
@@ -156,6 +162,39 @@ class Run:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+class ValueStore:
+    """The (k*, v*, NLL trace) of each edit, kept in the run folder (``values/``) for the ROME variants.
+
+    v* is ~95% of an edit's cost and does not depend on the insert, so every variant of the insert
+    (protected keys or not) run now or later in the same folder computes each v* once. Keys are the
+    tuples ``Rome`` builds (model fingerprint, layer, edit, v* hyper-parameters); files are named by
+    their sha256 and written atomically, so sharded processes can share the folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def _path(self, key: tuple) -> Path:
+        return self.folder / f"{sha256_bytes(repr(key).encode())}.safetensors"
+
+    def get(self, key: tuple):
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        t = load_file(path)
+        return t["k_star"], t["v_star"], t["trace"].tolist()
+
+    def __setitem__(self, key: tuple, value) -> None:
+        from safetensors.torch import save_file
+
+        k_star, v_star, trace = value
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self._path(key)) as tmp:
+            save_file({"k_star": k_star.contiguous(), "v_star": v_star.contiguous(),
+                       "trace": torch.tensor(trace, dtype=torch.float64)}, tmp, metadata={"key": repr(key)})
 
 
 def run_method(run: Run, method: str, editor: Editor | None, lm: LoadedModel, records: list,
@@ -202,6 +241,13 @@ def counterfact_record_values(row: dict) -> dict[str, float]:
         "PS_acc": 100 * sum(r[2] for r in s["paraphrase"]) / len(s["paraphrase"]),
         "NS_acc": 100 * sum(r[3] for r in s["neighborhood"]) / len(s["neighborhood"]),
     }
+    tok = s.get("neighborhood_tok") or []
+    if tok:  # records without token-sharing neighbours have no NS_tok (never counted as a success)
+        out["NS_tok"], out["NM_tok"] = success(_pairs(tok), False), magnitude(_pairs(tok), False)
+        protected = set((row.get("edit") or {}).get("protected") or [])
+        free = [r for r, subject in zip(tok, row.get("token_neighbors") or [None] * len(tok)) if subject not in protected]
+        if free:
+            out["NS_tok_unprotected"] = success(_pairs(free), False)
     if row.get("generations"):
         out["GE"] = 100 * sum(map(generation_entropy, row["generations"])) / len(row["generations"])
     return out
@@ -241,6 +287,15 @@ def aggregate_counterfact(rows: list[dict], records_by_id: dict[int, Counterfact
         metrics[key] = mean_ci(v[key] for v in values).to_dict()
     metrics["S"] = score_ci([v["ES"] for v in values], [v["PS"] for v in values], [v["NS"] for v in values],
                             resamples).to_dict()
+    for key in ("NS_tok", "NM_tok", "NS_tok_unprotected"):
+        have = [v[key] for v in values if key in v]
+        metrics[key] = mean_ci(have).to_dict() if have else None
+    if metrics["NS_tok"] is not None:  # S+: NS_tok's mean over the records that have token-sharing neighbours
+        nan = float("nan")
+        metrics["S+"] = score_ci([v["ES"] for v in values], [v["PS"] for v in values], [v["NS"] for v in values],
+                                 resamples, extra=[[v.get("NS_tok", nan) for v in values]]).to_dict()
+    else:
+        metrics["S+"] = None
     ge = [v["GE"] for v in values if "GE" in v]
     metrics["GE"] = mean_ci(ge).to_dict() if ge else None
     rs = []
@@ -308,6 +363,14 @@ def build_report(run: Run, kind: str, methods: list[str], records: list, command
                             f"prompt, on the first {gen['records']} records of the run; generation prompts: "
                             f"{run.settings['dataset']['generation_prompts']}.")
         report.notes.append(f"RS reference texts: {source}; TF-IDF fitted on one document per object.")
+        tok = run.settings.get("token_neighbors")
+        if tok:
+            report.notes.append(
+                f"NS_tok / NM_tok: up to {tok['k']} other subjects sharing the edited subject's last token, from the "
+                f"dataset{' and ' + tok['facts'] if tok.get('facts') else ''}, asked the record's relation, scored "
+                f"P[their answer] > P[new target]; {tok['records_with']} of {len(records)} records have such neighbours "
+                f"({tok['neighbors']} in all); the others are left out of NS_tok and of its term in S+ "
+                "(S+ = harmonic mean of ES, PS, NS, NS_tok).")
     report.notes.append("95% intervals: mean ± 1.96·sd/√n over records; S: percentile bootstrap over records "
                         f"({resamples} resamples, seed 0).")
     by_id = {r.case_id: r for r in records}
@@ -335,7 +398,7 @@ def _cell(m: dict | None, digits: int = 1) -> str:
 
 def render_markdown(report: Report) -> str:
     if report.kind == "counterfact":
-        cols = ["S", "ES", "EM", "PS", "PM", "NS", "NM", "GE", "RS"]
+        cols = ["S", "S+", "ES", "EM", "PS", "PM", "NS", "NM", "NS_tok", "NM_tok", "GE", "RS"]
         title = "COUNTERFACT (Table 4 layout)"
     else:
         cols = ["Efficacy", "Paraphrase", "Specificity"]
@@ -355,6 +418,10 @@ def render_markdown(report: Report) -> str:
         for name, m in report.methods.items():
             lines.append(f"| {METHOD_TITLES.get(name, name)} | "
                          + " | ".join(_cell(m["metrics"][c]) for c in ("ES_acc", "PS_acc", "NS_acc")) + " |")
+        lines += ["", "NS_tok on the token-sharing neighbours that were not among the edit's protected subjects:", "",
+                  "| Method | NS_tok (unprotected) |", "|---|---|"]
+        for name, m in report.methods.items():
+            lines.append(f"| {METHOD_TITLES.get(name, name)} | {_cell(m['metrics'].get('NS_tok_unprotected'))} |")
     lines += ["", "Hyper-parameters:", ""]
     for name, params in s["methods"].items():
         if name in report.methods:
@@ -408,14 +475,21 @@ def benchmark(lm: LoadedModel, kind: str, records: list, editors: dict[str, Edit
 
 
 def run_settings(kind: str, model: dict, dataset_path: Path, records: list, method_params: dict[str, dict],
-                 gen: GenerationParams | None, generation_source: str | None) -> dict:
+                 gen: GenerationParams | None, generation_source: str | None, token_neighbors: dict | None = None) -> dict:
     """What a run's numbers depend on; a resumed run must match it (run.json)."""
     dataset = {"path": str(dataset_path), "sha256": sha256_bytes(Path(dataset_path).read_bytes()),
                "n": len(records), "case_ids_sha256": sha256_bytes(json.dumps([r.case_id for r in records]).encode())}
     if generation_source:
         dataset["generation_prompts"] = generation_source
-    return {"kind": kind, "model": model, "dataset": dataset,
-            "generation": gen.to_dict() if gen else None, "methods": method_params}
+    out = {"kind": kind, "model": model, "dataset": dataset,
+           "generation": gen.to_dict() if gen else None, "methods": method_params}
+    if token_neighbors is not None:
+        with_tok = [r for r in records if r.token_neighbors]
+        out["token_neighbors"] = {**token_neighbors, "records_with": len(with_tok),
+                                  "neighbors": sum(len(r.token_neighbors) for r in with_tok),
+                                  "sha256": sha256_bytes(json.dumps([[r.case_id] + [list(map(str, (n.subject, n.prompt, n.answer)))
+                                                                     for n in r.token_neighbors] for r in records]).encode())}
+    return out
 
 
 def partial_report(kind: str, records: list, methods: list[str], folder: Path, settings: dict, command: str,

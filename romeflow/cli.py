@@ -18,10 +18,11 @@ from .evaluation import greedy_continuation, next_token_top
 from .history import RevisionError, diff_reports, markdown_table
 from .io import atomic_folder, check_writable
 from .manifests import Manifest, ManifestError, load_manifest
-from .models import EMBEDDED, LoadedModel, ModelError, cache_dir, layer_count, load_model
+from .models import EMBEDDED, LoadedModel, ModelError, cache_dir, layer_count, load_model, resolve, sha256_file
 from .names import BadName
 from .params import ConfigError, Params, check_layers, load_params
 from .registry import check_name, register, unregister
+from .rome import RomeParams
 from .statistics import Stats, get_stats, load_stats, save_stats, text_files_corpus
 from .workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error, status as workflow_status,
                        verify_manifest)
@@ -131,6 +132,14 @@ def _stats_for(ctx, lm: LoadedModel, settings: Params, layers: list[int], files)
     return found
 
 
+def _tokenizer(ctx, spec: str):
+    """The model's tokenizer alone (no weights loaded): for what must be known before the model is."""
+    from transformers import AutoTokenizer
+
+    folder, _name, _fp = resolve(spec, cache_dir(ctx.obj["cache"]), log=lambda s: err.print(f"[dim]{s}[/dim]"))
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def _params_path(ctx) -> Path:
     return Path(ctx.obj["params"] or "params.yaml")
 
@@ -173,7 +182,8 @@ def apply(ctx, manifest, out, model_spec, stats_files):
     from tqdm.auto import tqdm
 
     with tqdm(total=len(m.edits), desc=f"editing ({m.name})", unit="edit", file=sys.stderr) as bar:
-        delta = compute_delta(lm, m, settings.rome, stats, progress=lambda i, r: bar.update(1))
+        delta = compute_delta(lm, m, settings.rome, stats, progress=lambda i, r: bar.update(1),
+                              root=_params_path(ctx).parent)
     save_delta(out, delta)
     table = Table(title=f"{m.name}: {len(m.edits)} edit(s) -> {out}")
     for col in ("#", "prompt", "target", "P before", "P after", "true before", "true after"):
@@ -325,6 +335,8 @@ def _bench_options(default_methods: str):
         f = click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")(f)
         f = click.option("--shard", default=None, metavar="K/N",
                          help="Run only records K, K+N, K+2N, … (1-based) so N processes share one run folder.")(f)
+        f = click.option("--variant", "variants", multiple=True, metavar="NAME:key=value[:key=value]",
+                         help="An extra ROME method with changed hyper-parameters, e.g. l4:layer=4 (repeatable).")(f)
         f = click.option("--partial", is_flag=True,
                          help="Run nothing: report on the records every method has finished so far "
                               "(report-partial.md), e.g. while a run is in progress.")(f)
@@ -345,11 +357,11 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, references_path=None, partial=False,
-               shard=None):
+               shard=None, require_tok=False, variants=()):
     from tqdm.auto import tqdm
 
-    from .bench import benchmark, generation_prompts, partial_report, run_settings
-    from .datasets import load_counterfact, load_zsre
+    from .bench import ValueStore, benchmark, generation_prompts, partial_report, run_settings
+    from .datasets import load_counterfact, load_known_facts, load_zsre, mine_token_neighbors
     from .editors import make_editor
 
     shard = _parse_shard(shard)
@@ -361,10 +373,25 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
         raise click.BadParameter("must be at least 1", param_hint="--n")
     names = [m.strip() for m in methods.split(",") if m.strip()]
     params = {name: settings.method(name) for name in names}
+    variant_params = dict(settings.rome_variant(v) for v in variants)  # checked by the rome section's rules
+    names += list(variant_params)
+    params.update(variant_params)
     out = Path(out or Path("reports") / "bench" / kind)
     check_writable(out, "--out", folder=True)
     all_records = load_counterfact(records_path) if kind == "counterfact" else load_zsre(records_path)
+    tok_cfg = None
+    if kind == "counterfact":  # NS_tok: token-sharing neighbours, mined with the model's tokenizer
+        k_tok, facts_path = settings.bench.token_neighbors_k, settings.bench.token_neighbors_facts
+        known = load_known_facts(facts_path) if facts_path else []
+        all_records = mine_token_neighbors(all_records, _tokenizer(ctx, model_spec or settings.model), k_tok, known)
+        if require_tok:
+            all_records = [r for r in all_records if r.token_neighbors]
+        tok_cfg = {"k": k_tok, "facts": facts_path,
+                   "facts_sha256": sha256_file(Path(facts_path)) if facts_path else None,
+                   "only_records_with_neighbors": bool(require_tok)}
     records = all_records[:n] if n else all_records
+    if not records:
+        raise click.UsageError(f"{records_path}: no records to run")
     references = None
     if references_path:
         references = json.loads(Path(references_path).read_text())
@@ -381,23 +408,27 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     if partial:  # aggregate only: the run's own settings must match (model fingerprint included)
         prior = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
         model = prior.get("model", {"name": "?", "fingerprint": "?"})
-        run_cfg = run_settings(kind, model, Path(records_path), records, param_dicts, gen, gen_source)
+        run_cfg = run_settings(kind, model, Path(records_path), records, param_dicts, gen, gen_source, tok_cfg)
         report = partial_report(kind, records, ["unedited"] + names, out, run_cfg, command,
                                 all_records if kind == "counterfact" else None, references)
         _print_report(kind, report, out / "report-partial.md", len(records))
         return
     spec = model_spec or settings.model
-    uses = [(f"{settings.path}: {name}.layer", params[name].layer) for name in names if name in ("rome", "ft", "ftl")]
+    where = lambda name: (f"--variant {name}: layer" if name in variant_params else  # noqa: E731
+                          f"{settings.path}: {'rome' if name == 'rome-r1' else name}.layer")
+    uses = [(where(name), p.layer) for name, p in params.items() if hasattr(p, "layer")]
     uses += [(f"{settings.path}: kn.layers", layer) for layer in (settings.kn.layers or ()) if "kn" in names]
     _check_layers(ctx, spec, uses)
     lm = _load(ctx, spec)
     check_layers(lm.num_layers, uses)
-    stats = _stats_for(ctx, lm, settings, [params["rome"].layer], ()) if "rome" in params else {}
+    rome_layers = sorted({p.layer for p in params.values() if isinstance(p, RomeParams)})
+    stats = _stats_for(ctx, lm, settings, rome_layers, ()) if rome_layers else {}
+    values = ValueStore(out / "values")  # (k*, v*) shared by the ROME variants: they differ only in the insert
     editors = {"unedited": None}
-    editors.update({name: make_editor(name, lm, params[name], lambda layer: stats[layer].second_moment)
+    editors.update({name: make_editor(name, lm, params[name], lambda layer: stats[layer].second_moment, values)
                     for name in names})
     run_cfg = run_settings(kind, {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,
-                           param_dicts, gen, gen_source)
+                           param_dicts, gen, gen_source, tok_cfg)
     bars = {}
 
     def progress(name, total, done):
@@ -429,19 +460,26 @@ def _print_report(kind: str, report, path: Path, n: int) -> None:
 @_bench_options("rome,ft,ftl,kn")
 @click.option("--references", "references_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="RS reference texts, JSON {object: [text, ...]} [default: built from the dataset's records].")
-def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path, partial, shard):
-    """Edit each COUNTERFACT record alone, score ES/EM, PS/PM, NS/NM, S, GE, RS with 95% CIs.
+@click.option("--with-token-neighbors", "require_tok", is_flag=True,
+              help="Only records that have token-sharing neighbours (NS_tok), before --n.")
+def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path, partial, shard, require_tok,
+                      variants):
+    """Edit each COUNTERFACT record alone, score ES/EM, PS/PM, NS/NM, NS_tok/NM_tok, S, S+, GE, RS with 95% CIs.
 
+    NS_tok: other subjects that share the edited subject's last token (from the dataset and from
+    params.yaml bench.token_neighbors.facts), asked the same relation, must keep their own answer.
     Resumable: re-running the same command continues where it stopped, then writes report.json and
     report.md in the run folder."""
-    _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path, partial, shard)
+    _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path, partial, shard,
+               require_tok, variants)
 
 
 @bench.command("zsre")
 @_bench_options("rome,ft,ftl,kn")
-def bench_zsre(ctx, records_path, n, methods, out, model_spec, partial, shard):
+def bench_zsre(ctx, records_path, n, methods, out, model_spec, partial, shard, variants):
     """Edit each zsRE record alone, score efficacy, paraphrase and specificity accuracy with 95% CIs."""
-    _run_bench(ctx, "zsre", records_path, n, methods, out, model_spec, partial=partial, shard=shard)
+    _run_bench(ctx, "zsre", records_path, n, methods, out, model_spec, partial=partial, shard=shard,
+               variants=variants)
 
 
 @main.command()

@@ -6,7 +6,8 @@ Loaders read a path the user brings and fail with one line naming the file, the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .prompts import fill
@@ -52,6 +53,15 @@ def _texts(raw: dict, key: str, default=None) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class TokenNeighbor:
+    """Another subject that shares the edited subject's last token, asked the same relation."""
+
+    subject: str
+    prompt: str  # the record's relation template, filled with this subject
+    answer: str  # its own object (from its record or known fact), which differs from the new target
+
+
+@dataclass(frozen=True)
 class CounterfactRecord:
     case_id: int
     subject: str
@@ -62,6 +72,8 @@ class CounterfactRecord:
     neighborhood: tuple[str, ...]  # prompts whose answer is target_true
     generation: tuple[str, ...] = ()  # only in the paper's schema
     attribute: tuple[str, ...] = ()
+    relation_id: str | None = None  # only in the paper's schema
+    token_neighbors: tuple[TokenNeighbor, ...] = ()  # filled by mine_token_neighbors
 
     @property
     def request(self) -> EditRequest:
@@ -83,7 +95,8 @@ def _counterfact(raw: dict) -> CounterfactRecord:
         return CounterfactRecord(int(raw["case_id"]), _text(rw, "subject"), relation,
                                  _text(rw["target_new"], "str"), _text(rw["target_true"], "str"),
                                  _texts(raw, "paraphrase_prompts"), _texts(raw, "neighborhood_prompts"),
-                                 _texts(raw, "generation_prompts", ()), _texts(raw, "attribute_prompts", ()))
+                                 _texts(raw, "generation_prompts", ()), _texts(raw, "attribute_prompts", ()),
+                                 str(rw["relation_id"]) if rw.get("relation_id") is not None else None)
     # the flat schema: the prompt has the subject filled in
     subject, prompt = _text(raw, "subject"), _text(raw, "prompt")
     if subject not in prompt:
@@ -103,6 +116,76 @@ def load_counterfact(path: str | Path) -> list[CounterfactRecord]:
             field = f"'{e.args[0]}'" if isinstance(e, KeyError) else str(e)
             raise DatasetError(f"{path}: record {i}: missing or invalid field {field}") from e
     return records
+
+
+# --------------------------------------------------------------------------------------------------
+# Token-sharing neighbourhoods (NS_tok): other subjects with the edited subject's last token
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A (subject, relation, object) triple a neighbour can be drawn from."""
+
+    subject: str
+    relation: str  # template with {}
+    answer: str
+    relation_id: str | None = None
+
+
+def load_known_facts(path: str | Path) -> list[Fact]:
+    """The paper's known facts (known_1000.json): subject, prompt (the subject filled in), attribute."""
+    facts = []
+    for i, raw in enumerate(_read_list(path, "known-facts")):
+        try:
+            subject, prompt = _text(raw, "subject"), _text(raw, "prompt")
+            if subject not in prompt:
+                raise ValueError("'subject' (not found in the prompt)")
+            facts.append(Fact(subject, prompt.replace(subject, "{}", 1), _text(raw, "attribute").strip(),
+                              str(raw["relation_id"]) if raw.get("relation_id") is not None else None))
+        except (KeyError, TypeError, ValueError) as e:
+            field = f"'{e.args[0]}'" if isinstance(e, KeyError) else str(e)
+            raise DatasetError(f"{path}: record {i}: missing or invalid field {field}") from e
+    return facts
+
+
+def _same_relation(a_relation: str, a_id: str | None, b_relation: str, b_id: str | None) -> bool:
+    """Relation ids when both have one (the paper's schema), else the same template text."""
+    return a_id == b_id if a_id is not None and b_id is not None else a_relation == b_relation
+
+
+def mine_token_neighbors(records: list[CounterfactRecord], tokenizer, k: int, extra: list[Fact] = (),
+                         seed: int = 0) -> list[CounterfactRecord]:
+    """Each record with up to k token-sharing neighbours (``token_neighbors``).
+
+    A neighbour is another subject (from the records themselves and from ``extra`` facts) whose LAST
+    token, by the model's tokenizer, is the edited subject's last token, whose fact has the same
+    relation, and whose own answer differs from the record's new target. It is asked with the
+    record's own relation template; success (NS_tok) means P[its answer] > P[new target] after the
+    edit. Up to k are drawn per record, distinct subjects, in a seeded order.
+    """
+    pool = [Fact(r.subject, r.relation, r.target_true, r.relation_id) for r in records] + list(extra)
+    subjects = sorted({f.subject for f in pool})
+    last = {s: ids[-1] for s, ids in zip(subjects, tokenizer(subjects).input_ids)}  # subject -> last token id
+    by_token: dict[int, list[Fact]] = {}
+    for f in pool:
+        by_token.setdefault(last[f.subject], []).append(f)
+    out = []
+    for rec in records:
+        seen, found = {rec.subject}, []
+        candidates = by_token.get(last[rec.subject], [])
+        rng = random.Random(f"{seed}:{rec.case_id}")
+        for f in rng.sample(candidates, len(candidates)):
+            if len(found) == k:
+                break
+            if f.subject in seen or f.answer.strip().lower() == rec.target_new.strip().lower():
+                continue
+            if not _same_relation(rec.relation, rec.relation_id, f.relation, f.relation_id):
+                continue
+            seen.add(f.subject)
+            found.append(TokenNeighbor(f.subject, fill(rec.relation, f.subject), f.answer))
+        out.append(replace(rec, token_neighbors=tuple(found)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

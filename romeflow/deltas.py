@@ -233,14 +233,15 @@ class EditedModel:
 
 
 def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict[int, Stats],
-                  progress: Callable[[int, EditResult], None] | None = None) -> Delta:
+                  progress: Callable[[int, EditResult], None] | None = None, root: Path = Path(".")) -> Delta:
     """Apply a manifest's edits one after another with ROME and return them as a delta.
 
-    The model is left as it was (the base): the delta alone carries the edits.
+    The model is left as it was (the base): the delta alone carries the edits. ``root``: the folder
+    that ``rome.protect_sources`` paths are relative to (the project's).
     """
     layers = [manifest.layer_of(e, params.layer) for e in manifest.edits]
     saved = {m: weight_out_in(lm.model, m).clone() for m in {edited_module_name(lm.model, l) for l in layers}}
-    editor = Rome(lm, params, lambda layer: stats[layer].second_moment)
+    editor = Rome(lm, params, lambda layer: stats[layer].second_moment, root)
     probe = lambda e: edit_probabilities(lm, e.prompt, e.target, e.target_true)  # noqa: E731
     try:
         before = [probe(e) for e in manifest.edits]
@@ -263,7 +264,7 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
         "context_prefixes": editor.prefixes,
         "edits": [{"index": i, "module": r.update.module, "layer": r.update.layer,
                    "d_in": r.update.v.numel(), "d_out": r.update.u.numel(), "steps": len(r.nll_trace) - 1,
-                   "final_nll": r.nll_trace[-1], "before": b, "after": a}
+                   "final_nll": r.nll_trace[-1], "before": b, "after": a, "protected": list(r.protected)}
                   for i, (r, b, a) in enumerate(zip(results, before, after))],
     }
     return Delta([r.update for r in results], meta)

@@ -9,8 +9,9 @@ the same kind of factors a delta file stores. FT's change is dense and has no su
 from __future__ import annotations
 
 import copy
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Protocol
 
 import torch
@@ -52,16 +53,18 @@ class Editor(Protocol):
 class RomeEditor:
     name = "rome"
 
-    def __init__(self, lm: LoadedModel, params: RomeParams, second_moment: Callable[[int], torch.Tensor]):
-        self.lm, self.params = lm, params
-        self.rome = Rome(lm, params, second_moment)
+    def __init__(self, lm: LoadedModel, params: RomeParams, second_moment: Callable[[int], torch.Tensor],
+                 name: str = "rome", values: dict | None = None):
+        self.lm, self.params, self.name = lm, params, name
+        self.rome = Rome(lm, params, second_moment, values=values)
 
     def edit(self, request: EditRequest) -> WeightEdit:
         result = self.rome.compute(request)
         up = result.update
         originals = _snapshot(self.lm.model, [up.module])
         add_rank_one(self.lm.model, up.module, up.u, up.v)
-        return WeightEdit(originals, [up], {"steps": len(result.nll_trace), "final_nll": result.nll_trace[-1]})
+        return WeightEdit(originals, [up], {"steps": len(result.nll_trace), "final_nll": result.nll_trace[-1],
+                                            "protected": result.protected})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,12 +253,40 @@ def timed_edit(editor: Editor, request: EditRequest) -> tuple[WeightEdit, float]
     return edit, time.perf_counter() - t0
 
 
-METHODS = ("rome", "ft", "ftl", "kn")
+METHODS = ("rome", "rome-r1", "ft", "ftl", "kn")  # rome-r1: ROME with no protected keys (the rank-one insert)
 
 
-def make_editor(name: str, lm: LoadedModel, params, second_moment: Callable[[int], torch.Tensor]) -> Editor:
-    if name == "rome":
-        return RomeEditor(lm, params, second_moment)
+def rome_variant(spec: str, base: RomeParams) -> tuple[str, RomeParams]:
+    """'NAME:key=value:key=value' -> (NAME, base with those ROME hyper-parameters changed).
+
+    A benchmark's extra ROME methods, e.g. 'l4:layer=4' or 'p30:protect=30:protect_weight=1'; tuple
+    values are joined by '+' ('protect_sources=wikipedia+data/known_1000.json')."""
+    name, _, rest = spec.partition(":")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or name in METHODS or name == "unedited":
+        raise ValueError(f"--variant {spec!r}: the name must be new, lower-case letters, digits, '_' or '-'")
+    types = {f.name: type(getattr(base, f.name)) for f in fields(RomeParams)}
+    changes = {}
+    for item in filter(None, rest.split(":")):
+        key, eq, text = item.partition("=")
+        if not eq or key not in types:
+            raise ValueError(f"--variant {spec!r}: '{item}' is not key=value with a rome hyper-parameter")
+        kind = types[key]
+        try:
+            changes[key] = (tuple(text.split("+")) if kind is tuple else
+                            {"true": True, "false": False}[text.lower()] if kind is bool else kind(text))
+        except (KeyError, ValueError):
+            raise ValueError(f"--variant {spec!r}: {key}: expected a {kind.__name__}, got {text!r}") from None
+    return name, replace(base, **changes)
+
+
+def make_editor(name: str, lm: LoadedModel, params, second_moment: Callable[[int], torch.Tensor],
+                values: dict | None = None) -> Editor:
+    """An editor by method name; a RomeParams makes a ROME editor of that name (a benchmark's variant).
+
+    ``values``: a (k*, v*) cache shared by the ROME variants of one benchmark (they differ only in the
+    insert, and every edit starts from the restored base model)."""
+    if name in ("rome", "rome-r1") or isinstance(params, RomeParams):
+        return RomeEditor(lm, params, second_moment, name, values)
     if name in ("ft", "ftl"):
         return FineTune(lm, params, name)
     if name == "kn":

@@ -13,7 +13,8 @@ import torch
 from .models import LoadedModel, final_hidden, logits_at
 from .prompts import continuation, encode, fill, flush_denormals, mean_per_pair, teacher_forced
 from .datasets import CounterfactRecord, load_counterfact  # noqa: F401  (re-exported)
-from .metrics import harmonic_mean, magnitude, success
+from .manifests import subject_of
+from .metrics import harmonic_mean, magnitude, success, wilson_ci
 
 
 @torch.no_grad()
@@ -154,6 +155,11 @@ def score_manifest(lm: LoadedModel, manifest, old_objects: list[str] | None = No
         p_nb_target, p_nb_answer = q[: len(answered)], q[len(answered):]
         top = _top1(lm, prompts + [n.prompt for n in e.neighbors])
         first = _first_token(lm, e.target)
+        subject_last = lm.tokenizer(e.subject).input_ids[-1]
+
+        def shares_last_token(prompt: str) -> bool:  # its subject ends in the edited subject's last token
+            other = subject_of(e.relation, prompt)
+            return other is not None and lm.tokenizer(other).input_ids[-1] == subject_last
 
         def row(prompt, pn, po, t):
             return {"prompt": prompt, "p_target": pn, "p_old": po,
@@ -171,6 +177,7 @@ def score_manifest(lm: LoadedModel, manifest, old_objects: list[str] | None = No
                 j += 1
             else:
                 neighbors.append({"prompt": n.prompt, "answer": None, "success": kept, "top1_kept": kept})
+            neighbors[-1]["shares_last_token"] = shares_last_token(n.prompt)
         edits.append({"index": i, "old_object": old, "rewrite": rows[0], "paraphrases": rows[1:],
                       "neighbors": neighbors, "top1": top})
     return {"edits": edits, "metrics": manifest_metrics(edits)}
@@ -203,6 +210,18 @@ def manifest_metrics(edits: list[dict]) -> dict[str, float]:
     }
     present = [out[k] for k in ("ES", "PS", "NS") if out[k] is not None]
     out["S"] = harmonic_mean(present) if present else None
+    # NS_tok: the neighbours whose subject shares the edited subject's last token (the bleed ROME is prone to)
+    tok_edits = [{**e, "neighbors": [r for r in e["neighbors"] if r.get("shares_last_token")]} for e in edits]
+    tok_rows = [r for e in tok_edits for r in e["neighbors"]]
+    if tok_rows:
+        def per_tok_edit(value):
+            inner = [mean([value(r) for r in e["neighbors"]]) for e in tok_edits]
+            return mean([x / 100.0 for x in inner if x is not None])
+
+        out["NS_tok"] = per_tok_edit(lambda r: r["success"])
+        out["NM_tok"] = per_tok_edit(lambda r: (r["p_answer"] - r["p_target"]) if r["answer"] else None)
+        out["NS_tok_low"], out["NS_tok_high"] = wilson_ci(sum(r["success"] for r in tok_rows), len(tok_rows))
+        out["S+"] = harmonic_mean(present + [out["NS_tok"]])
     return {k: v for k, v in out.items() if v is not None}
 
 

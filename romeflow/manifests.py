@@ -34,10 +34,21 @@ class ManifestEdit:
     paraphrases: tuple[str, ...] = ()
     neighbors: tuple[Neighbor, ...] = ()
     layer: int | str | None = None  # an index, "auto" (the traced layer) or None (the default)
+    protect: tuple[str, ...] = ()  # other subjects whose keys must not change
 
     @property
     def request(self) -> EditRequest:
-        return EditRequest(self.subject, self.relation, self.target, self.target_true)
+        return EditRequest(self.subject, self.relation, self.target, self.target_true, self.protected_subjects)
+
+    @property
+    def protected_subjects(self) -> tuple[str, ...]:
+        """The ``protect:`` list, then the subjects of neighbours asked with the edit's own relation."""
+        found = list(self.protect)
+        for n in self.neighbors:
+            subject = subject_of(self.relation, n.prompt)
+            if subject and subject != self.subject:
+                found.append(subject)
+        return tuple(dict.fromkeys(found))
 
     @property
     def prompt(self) -> str:
@@ -47,7 +58,20 @@ class ManifestEdit:
         d = asdict(self)
         d["paraphrases"] = list(self.paraphrases)
         d["neighbors"] = [asdict(n) for n in self.neighbors]
+        if self.protect:
+            d["protect"] = list(self.protect)
+        else:  # manifests without protect: keep the canonical form (and so provenance) of older deltas
+            del d["protect"]
         return d
+
+
+def subject_of(relation: str, prompt: str) -> str | None:
+    """The subject of a prompt asked with this relation template ("{}'s area of work is"), if it is one."""
+    head, tail = relation.split("{}", 1)
+    if len(prompt) > len(head) + len(tail) and prompt.startswith(head) and prompt.endswith(tail):
+        subject = prompt[len(head):len(prompt) - len(tail)].strip()
+        return subject or None
+    return None
 
 
 @dataclass(frozen=True)
@@ -119,8 +143,11 @@ def load_manifest(path: str | Path) -> Manifest:
         seen[key] = i
         neighbors = tuple(Neighbor(n) if isinstance(n, str) else Neighbor(n["prompt"], n.get("answer"))
                           for n in e.get("neighbors", []))
+        protect = tuple(dict.fromkeys(p.strip() for p in e.get("protect", [])))
+        if subject in protect:
+            _fail(path, f"{where}.protect", f"lists the edited subject '{subject}' itself")
         edits.append(ManifestEdit(subject, relation, e["target"].strip(),
                                   e["target_true"].strip() if e.get("target_true") else None,
-                                  tuple(e.get("paraphrases", [])), neighbors, e.get("layer")))
+                                  tuple(e.get("paraphrases", [])), neighbors, e.get("layer"), protect))
     return Manifest(str(path), path.stem, hashlib.sha256(raw).hexdigest(), tuple(edits),
                     data.get("model"), data.get("layer"), data.get("description", ""))

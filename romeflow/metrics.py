@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -46,26 +47,40 @@ def mean_ci(values) -> Estimate:
     return Estimate(mean, mean - half, mean + half, int(x.size))
 
 
+def wilson_ci(successes: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion, in %: for the few prompts of one manifest."""
+    if n <= 0:
+        raise ValueError("no trials")
+    p, z2 = successes / n, Z95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
 def harmonic_mean(values) -> float:
     values = list(values)
     return 0.0 if any(v <= 0 for v in values) else len(values) / sum(1.0 / v for v in values)
 
 
-def score_ci(es, ps, ns, resamples: int = 1000, seed: int = 0) -> Estimate:
+def score_ci(es, ps, ns, resamples: int = 1000, seed: int = 0, extra=()) -> Estimate:
     """S = harmonic mean of the ES, PS and NS means, with a percentile bootstrap over records.
 
-    es, ps, ns: per-record success values (%), aligned by record.
+    es, ps, ns: per-record success values (%), aligned by record. ``extra``: more such columns
+    (S+ adds NS_tok), where NaN marks a record without a value: each column's mean is over the
+    records that have one, in the point estimate and in every resample.
     """
-    cols = np.asarray([list(es), list(ps), list(ns)], dtype=np.float64)  # (3, n)
+    cols = np.asarray([list(es), list(ps), list(ns)] + [list(c) for c in extra], dtype=np.float64)  # (c, n)
     n = cols.shape[1]
-    point = harmonic_mean(cols.mean(1).tolist())
+    point = harmonic_mean(np.nanmean(cols, 1).tolist())
     if n < 2:
         return Estimate(point, point, point, n)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(resamples, n))  # (R, n)
-    means = cols[:, idx].mean(2)  # (3, R)
-    with np.errstate(divide="ignore"):
-        boot = np.where((means > 0).all(0), 3.0 / (1.0 / means).sum(0), 0.0)  # (R,)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample may hold no record with a value
+        means = np.nanmean(cols[:, idx], 2)  # (c, R)
+        ok = (means > 0).all(0)  # NaN compares False
+        boot = np.where(ok, cols.shape[0] / (1.0 / np.where(ok, means, 1.0)).sum(0), 0.0)  # (R,)
     low, high = np.percentile(boot, [2.5, 97.5])
     return Estimate(point, float(low), float(high), n)
 

@@ -33,7 +33,8 @@ from .schemas import _schema_text, validate_with
 from .statistics import Corpus, text_files_corpus, wikipedia_corpus
 from .tracing import TraceParams, read_layer
 
-METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "S", "rewrite_top1", "paraphrase_top1", "neighbor_top1_kept")
+METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "S", "NS_tok", "NM_tok", "NS_tok_low", "NS_tok_high", "S+",
+           "rewrite_top1", "paraphrase_top1", "neighbor_top1_kept")  # what reports hold; gate.eval keys
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,8 @@ class BenchParams:
     counterfact_records: str | None = None
     zsre_records: str | None = None
     generation: GenerationParams = field(default_factory=GenerationParams)
+    token_neighbors_k: int = 5  # NS_tok: at most k token-sharing neighbours per record
+    token_neighbors_facts: str | None = None  # known facts to mine them from, besides the dataset
 
     def records(self, kind: str) -> str | None:
         return {"counterfact": self.counterfact_records, "zsre": self.zsre_records}[kind]
@@ -128,13 +131,25 @@ class Params:
         return manifest.with_auto_layer(self.traced_layer()) if manifest.uses_auto else manifest
 
     def method(self, name: str):
-        """The hyper-parameters of an editor (``rome``, ``ft``, ``ftl``, ``kn``)."""
+        """The hyper-parameters of an editor (``rome``, ``rome-r1``: ROME without protected keys, ``ft``,
+        ``ftl``, ``kn``)."""
         if name == "ftl" and self.ftl.linf is None:
             raise ConfigError(f"{self.path}: ftl.linf: required (the L∞ bound of FT+L)")
-        try:
-            return {"rome": self.rome, "ft": self.ft, "ftl": self.ftl, "kn": self.kn}[name]
-        except KeyError:
-            raise ConfigError(f"--methods: unknown method '{name}' (known: rome, ft, ftl, kn)") from None
+        methods = {"rome": self.rome, "rome-r1": replace(self.rome, protect=0), "ft": self.ft, "ftl": self.ftl,
+                   "kn": self.kn}
+        if name not in methods:
+            raise ConfigError(f"--methods: unknown method '{name}' (known: {', '.join(methods)})")
+        return methods[name]
+
+    def rome_variant(self, spec: str) -> tuple[str, RomeParams]:
+        """``--variant NAME:key=value:...``: rome with those fields changed, checked by the rome rules."""
+        from .editors import rome_variant
+
+        name, p = rome_variant(spec, self.rome)
+        errors = validate_with(_section_validator("rome"), _plain(p))
+        if errors:
+            raise ConfigError(f"--variant {spec!r}: rome.{errors[0][0]}: {errors[0][1]}")
+        return name, p
 
     def with_trace(self, options: dict[str, str], **values) -> "Params":
         """``trace:`` with command-line values (None = keep), validated by the same rules;
@@ -292,7 +307,8 @@ def parse_params(raw, path: str = "params.yaml", resolve_auto: bool = True) -> P
         ftl=_build(FtParams, section("ftl")),
         kn=_build(KnParams, section("kn")),
         bench=BenchParams((bench.get("counterfact") or {}).get("records"), (bench.get("zsre") or {}).get("records"),
-                          _build(GenerationParams, gen)),
+                          _build(GenerationParams, gen), (bench.get("token_neighbors") or {}).get("k", 5),
+                          (bench.get("token_neighbors") or {}).get("facts")),
     )
 
 

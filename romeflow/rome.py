@@ -11,7 +11,9 @@ model width). W is always handled as (d_out, d_in), whatever the storage orienta
 from __future__ import annotations
 
 import copy
+import random
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
@@ -19,6 +21,7 @@ import torch
 
 from .models import LoadedModel, edited_module, edited_module_name, final_hidden, keys_at, logits_at, weight_out_in
 from .prompts import encode, fill, flush_denormals, mean_per_pair, pad, subject_last_index, teacher_forced
+from .protect import NameIndex, bare_keys, choose_protected, leak, reference_names, residual_share
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,14 @@ class RomeParams:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖W k*‖
     essence_prompt: str = "{} is a"
+    # Entity-level specificity (docs/specificity.md): keys of other subjects that share the edited
+    # subject's last token are held fixed by the insert (Eq. 2 with more constraints).
+    protect: int = 0  # at most this many automatically mined protected subjects per edit (0: none)
+    protect_sources: tuple[str, ...] = ("wikipedia",)  # reference entity names: 'wikipedia' or files
+    protect_ridge: float = 1e-6  # ridge on (Kᵀ C⁻¹ K), relative to its mean diagonal
+    protect_min_residual: float = 0.05  # refuse protected keys that leave less of k* than this to edit
+    protect_weight: float = 0.0  # α: C + α·(tr C / tr F)·F, F the second moment of the subject's family (0: off)
+    protect_siblings: int = 0  # family members made up: other reference names' first words + the last word
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RomeParams":
@@ -61,6 +72,7 @@ class EditRequest:
     relation: str  # a prompt template with {} where the subject goes
     target: str  # the new object o*
     target_true: str | None = None  # the old object, for reporting
+    protect: tuple[str, ...] = ()  # subjects whose keys the insert must leave unchanged
 
     @property
     def prompt(self) -> str:
@@ -85,6 +97,7 @@ class EditResult:
     v_star: torch.Tensor  # (d_out,)
     nll_trace: list[float]  # mean target NLL at each v* step
     timings: dict[str, float] = field(default_factory=dict)
+    protected: list[str] = field(default_factory=list)  # subjects whose keys the insert held fixed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,20 +331,56 @@ class Solver:
             raise ValueError("the key second moment C is not positive definite: compute it over more tokens")
         self.factor = factor  # (d_in, d_in) lower-triangular L with C = L Lᵀ
 
-    def __call__(self, k: torch.Tensor) -> torch.Tensor:  # (d_in,) -> C⁻¹ k (d_in,)
-        return torch.cholesky_solve(k.double()[:, None], self.factor)[:, 0].float()
+    def solve64(self, k: torch.Tensor) -> torch.Tensor:  # (d_in,) or (d_in, n) -> C⁻¹ k, float64
+        k64 = k.to(self.factor.device, torch.float64)
+        return torch.cholesky_solve(k64.reshape(k64.shape[0], -1), self.factor).reshape(k64.shape)
+
+    def __call__(self, k: torch.Tensor) -> torch.Tensor:  # (d_in,) or (d_in, n) -> C⁻¹ k, float32
+        return self.solve64(k).to(k.device, torch.float32)
 
 
-def insert(solve: Callable[[torch.Tensor], torch.Tensor], k_star: torch.Tensor, v_star: torch.Tensor,
-           k_d: torch.Tensor, w_k_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 2: Ŵ = W + Λ (C⁻¹k*)ᵀ with Λ = (v* − W k_d) / ((C⁻¹k*)ᵀ k_d), so that Ŵ k_d = v*.
+class InsertError(ValueError):
+    """Keys the insert cannot separate (a protected key that is, for C, the edited key itself)."""
 
+
+def insert(solve: Solver, k_star: torch.Tensor, v_star: torch.Tensor, k_d: torch.Tensor, w_k_d: torch.Tensor,
+           protected: torch.Tensor | None = None, ridge: float = 0.0,
+           min_residual: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 with more constraints: the smallest update in the C-norm that writes the edit and holds
+    the protected keys fixed,
+
+        minimise ‖Δ‖_C = tr(Δ C Δᵀ)   subject to   Ŵ k_d = v*  and  Ŵ k_j = W k_j  (j = 1..m)
+
+        Δ = R (K_conᵀ C⁻¹ K)⁻¹ (C⁻¹ K)ᵀ,   K = [k*, k_1 .. k_m],  K_con = [k_d, k_1 .. k_m],  R = [v* − W k_d, 0 .. 0]
+
+    Only R's first column is non-zero, so Δ = (v* − W k_d) (C⁻¹ K M⁻ᵀ e₀)ᵀ with M = K_conᵀ C⁻¹ K is
+    rank one whatever m is. With m = 0 it is the paper's Ŵ = W + Λ (C⁻¹k*)ᵀ, Λ = (v* − W k_d) / ((C⁻¹k*)ᵀ k_d).
     k_d = k* is r-ROME (symmetric); k_d = the bare prompt's key is the paper's original code.
-    Returns the factors (u = Λ (d_out,), v = C⁻¹k* (d_in,)) of ΔW = u vᵀ.
+
+    k_star, k_d: (d_in,); v_star, w_k_d: (d_out,); protected: (m, d_in) or None.
+    ridge: added to M's diagonal, relative to its mean diagonal, when m > 0 (near-collinear protected keys).
+    min_residual: the share of k*'s C⁻¹-energy that must lie outside the protected keys' span
+    (1 / (M₀₀ (M⁻¹)₀₀), 1 when m = 0); below it the keys cannot be separated and InsertError is raised.
+    Returns the factors (u = Λ (d_out,), v = m₀₀ C⁻¹K M⁻ᵀ e₀ (d_in,)) of ΔW = u vᵀ, with m₀₀ = (C⁻¹k*)ᵀ k_d:
+    for m = 0, exactly the rank-one factors (Λ, C⁻¹k*).
     """
-    c_inv_k = solve(k_star)  # (d_in,)
-    lam = (v_star - w_k_d) / (c_inv_k @ k_d)  # (d_out,)
-    return lam, c_inv_k
+    keys = k_star[:, None] if protected is None else torch.cat([k_star[:, None], protected.T], 1)  # (d_in, n)
+    con = k_d[:, None] if protected is None else torch.cat([k_d[:, None], protected.T], 1)  # (d_in, n)
+    c_inv_k = solve.solve64(keys)  # (d_in, n) C⁻¹K
+    m = con.to(torch.float64).T @ c_inv_k  # (n, n) K_conᵀ C⁻¹ K
+    n, m00 = m.shape[0], m[0, 0].clone()  # m00 = (C⁻¹k*)ᵀ k_d, the rank-one denominator
+    if ridge and n > 1:
+        m = m + ridge * m.diagonal().mean() * torch.eye(n, dtype=m.dtype, device=m.device)
+    e0 = torch.zeros(n, dtype=m.dtype, device=m.device)
+    e0[0] = 1.0
+    x = torch.linalg.solve(m.T, e0)  # (n,) M⁻ᵀ e₀
+    residual = float(1.0 / (m[0, 0] * x[0])) if n > 1 else 1.0
+    if not residual >= min_residual:
+        raise InsertError(f"the protected keys leave {100 * residual:.1f}% of the edited key to change "
+                          f"(the minimum is {100 * min_residual:g}%): they cannot be separated from the subject")
+    direction = m00 * (c_inv_k @ x)  # (d_in,) C⁻¹K M⁻ᵀ e₀, scaled to be C⁻¹k* itself when m = 0
+    lam = (v_star - w_k_d) / m00.to(v_star.dtype)  # (d_out,) Λ
+    return lam, direction.to(k_star.dtype)
 
 
 def add_rank_one(model: torch.nn.Module, module_name: str, u: torch.Tensor, v: torch.Tensor) -> None:
@@ -345,14 +394,24 @@ def add_rank_one(model: torch.nn.Module, module_name: str, u: torch.Tensor, v: t
 
 
 class Rome:
-    """Edits a loaded model in place. Caches the context prefixes and one solver per layer."""
+    """Edits a loaded model in place.
+
+    Caches the context prefixes, one solver per layer, the reference names and the keys of protected
+    subjects. ``values``, when given, caches (k*, v*, NLL trace) per edit: a dict shared by editors that
+    always edit the same (base) model, such as the benchmark's, so that two inserts of one edit cost
+    one v*. (Without it nothing is cached: edits applied one after another change the model.)
+    """
 
     name = "rome"
 
-    def __init__(self, lm: LoadedModel, params: RomeParams, second_moment: Callable[[int], torch.Tensor]):
-        self.lm, self.params, self._second_moment = lm, params, second_moment
+    def __init__(self, lm: LoadedModel, params: RomeParams, second_moment: Callable[[int], torch.Tensor],
+                 root: Path = Path("."), values: dict | None = None):
+        self.lm, self.params, self._second_moment, self.root = lm, params, second_moment, root
         self._prefixes: list[str] | None = None
         self._solvers: dict[int, Solver] = {}
+        self._names: NameIndex | None = None
+        self._keys: dict[tuple[int, str, bool], torch.Tensor] = {}  # (layer, subject, averaged) -> (d_in,)
+        self.values = values
 
     @property
     def prefixes(self) -> list[str]:
@@ -365,8 +424,87 @@ class Rome:
             self._solvers[layer] = Solver(self._second_moment(layer))
         return self._solvers[layer]
 
+    def names(self) -> NameIndex:
+        if self._names is None:
+            self._names = NameIndex(self.lm.tokenizer, reference_names(self.params.protect_sources, self.root))
+        return self._names
+
+    def subject_key(self, layer: int, subject: str, averaged: bool = True) -> torch.Tensor:
+        """A subject's key (d_in,): prefix-averaged as k* (Eq. 3), or of the subject alone; cached."""
+        cache_key = (layer, subject, averaged)
+        if cache_key not in self._keys:
+            self._keys[cache_key] = (key(self.lm, layer, subject, self.prefixes) if averaged
+                                     else bare_keys(self.lm, layer, [subject])[0])
+        return self._keys[cache_key]
+
+    def bare_keys(self, layer: int, subjects: list[str]) -> torch.Tensor:
+        """The keys of subjects alone as prompts (n, d_in), cached per subject."""
+        missing = [s for s in dict.fromkeys(subjects) if (layer, s, False) not in self._keys]
+        if missing:
+            for s, k in zip(missing, bare_keys(self.lm, layer, missing)):
+                self._keys[(layer, s, False)] = k
+        return torch.stack([self._keys[(layer, s, False)] for s in subjects])
+
+    def family(self, subject: str) -> list[str]:
+        """Other subjects that share the subject's last token: the reference names that do (at most 256),
+        then ``protect_siblings`` made-up ones (the subject with its words but the last replaced by the
+        first word of another reference name, in a seeded order)."""
+        names = self.names().sharing(self.lm.tokenizer, subject)[:256]
+        n = self.params.protect_siblings
+        if n <= 0:
+            return names
+        *head, last = subject.split()
+        article = [head.pop(0)] if head and head[0] in ("The", "the", "A", "An") else []
+        words = sorted({w for ws in self.names().by_token.values() for name in ws
+                        if (w := name.split()[0]).isalpha() and w[:1].isupper() and w not in head})
+        picked = random.Random(f"{self.params.seed}:{subject}").sample(words, min(n, len(words)))
+        siblings = [" ".join(article + [w, last]) for w in picked]
+        return names + [s for s in siblings if s != subject and s not in names]
+
+    def family_solver(self, layer: int, subject: str) -> Solver:
+        """C⁻¹ for the insert: C itself, or with ``protect_weight`` > 0, C + α (tr C / tr F) F where
+        F = mean k kᵀ over the bare keys of the subject's family (``family``): the update then also
+        keeps off the directions those keys share (a least-squares form of protecting them all)."""
+        alpha = self.params.protect_weight
+        names = self.family(subject) if alpha > 0 else []
+        if not names:
+            return self.solver(layer)
+        keys = self.bare_keys(layer, names).double()  # (f, d_in)
+        c = self._second_moment(layer).double()
+        f = keys.T @ keys / len(names)  # (d_in, d_in)
+        return Solver(c + alpha * (c.diagonal().sum() / f.diagonal().sum()) * f)
+
+    def protected_keys(self, request: EditRequest, layer: int, k_star: torch.Tensor,
+                       solve: Solver | None = None) -> tuple[list[str], torch.Tensor]:
+        """The subjects whose keys the insert holds fixed, and their prefix-averaged keys (m, d_in).
+        ``solve``: the C⁻¹ the insert uses (default: the layer's).
+
+        The request's own ``protect`` list always; then up to ``params.protect`` reference names that
+        share the subject's last token, chosen by ``choose_protected`` (largest leak first). Candidates
+        are ranked on their bare keys, and the 3 × protect most leaky re-ranked on averaged keys.
+        """
+        p = self.params
+        fixed_names = [s for s in dict.fromkeys(request.protect) if s != request.subject]
+        fixed = torch.stack([self.subject_key(layer, s) for s in fixed_names]) if fixed_names \
+            else k_star.new_zeros((0, k_star.numel()))
+        solve = solve or self.solver(layer)
+        if fixed_names and residual_share(solve, k_star, fixed) < p.protect_min_residual:
+            raise InsertError(f"protect: {', '.join(fixed_names)}: these keys cannot be separated from "
+                              f"'{request.subject}' at layer {layer} (too little of its key is left to edit)")
+        if p.protect <= 0:
+            return fixed_names, fixed
+        names = [n for n in self.names().sharing(self.lm.tokenizer, request.subject) if n not in fixed_names]
+        if not names:
+            return fixed_names, fixed
+        bare = self.bare_keys(layer, names)  # (c, d_in)
+        pool = leak(solve(k_star), k_star, bare).abs().argsort(descending=True)[:3 * p.protect].tolist()
+        pool_names = [names[i] for i in pool]
+        pool_keys = torch.stack([self.subject_key(layer, n) for n in pool_names])  # (≤ 3·protect, d_in)
+        chosen = choose_protected(solve, k_star, pool_keys, p.protect, p.protect_min_residual, fixed)
+        return fixed_names + [pool_names[i] for i in chosen], torch.cat([fixed, pool_keys[chosen]])
+
     def compute(self, request: EditRequest, layer: int | None = None) -> EditResult:
-        """k*, v* and the rank-one factors for one edit, on the model as it is now (not modified)."""
+        """k*, v* and the factors of the insert for one edit, on the model as it is now (not modified)."""
         layer = self.params.layer if layer is None else layer
         module = edited_module(self.lm.model, layer)
         clock = time.perf_counter
@@ -374,17 +512,35 @@ class Rome:
             t0 = clock()
             prefixes = self.prefixes
             t1 = clock()
-            k_star = key(self.lm, layer, request.subject, prefixes)  # (d_in,)
-            t2 = clock()
-            v_star, trace = value(self.lm, layer, request, prefixes, k_star, self.params)  # (d_out,)
+            cached = None if self.values is None else self.values.get(self._value_key(request, layer))
+            if cached is None:
+                k_star = key(self.lm, layer, request.subject, prefixes)  # (d_in,)
+                t2 = clock()
+                v_star, trace = value(self.lm, layer, request, prefixes, k_star, self.params)  # (d_out,)
+                if self.values is not None:
+                    self.values[self._value_key(request, layer)] = (k_star, v_star, trace)
+            else:
+                k_star, v_star, trace = cached
+                t2 = clock()
             t3 = clock()
             k_d = k_star if self.params.symmetric_keys else subject_keys(self.lm, layer, ["{}"], request.subject)[0]
             with torch.no_grad():
-                u, v = insert(self.solver(layer), k_star, v_star, k_d, module(k_d[None])[0])
+                solve = self.family_solver(layer, request.subject)
+                names, protected = self.protected_keys(request, layer, k_star, solve)
+                u, v = insert(solve, k_star, v_star, k_d, module(k_d[None])[0],
+                              protected if names else None, self.params.protect_ridge,
+                              self.params.protect_min_residual)
             t4 = clock()
         update = RankOneUpdate(edited_module_name(self.lm.model, layer), layer, u, v)
         timings = {"prefixes": t1 - t0, "key": t2 - t1, "value": t3 - t2, "insert": t4 - t3}
-        return EditResult(request, update, k_star, v_star, trace, timings)
+        return EditResult(request, update, k_star, v_star, trace, timings, names)
+
+    def _value_key(self, request: EditRequest, layer: int) -> tuple:
+        """What (k*, v*) depend on: the model's current weights aside, the edit and the v* hyper-parameters."""
+        p = self.params
+        return (self.lm.fingerprint, layer, request.subject, request.relation, request.target, p.prefix_lengths,
+                p.prefixes_per_length, p.prefix_starts, p.seed, p.lr, p.steps, p.early_stop_nll, p.weight_decay,
+                p.kl_factor, p.clamp_norm_factor, p.essence_prompt)
 
     def apply(self, requests: list[EditRequest], layers: list[int | None] | None = None,
               progress: Callable[[int, EditResult], None] | None = None) -> list[EditResult]:

@@ -35,7 +35,7 @@ from .schemas import validate
 REPORT_FORMAT = "romeflow.report/1"
 DETAILS_FORMAT = "romeflow.details/1"
 STACK_FORMAT = "romeflow.stack/1"
-SHOWN = ("ES", "PS", "NS", "S")  # the scores in tables and plots
+SHOWN = ("ES", "PS", "NS", "S", "NS_tok", "S+")  # the scores in tables and plots
 
 
 class GateError(ValueError):
@@ -403,10 +403,11 @@ def _stack_state(layout: Layout, manifests: tuple[str, ...]) -> str:
     return "ok"
 
 
-def verify_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict, stored: Delta) -> dict:
+def verify_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict, stored: Delta,
+                 root: Path = Path(".")) -> dict:
     """Recompute ``stored`` from its manifest and compare: byte-identical files, else the factors'
     max |difference| (inf when the edits do not line up)."""
-    fresh = compute_delta(lm, manifest, params, stats)
+    fresh = compute_delta(lm, manifest, params, stats, root=root)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fresh.safetensors"
         save_delta(path, fresh)
@@ -433,7 +434,7 @@ def verify_manifest(lm: LoadedModel, layout: Layout, settings: Params, name: str
     stored = load_delta(layout.delta(name))
     issues = provenance_issues(stored, m, lm.fingerprint, stats_hashes(layout), settings.rome)
     layers = sorted({m.layer_of(e, settings.rome.layer) for e in m.edits})
-    v = verify_delta(lm, m, settings.rome, stats_for(layers), stored)
+    v = verify_delta(lm, m, settings.rome, stats_for(layers), stored, layout.root)
     ok = v["identical"] or v["max_abs_diff"] <= atol
     v["result"] = ("identical" if v["identical"] else "equal factors" if v["max_abs_diff"] == 0 else
                    "within tolerance" if ok else "DIFFERENT")

@@ -61,6 +61,39 @@ def run(project, *args):
     return CliRunner().invoke(main, ["--params", str(project / "params.yaml"), "--cache", str(project / "cache"), *args])
 
 
+def test_counterfact_bench_scores_token_sharing_neighbours(project):
+    """NS_tok: Marie Curie and Irène Curie share Pierre Curie's last token and relation; S+ includes them;
+    the ROME variants share one v* per record (rome-r1 runs no v* of its own)."""
+    marie = {**FLAT[1], "case_id": 21, "subject": "Marie Curie", "prompt": "Marie Curie worked in the field of",
+             "target_new": "law", "rephrase_prompt": "Marie Curie's area of work is"}
+    irene = {**marie, "case_id": 22, "subject": "Irène Curie", "prompt": "Irène Curie worked in the field of",
+             "rephrase_prompt": "Irène Curie's area of work is", "ground_truth": "chemistry"}
+    (project / "tok.json").write_text(json.dumps(FLAT + [marie, irene]))
+    out = project / "run-tok"
+    r = run(project, "bench", "counterfact", "--records", str(project / "tok.json"), "--with-token-neighbors",
+            "--methods", "rome,rome-r1", "--variant", "soft:protect_weight=1:protect_siblings=3", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert validate("bench", report) == []
+    assert report["settings"]["token_neighbors"]["records_with"] == 3  # the three Curies, nothing else
+    rows = [json.loads(line) for line in (out / "unedited.jsonl").read_text().splitlines()]
+    by_id = {row["case_id"]: row for row in rows}
+    assert sorted(by_id) == [12, 21, 22]
+    assert sorted(by_id[12]["token_neighbors"]) == ["Irène Curie", "Marie Curie"]
+    assert len(by_id[12]["scores"]["neighborhood_tok"]) == 2  # [NLL new, NLL own answer, acc, acc] per neighbour
+    assert report["settings"]["methods"]["soft"]["protect_weight"] == 1.0
+    for name in ("unedited", "rome", "rome-r1", "soft"):
+        m = report["methods"][name]["metrics"]
+        assert m["NS_tok"]["n"] == 3 and m["S+"] is not None
+        assert m["S+"]["ci95"][0] <= m["S+"]["value"] <= m["S+"]["ci95"][1]
+    assert len(list((out / "values").glob("*.safetensors"))) == 3  # one v* per record, shared by both variants
+    assert any("NS_tok / NM_tok" in note for note in report["notes"])
+    for bad in ("rome:layer=1", "x:nope=1", "x:layer=one", "X:layer=1"):
+        r = run(project, "bench", "counterfact", "--records", str(project / "tok.json"), "--variant", bad,
+                "--out", str(project / "run-bad"))
+        assert r.exit_code != 0 and "--variant" in r.output and not (project / "run-bad").exists()
+
+
 def test_counterfact_bench_writes_a_table4_report_and_resumes(project):
     out = project / "run"
     r = run(project, "bench", "counterfact", "--records", str(project / "cf.json"), "--n", "4", "--out", str(out))
@@ -78,7 +111,8 @@ def test_counterfact_bench_writes_a_table4_report_and_resumes(project):
     es = {name: m["metrics"]["ES"]["value"] for name, m in report["methods"].items()}
     assert es["rome"] > es["unedited"], es  # the edits take on the tiny model too
     md = (out / "report.md").read_text()
-    assert "| Method | S | ES | EM | PS | PM | NS | NM | GE | RS | s/edit |" in md and "| FT+L |" in md
+    assert "| Method | S | S+ | ES | EM | PS | PM | NS | NM | NS_tok | NM_tok | GE | RS | s/edit |" in md
+    assert "| FT+L |" in md
     assert "dataset" in report["settings"]["dataset"]["generation_prompts"] or "subject" in \
         report["settings"]["dataset"]["generation_prompts"]
 

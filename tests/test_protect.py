@@ -1,0 +1,229 @@
+"""Entity-level specificity: the generalised insert (Eq. 2 with protected keys), choosing protected
+subjects, and mining token-sharing neighbours (NS_tok) from records."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from romeflow import models
+from romeflow.datasets import CounterfactRecord, Fact, mine_token_neighbors
+from romeflow.manifests import ManifestError, load_manifest
+from romeflow.metrics import score_ci
+from romeflow.protect import NameIndex, choose_protected, leak, reference_names, residual_share
+from romeflow.rome import EditRequest, InsertError, Rome, RomeParams, Solver, insert
+
+from conftest import ARCHS, EDIT_LAYER
+
+PARAMS = RomeParams(layer=EDIT_LAYER, prefix_lengths=(3,), prefixes_per_length=2, steps=4, seed=0)
+CURIE = EditRequest("Pierre Curie", "{} worked in the field of", "medicine", "physics",
+                    protect=("Marie Curie", "Albert Einstein"))
+
+
+def spd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, 3 * n, generator=g)
+    return a @ a.T / (3 * n) + 0.1 * torch.eye(n)
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+# --------------------------------------------------------------------------------------------------
+# The generalised insert
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_insert_without_protected_keys_is_the_rank_one_insert(symmetric):
+    d_out, d_in = 6, 10
+    g = torch.Generator().manual_seed(3)
+    c = spd(d_in, 4)
+    w = torch.randn(d_out, d_in, generator=g)
+    k_star, v_star = torch.randn(d_in, generator=g), torch.randn(d_out, generator=g)
+    k_d = k_star if symmetric else k_star + 0.3 * torch.randn(d_in, generator=g)
+    u, v = insert(Solver(c), k_star, v_star, k_d, w @ k_d, None, ridge=1e-6, min_residual=0.05)
+    # The paper's closed form, in float64: Λ = (v* − W k_d) / ((C⁻¹k*)ᵀ k_d), ΔW = Λ (C⁻¹k*)ᵀ.
+    c_inv_k = torch.linalg.solve(c.double(), k_star.double())
+    lam = (v_star.double() - w.double() @ k_d.double()) / (c_inv_k @ k_d.double())
+    assert rel(torch.outer(u, v), torch.outer(lam, c_inv_k)) <= 1e-6
+    assert rel(u, lam) <= 1e-6 and rel(v, c_inv_k) <= 1e-6  # the same factors, not only the same product
+
+
+def test_insert_holds_protected_keys_and_writes_the_edit():
+    d_out, d_in, m = 8, 16, 5
+    g = torch.Generator().manual_seed(5)
+    c = spd(d_in, 6)
+    w = torch.randn(d_out, d_in, generator=g).double()
+    k_star, v_star = torch.randn(d_in, generator=g), torch.randn(d_out, generator=g)
+    protected = torch.randn(m, d_in, generator=g) + 0.5 * k_star  # correlated with k*: a rank-one edit moves them
+    u, v = insert(Solver(c), k_star, v_star, k_star, (w @ k_star.double()).float(), protected)
+    w_hat = w + torch.outer(u, v).double()
+    assert rel(w_hat @ k_star.double(), v_star) < 1e-5
+    for k in protected:
+        assert rel(w_hat @ k.double(), w @ k.double()) < 1e-5
+    # Still rank one, and the minimal-norm solution: Δ C lies in the span of K (Δ C = Λ' Kᵀ for some Λ').
+    delta = torch.outer(u, v).double()
+    keys = torch.cat([k_star[None], protected]).double()  # (m + 1, d_in)
+    coef = torch.linalg.lstsq(keys.T, (delta @ c.double()).T).solution  # (m + 1, d_out)
+    assert rel(keys.T @ coef, (delta @ c.double()).T) < 1e-6
+    # Without protection the same keys move.
+    u0, v0 = insert(Solver(c), k_star, v_star, k_star, (w @ k_star.double()).float())
+    moved = torch.outer(u0, v0).double() @ protected.T.double()
+    assert moved.norm() > 0.1 * torch.outer(u0, v0).double().norm()
+
+
+def test_insert_refuses_keys_it_cannot_separate():
+    d_in = 12
+    c = spd(d_in, 7)
+    g = torch.Generator().manual_seed(8)
+    k_star = torch.randn(d_in, generator=g)
+    same = torch.stack([2.0 * k_star + 1e-4 * torch.randn(d_in, generator=g)])
+    with pytest.raises(InsertError, match="cannot be separated"):
+        insert(Solver(c), k_star, torch.randn(4, generator=g), k_star, torch.zeros(4), same, ridge=1e-6,
+               min_residual=0.05)
+    assert residual_share(Solver(c), k_star, same) < 1e-3
+    assert residual_share(Solver(c), k_star, same[:0]) == 1.0
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_protected_edit_on_every_architecture(tiny_lm, second_moment, model_type):
+    """Ŵ k* = v* and Ŵ k_j = W k_j (prefix-averaged keys of the protected subjects) within 1e-5."""
+    lm = tiny_lm(model_type)
+    stats = second_moment(model_type)
+    rome = Rome(lm, PARAMS, lambda layer: stats[layer])
+    name = models.edited_module_name(lm.model, EDIT_LAYER)
+    module = lm.model.get_submodule(name)
+    result = rome.compute(CURIE)
+    assert result.protected == ["Marie Curie", "Albert Einstein"]
+    keys = torch.stack([rome.subject_key(EDIT_LAYER, s) for s in result.protected])
+    with torch.no_grad():
+        before = module(keys).clone()  # (m, d_out)
+        models.weight_out_in(lm.model, name).add_(torch.outer(result.update.u, result.update.v))
+        after, mapped = module(keys), module(result.k_star[None])[0]
+    assert rel(mapped, result.v_star) < 1e-5
+    for b, a in zip(before, after):
+        assert rel(a, b) < 1e-5
+
+
+def test_manifest_protect_list_and_neighbour_subjects(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("edits:\n  - subject: Pierre Curie\n    relation: \"{}'s area of work is\"\n    target: medicine\n"
+                    "    protect: [Jacques Curie]\n"
+                    "    neighbors: [\"Marie Curie's area of work is\", {prompt: 'Einstein worked on', answer: physics}]\n")
+    edit = load_manifest(path).edits[0]
+    # the protect list, then the subjects of neighbours asked with the edit's relation
+    assert edit.request.protect == ("Jacques Curie", "Marie Curie")
+    path.write_text("edits:\n  - subject: Pierre Curie\n    relation: \"{} worked in\"\n    target: medicine\n"
+                    "    protect: [Pierre Curie]\n")
+    with pytest.raises(ManifestError, match=r"edits\[0\]\.protect: lists the edited subject"):
+        load_manifest(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing protected subjects
+# --------------------------------------------------------------------------------------------------
+
+
+class WordTokenizer:
+    """A word-level stand-in for a tokenizer: one id per distinct word, as the models' tokenizers
+    give one last token per last word in these examples."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        return [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
+
+    def __call__(self, texts):
+        class Out:
+            pass
+
+        out = Out()
+        out.input_ids = [self._ids(t) for t in texts] if isinstance(texts, list) else self._ids(texts)
+        return out
+
+
+def test_name_index_groups_names_by_last_token(tmp_path):
+    (tmp_path / "names.txt").write_text("Harvard University\nYale University\nKensington Palace\n\nlowercase thing\n")
+    (tmp_path / "facts.json").write_text(json.dumps([{"subject": "Princeton University"}, "Tower Bridge (London)"]))
+    names = reference_names(("names.txt", "facts.json"), tmp_path)
+    assert names == ["Harvard University", "Yale University", "Kensington Palace", "Princeton University", "Tower Bridge"]
+    tok = WordTokenizer()
+    index = NameIndex(tok, names)
+    assert index.sharing(tok, "Stanford University") == ["Harvard University", "Yale University", "Princeton University"]
+    assert index.sharing(tok, "Yale University") == ["Harvard University", "Princeton University"]
+    assert index.sharing(tok, "Buckingham Palace") == ["Kensington Palace"]
+    assert index.sharing(tok, "Golden Gate") == []
+
+
+def test_choose_protected_takes_the_leakiest_separable_keys():
+    d_in = 10
+    c = torch.eye(d_in)
+    solve = Solver(c)
+    k_star = torch.zeros(d_in)
+    k_star[0] = 1.0
+    cands = torch.zeros(4, d_in)
+    cands[0, 0], cands[0, 1] = 0.9, 0.1  # leak 0.9 but almost k* itself: k* would keep < 5% of itself
+    cands[1, 0], cands[1, 2] = 0.6, 0.8  # leak 0.6, separable
+    cands[2, 0], cands[2, 3] = 0.1, 1.0  # leak 0.1
+    cands[3] = 2 * cands[1]  # already held once candidate 1 is
+    assert leak(solve(k_star), k_star, cands).tolist() == pytest.approx([0.9, 0.6, 0.1, 1.2])
+    chosen = choose_protected(solve, k_star, cands, max_keys=3, min_residual=0.05)
+    assert chosen == [3, 2]  # 3 (largest leak) first; 0 is not separable; 1 then adds nothing
+    assert choose_protected(solve, k_star, cands, max_keys=1, min_residual=0.05) == [3]
+    assert choose_protected(solve, k_star, cands, max_keys=0, min_residual=0.05) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# NS_tok: mining token-sharing neighbours
+# --------------------------------------------------------------------------------------------------
+
+
+def rec(case_id, subject, relation, new, true, relation_id=None):
+    return CounterfactRecord(case_id, subject, relation, new, true, ("p",), ("n",), relation_id=relation_id)
+
+
+def test_mining_finds_the_subjects_that_share_the_last_token():
+    located = "{} is located in the state of"
+    records = [rec(1, "Stanford University", located, "Texas", "California"),
+               rec(2, "Harvard University", located, "Ohio", "Massachusetts"),
+               rec(3, "Yale University", located, "Massachusetts", "Connecticut"),
+               rec(4, "Duke University", "{} was founded by", "Gates", "Duke"),  # another relation
+               rec(5, "Buckingham Palace", "{} is in", "Berlin", "London")]
+    facts = [Fact("Princeton University", located, "New Jersey"), Fact("Texas University", located, "Texas")]
+    mined = {r.case_id: r for r in mine_token_neighbors(records, WordTokenizer(), k=5, extra=facts)}
+    got = {cid: sorted(n.subject for n in r.token_neighbors) for cid, r in mined.items()}
+    # Stanford -> Texas: Texas University already answers Texas, so it is not a neighbour to keep
+    assert got[1] == ["Harvard University", "Princeton University", "Yale University"]
+    # Yale -> Massachusetts: Harvard's answer is the new target
+    assert got[3] == ["Princeton University", "Stanford University", "Texas University"]
+    assert got[4] == [] and got[5] == []
+    n = {x.subject: x for x in mined[1].token_neighbors}
+    assert n["Harvard University"].prompt == "Harvard University is located in the state of"
+    assert n["Harvard University"].answer == "Massachusetts"
+    # at most k, the same draw every time
+    again = mine_token_neighbors(records, WordTokenizer(), k=2, extra=facts)
+    assert len(again[0].token_neighbors) == 2
+    assert again == mine_token_neighbors(records, WordTokenizer(), k=2, extra=facts)
+    # relation ids (the paper's schema) match across templates
+    a = rec(7, "Tower Bridge", "{} is located in", "Rome", "London", "P131")
+    b = rec(8, "Brooklyn Bridge", "{}, which is located in", "Paris", "New York", "P131")
+    got = mine_token_neighbors([a, b], WordTokenizer(), k=5)
+    assert [x.prompt for x in got[0].token_neighbors] == ["Brooklyn Bridge is located in"]
+
+
+def test_s_plus_averages_ns_tok_over_the_records_that_have_it():
+    es, ps, ns = [100, 100, 100, 100], [100, 50, 100, 50], [100, 100, 0, 100]
+    tok = [50, math.nan, 100, math.nan]  # records 2 and 4 have no token-sharing neighbour
+    s_plus = score_ci(es, ps, ns, 200, extra=[tok])
+    means = [100, 75, 75, 75]
+    assert s_plus.value == pytest.approx(4 / sum(1 / m for m in means))
+    assert s_plus.low <= s_plus.value <= s_plus.high
+    s = score_ci(es, ps, ns, 200)
+    assert s.value == pytest.approx(3 / (1 / 100 + 1 / 75 + 1 / 75))
