@@ -279,6 +279,23 @@ CASES = [
     ("params-model-number", params_edit("model: ", "model: 3\n#"), APPLY, ["params.yaml: model: must be a string, got 3"]),
     ("params-not-a-mapping", write("params.yaml", "- a\n- b\n"), APPLY, ["params.yaml: (top level): must be a mapping"]),
     ("params-too-large", params_append("# " + "p" * (1 << 20) + "\n"), APPLY, ["params.yaml: (top level): file is larger"]),
+    ("params-protect-negative", params_edit("  lr: 0.1", "  lr: 0.1\n  protect: -1"), APPLY, ["params.yaml: rome.protect: must be >= 0, got -1"]),
+    ("params-protect-residual", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_min_residual: 1.5"), APPLY,
+     ["params.yaml: rome.protect_min_residual: must be < 1, got 1.5"]),
+    ("params-protect-sources-empty", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_sources: []"), APPLY,
+     ["params.yaml: rome.protect_sources: must not be empty"]),
+    ("params-protect-weight", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_weight: -2"), APPLY,
+     ["params.yaml: rome.protect_weight: must be >= 0, got -2"]),
+    ("params-token-neighbors-k", params_append("bench:\n  token_neighbors: {k: -1}\n"), ("status",),
+     ["params.yaml: bench.token_neighbors.k: must be >= 0, got -1"]),
+    ("cli-bench-variant-range", write("r.json", "[]"),
+     ("bench", "zsre", "--records", "r.json", "--methods", "rome", "--variant", "v1:protect=-1"),
+     ["--variant 'v1:protect=-1': rome.protect: must be >= 0, got -1"]),
+    ("cli-bench-variant-key", write("r.json", "[]"),
+     ("bench", "zsre", "--records", "r.json", "--methods", "rome", "--variant", "v1:nosuch=1"),
+     ["--variant 'v1:nosuch=1': 'nosuch=1' is not key=value with a rome hyper-parameter"]),
+    ("manifest-long-protect", edit_field("protect", "[" + LONG + "]"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].protect[0]: is 201 characters long"]),
     ("params-bad-on-add", params_edit("  lr: 0.1", "  lr: -1"), ("add", "edits/curie.yaml"), ["params.yaml: rome.lr: must be > 0"]),
     ("params-bad-on-revert", params_edit("  lr: 0.1", "  lr: -1"), ("revert", "a"), ["params.yaml: rome.lr: must be > 0"]),
 
@@ -532,6 +549,17 @@ def test_params_schema_has_a_rule_for_every_dataclass_field():
             node = node["properties"][part]
         missing = {f.name for f in _fields(cls)} - set(node["properties"])
         assert not missing, (path, missing)  # a new field needs a range rule in schemas/params.schema.json
+
+
+def test_gate_metrics_rome_r1_and_variants_come_from_the_one_model():
+    from romeflow.params import METRICS, parse_params, schema
+    from romeflow.workflow import METRICS as REPORTED
+
+    assert METRICS == REPORTED and set(schema()["properties"]["gate"]["properties"]["eval"]["properties"]) == set(METRICS)
+    p = parse_params({"rome": {"protect": 4}, "gate": {"eval": {"NS_tok": 50, "S+": 60}}})
+    assert p.method("rome").protect == 4 and p.method("rome-r1").protect == 0 and p.gate.eval["S+"] == 60.0
+    name, v = p.rome_variant("l2:layer=2:protect_sources=wikipedia+a.txt")
+    assert name == "l2" and v.layer == 2 and v.protect_sources == ("wikipedia", "a.txt")
 
 
 def test_params_defaults_and_the_shipped_file_are_valid():
