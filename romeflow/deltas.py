@@ -127,6 +127,9 @@ def load_delta(path: str | os.PathLike) -> Delta:
             if len(text) > MAX_METADATA_BYTES:
                 raise DeltaError(f"{path}: metadata: larger than {MAX_METADATA_BYTES} bytes")
             meta = json.loads(text)
+            if isinstance(meta, dict) and "tensors_sha256" not in meta:
+                raise DeltaError(f"{path}: tensors_sha256: missing (a delta written before romeflow checked "
+                                 f"contents, or altered); recompute it with `romeflow apply` or `dvc repro`")
             errors = validate("delta", meta)
             if errors:
                 raise DeltaError(f"{path}: metadata {errors[0][0]}: {errors[0][1]}")
