@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from .io import atomic_folder
 
 # --------------------------------------------------------------------------------------------------
 # The adapter table
@@ -261,9 +261,7 @@ def convert_embedded(name: str, cache: Path, log: Callable[[str], None] = lambda
     if digest != entry.sha256:
         raise ModelError(f"{gguf}: sha256 {digest} does not match the expected {entry.sha256}")
     log(f"converting {name} from {gguf.name} into {target} (once; about a minute)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:  # .romeflow-tmp-<pid>-...: a killed conversion's is removed next time
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.hf_quantizer = None  # save_pretrained refuses GGUF-quantised models otherwise
@@ -273,9 +271,6 @@ def convert_embedded(name: str, cache: Path, log: Callable[[str], None] = lambda
         tokenizer.save_pretrained(tmp)
         (tmp / _PROVENANCE_FILE).write_text(json.dumps(
             {"name": name, "fingerprint": entry.sha256, "source": gguf.name}, indent=1))
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if name == DEFAULT_MODEL:
         gguf.unlink(missing_ok=True)  # the assembled copy; the package still has its chunks
     return target

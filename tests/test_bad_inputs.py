@@ -721,3 +721,42 @@ def test_stage_script_with_a_bad_name_is_one_line(project):
     assert r.returncode != 0 and lines == ["Error: manifest name '../outside/victim' may only contain letters, digits, "
                                            "'_' and '-'"], r.stderr
     assert snapshot(project) == before
+
+
+def test_embedded_conversion_is_atomic_and_its_leftovers_are_removed(tmp_path, monkeypatch, tiny_lm):
+    """convert_embedded builds the folder under .romeflow-tmp-...: a failure leaves nothing, a killed
+    conversion's leftover goes at the next one (a fake GGUF and a tiny model stand in for Gemma)."""
+    import hashlib as _hashlib
+
+    import transformers
+
+    from romeflow import models
+
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"not really a gguf")
+    entry = models.EmbeddedModel(lambda scratch: gguf, _hashlib.sha256(gguf.read_bytes()).hexdigest(), "none")
+    monkeypatch.setitem(models.EMBEDDED, "fake-model", entry)
+    lm = tiny_lm("gpt2")
+    cache = tmp_path / "cache"
+    target = models.converted_folder("fake-model", cache)
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", broken)
+    with pytest.raises(OSError):
+        models.convert_embedded("fake-model", cache)
+    assert list(target.parent.iterdir()) == []  # nothing half-built left
+    leftover = target.parent / f".romeflow-tmp-999999999-{target.name}.abc"  # a killed conversion's
+    leftover.mkdir()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: copy_of(lm.model))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: lm.tokenizer)
+    assert models.convert_embedded("fake-model", cache) == target
+    assert (target / "romeflow-model.json").is_file() and not leftover.exists()
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
