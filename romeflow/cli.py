@@ -394,7 +394,10 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
         raise click.UsageError(f"{records_path}: no records to run")
     references = None
     if references_path:
-        references = json.loads(Path(references_path).read_text())
+        try:
+            references = json.loads(Path(references_path).read_text())
+        except ValueError as e:
+            raise click.BadParameter(f"{references_path}: not JSON ({e})", param_hint="--references") from None
         if not isinstance(references, dict) or not all(isinstance(v, list) for v in references.values()):
             raise click.BadParameter("must be a JSON object {object: [text, ...]}", param_hint="--references")
     gen, gen_source = None, None
@@ -587,7 +590,7 @@ def revert(ctx, name):
 
     def delete():  # under the registry's lock, after the name left params.yaml
         for p in (layout.delta(name), layout.report(name), layout.details(name)):
-            if p.is_file() and not p.is_symlink():
+            if p.is_symlink() or p.is_file():  # a link itself, never what it points to
                 p.unlink()
                 removed.append(p)
 

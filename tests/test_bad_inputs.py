@@ -760,3 +760,14 @@ def copy_of(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_revert_removes_a_symlinked_delta_but_never_its_target(project):
+    victim = project / "outside" / "victim.txt"
+    link = project / "deltas" / "a.safetensors"
+    link.unlink()
+    link.symlink_to(victim)
+    r = cli(project, "revert", "a")
+    assert r.exit_code == 0, r.output
+    assert not link.exists() and not link.is_symlink() and victim.read_text() == "must survive\n"
+    assert read_manifests(project / "params.yaml") == ["b"]
