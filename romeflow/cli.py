@@ -428,8 +428,8 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     stats = _stats_for(ctx, lm, settings, rome_layers, ()) if rome_layers else {}
     values = ValueStore(out / "values")  # (k*, v*) shared by the ROME variants: they differ only in the insert
     editors = {"unedited": None}
-    editors.update({name: make_editor(name, lm, params[name], lambda layer: stats[layer].second_moment, values)
-                    for name in names})
+    editors.update({name: make_editor(name, lm, params[name], lambda layer: stats[layer].second_moment, values,
+                                      _params_path(ctx).parent) for name in names})
     run_cfg = run_settings(kind, {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,
                            param_dicts, gen, gen_source, tok_cfg)
     bars = {}

@@ -12,6 +12,7 @@ import copy
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
@@ -54,9 +55,9 @@ class RomeEditor:
     name = "rome"
 
     def __init__(self, lm: LoadedModel, params: RomeParams, second_moment: Callable[[int], torch.Tensor],
-                 name: str = "rome", values: dict | None = None):
+                 name: str = "rome", values: dict | None = None, root: Path = Path(".")):
         self.lm, self.params, self.name = lm, params, name
-        self.rome = Rome(lm, params, second_moment, values=values)
+        self.rome = Rome(lm, params, second_moment, root, values)
 
     def edit(self, request: EditRequest) -> WeightEdit:
         result = self.rome.compute(request)
@@ -280,13 +281,14 @@ def rome_variant(spec: str, base: RomeParams) -> tuple[str, RomeParams]:
 
 
 def make_editor(name: str, lm: LoadedModel, params, second_moment: Callable[[int], torch.Tensor],
-                values: dict | None = None) -> Editor:
+                values: dict | None = None, root: Path = Path(".")) -> Editor:
     """An editor by method name; a RomeParams makes a ROME editor of that name (a benchmark's variant).
 
     ``values``: a (k*, v*) cache shared by the ROME variants of one benchmark (they differ only in the
-    insert, and every edit starts from the restored base model)."""
+    insert, and every edit starts from the restored base model). ``root``: what ROME's
+    ``protect_sources`` paths are relative to (the project's folder)."""
     if name in ("rome", "rome-r1") or isinstance(params, RomeParams):
-        return RomeEditor(lm, params, second_moment, name, values)
+        return RomeEditor(lm, params, second_moment, name, values, root)
     if name in ("ft", "ftl"):
         return FineTune(lm, params, name)
     if name == "kn":

@@ -141,26 +141,30 @@ def residual_share(solve, k_star: torch.Tensor, protected: torch.Tensor) -> floa
     return float((schur / m[0, 0]).clamp(min=0.0))
 
 
-def choose_protected(solve, k_star: torch.Tensor, candidates: torch.Tensor, max_keys: int,
+def choose_protected(solve, k_star: torch.Tensor, candidates: list[torch.Tensor], max_keys: int,
                      min_residual: float, fixed: torch.Tensor | None = None, min_own: float = 1e-3) -> list[int]:
-    """Indices of up to ``max_keys`` candidate keys (n, d_in) to protect, largest |leak| first.
+    """Indices of up to ``max_keys`` candidates to protect, largest |leak| first.
 
-    A candidate is taken only if k* keeps at least ``min_residual`` of its C⁻¹-energy outside the
-    span of the keys chosen so far (with ``fixed``, the user's protected keys (f, d_in), always
-    included), and if it is not already (for C) in that span itself (its own residual ≥ min_own).
+    Each candidate is a (g, d_in) group of one subject's keys (its bare key first, ranked by), all of
+    them held fixed if it is taken. It is taken only if k* keeps at least ``min_residual`` of its
+    C⁻¹-energy outside the span of the keys held so far (with ``fixed``, the user's protected keys
+    (f, d_in), always included), and if its first key is not already (for C) in that span itself
+    (its own residual ≥ min_own).
     """
-    if max_keys <= 0 or candidates.numel() == 0:
+    if max_keys <= 0 or not candidates:
         return []
     c_inv_k = solve(k_star)
-    order = leak(c_inv_k, k_star, candidates).abs().argsort(descending=True).tolist()
+    firsts = torch.stack([c[0] for c in candidates])  # (n, d_in)
+    order = leak(c_inv_k, k_star, firsts).abs().argsort(descending=True).tolist()
     chosen: list[int] = []
-    base = fixed if fixed is not None else candidates[:0]
+    held = fixed if fixed is not None else k_star.new_zeros((0, k_star.numel()))
     for j in order:
         if len(chosen) == max_keys:
             break
-        held = torch.cat([base, candidates[chosen]])
-        if held.numel() and residual_share(solve, candidates[j], held) < min_own:
+        if held.numel() and residual_share(solve, candidates[j][0], held) < min_own:
             continue  # already held fixed by the keys chosen so far
-        if residual_share(solve, k_star, torch.cat([held, candidates[j:j + 1]])) >= min_residual:
+        with_j = torch.cat([held, candidates[j]])
+        if residual_share(solve, k_star, with_j) >= min_residual:
             chosen.append(j)
+            held = with_j
     return chosen

@@ -476,18 +476,18 @@ class Rome:
 
     def protected_keys(self, request: EditRequest, layer: int, k_star: torch.Tensor,
                        solve: Solver | None = None) -> tuple[list[str], torch.Tensor]:
-        """The subjects whose keys the insert holds fixed, and their prefix-averaged keys (m, d_in).
-        ``solve``: the C⁻¹ the insert uses (default: the layer's).
+        """The subjects whose keys the insert holds fixed, and those keys (m, d_in): two per subject,
+        prefix-averaged as k* and bare (the subject alone, as prompts that start with it see it).
 
         The request's own ``protect`` list always; then up to ``params.protect`` reference names that
-        share the subject's last token, chosen by ``choose_protected`` (largest leak first). Candidates
-        are ranked on their bare keys, and the 3 × protect most leaky re-ranked on averaged keys.
+        share the subject's last token, chosen by ``choose_protected`` (largest leak of the bare key
+        first, among the 3 × protect leakiest). ``solve``: the C⁻¹ the insert uses (default: the layer's).
         """
         p = self.params
-        fixed_names = [s for s in dict.fromkeys(request.protect) if s != request.subject]
-        fixed = torch.stack([self.subject_key(layer, s) for s in fixed_names]) if fixed_names \
-            else k_star.new_zeros((0, k_star.numel()))
         solve = solve or self.solver(layer)
+        fixed_names = [s for s in dict.fromkeys(request.protect) if s != request.subject]
+        fixed = torch.cat([self.held_keys(layer, s) for s in fixed_names]) if fixed_names \
+            else k_star.new_zeros((0, k_star.numel()))
         if fixed_names and residual_share(solve, k_star, fixed) < p.protect_min_residual:
             raise InsertError(f"protect: {', '.join(fixed_names)}: these keys cannot be separated from "
                               f"'{request.subject}' at layer {layer} (too little of its key is left to edit)")
@@ -499,9 +499,13 @@ class Rome:
         bare = self.bare_keys(layer, names)  # (c, d_in)
         pool = leak(solve(k_star), k_star, bare).abs().argsort(descending=True)[:3 * p.protect].tolist()
         pool_names = [names[i] for i in pool]
-        pool_keys = torch.stack([self.subject_key(layer, n) for n in pool_names])  # (≤ 3·protect, d_in)
-        chosen = choose_protected(solve, k_star, pool_keys, p.protect, p.protect_min_residual, fixed)
-        return fixed_names + [pool_names[i] for i in chosen], torch.cat([fixed, pool_keys[chosen]])
+        groups = [self.held_keys(layer, n) for n in pool_names]  # each (2, d_in): bare, averaged
+        chosen = choose_protected(solve, k_star, groups, p.protect, p.protect_min_residual, fixed)
+        return fixed_names + [pool_names[i] for i in chosen], torch.cat([fixed] + [groups[i] for i in chosen])
+
+    def held_keys(self, layer: int, subject: str) -> torch.Tensor:
+        """The keys protecting a subject holds fixed: (2, d_in), its bare key then its prefix-averaged key."""
+        return torch.stack([self.subject_key(layer, subject, averaged=False), self.subject_key(layer, subject)])
 
     def compute(self, request: EditRequest, layer: int | None = None) -> EditResult:
         """k*, v* and the factors of the insert for one edit, on the model as it is now (not modified)."""

@@ -101,7 +101,7 @@ def test_protected_edit_on_every_architecture(tiny_lm, second_moment, model_type
     module = lm.model.get_submodule(name)
     result = rome.compute(CURIE)
     assert result.protected == ["Marie Curie", "Albert Einstein"]
-    keys = torch.stack([rome.subject_key(EDIT_LAYER, s) for s in result.protected])
+    keys = torch.cat([rome.held_keys(EDIT_LAYER, s) for s in result.protected])  # bare and averaged keys
     with torch.no_grad():
         before = module(keys).clone()  # (m, d_out)
         models.weight_out_in(lm.model, name).add_(torch.outer(result.update.u, result.update.v))
@@ -174,10 +174,14 @@ def test_choose_protected_takes_the_leakiest_separable_keys():
     cands[2, 0], cands[2, 3] = 0.1, 1.0  # leak 0.1
     cands[3] = 2 * cands[1]  # already held once candidate 1 is
     assert leak(solve(k_star), k_star, cands).tolist() == pytest.approx([0.9, 0.6, 0.1, 1.2])
-    chosen = choose_protected(solve, k_star, cands, max_keys=3, min_residual=0.05)
+    groups = [c[None] for c in cands]
+    chosen = choose_protected(solve, k_star, groups, max_keys=3, min_residual=0.05)
     assert chosen == [3, 2]  # 3 (largest leak) first; 0 is not separable; 1 then adds nothing
-    assert choose_protected(solve, k_star, cands, max_keys=1, min_residual=0.05) == [3]
-    assert choose_protected(solve, k_star, cands, max_keys=0, min_residual=0.05) == []
+    assert choose_protected(solve, k_star, groups, max_keys=1, min_residual=0.05) == [3]
+    assert choose_protected(solve, k_star, groups, max_keys=0, min_residual=0.05) == []
+    # a group is held as a whole: candidate 2 with a second key along k* itself is no longer separable
+    k2 = torch.stack([cands[2], k_star + 0.01 * cands[2]])
+    assert choose_protected(solve, k_star, [groups[3], k2], max_keys=3, min_residual=0.05) == [0]
 
 
 # --------------------------------------------------------------------------------------------------
