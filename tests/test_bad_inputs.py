@@ -771,3 +771,13 @@ def test_revert_removes_a_symlinked_delta_but_never_its_target(project):
     assert r.exit_code == 0, r.output
     assert not link.exists() and not link.is_symlink() and victim.read_text() == "must survive\n"
     assert read_manifests(project / "params.yaml") == ["b"]
+
+
+def test_the_shipped_manifests_pass_the_limits():
+    from romeflow.manifests import load_manifest
+
+    repo = Path(__file__).resolve().parent.parent
+    shipped = sorted((repo / "edits").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        assert load_manifest(path).edits
