@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from functools import cache
@@ -179,7 +180,7 @@ _DATACLASS_SECTIONS = {("stats",): StatsParams, ("rome",): RomeParams, ("trace",
 def _type_rule(hint) -> dict:
     """A JSON Schema rule from a type annotation (for a dataclass field the schema has no rule for)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return {"anyOf": [_type_rule(a) for a in args]}
     if origin in (tuple, list):
         return {"type": "array", "items": _type_rule(args[0]) if args else {}}
@@ -215,12 +216,20 @@ def _section_validator(name: str) -> jsonschema.protocols.Validator:
     return jsonschema.validators.validator_for(schema())(s)
 
 
+def _holds_tuple(hint) -> bool:
+    """A field annotated tuple[...] (or X | tuple[...]): YAML's lists become tuples there."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_holds_tuple(a) for a in typing.get_args(hint))
+    return origin is tuple
+
+
 def _build(cls, d: dict | None):
     """``cls(**d)`` with lists turned into the tuples the dataclass holds."""
     d = dict(d or {})
     hints = typing.get_type_hints(cls)
     for k, v in d.items():
-        if isinstance(v, list) and "tuple" in str(hints[k]):
+        if isinstance(v, list) and _holds_tuple(hints[k]):
             d[k] = tuple(v)
     return cls(**d)
 
