@@ -488,6 +488,7 @@ def add_trace_inputs(repo: Path, lm) -> None:
         facts.append({"known_id": i, "subject": subject, "prompt": prompt,
                       "attribute": lm.tokenizer.decode([top]).strip() or "x"})
     (repo / "data" / "facts.json").write_text(json.dumps(facts))
+    (repo / "data" / "known_1000.json").write_text(json.dumps(facts))  # dvc.yaml's edit@ dep (protect_sources)
     with open(repo / "params.yaml", "a") as f:
         f.write("\ntrace:\n  facts: data/facts.json\n  n: 2\n  samples: 1\n  window: 2\n  batch_rows: 64\n"
                 "  out: reports/trace\n")
