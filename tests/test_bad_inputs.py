@@ -781,3 +781,84 @@ def test_the_shipped_manifests_pass_the_limits():
     assert shipped
     for path in shipped:
         assert load_manifest(path).edits
+
+
+# --------------------------------------------------------------------------------------------------
+# kill -9 during apply and export (forked children: no interpreter start-up; bench/kill9.py does the
+# same with fresh processes at 10 moments each)
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_cli_in(root: str, argv: list[str], stall: str | None, stalled) -> None:
+    """The CLI in a forked child; ``stall`` makes it stop (and say so) at one moment of its write, so the
+    parent's kill -9 lands exactly there: 'mid-write' (half a file written), 'before-rename'."""
+    import romeflow.deltas as deltas_module
+    import romeflow.io as io_module
+
+    def wait_forever(*args, **kwargs):
+        stalled.set()
+        time.sleep(600)
+
+    if stall == "mid-write":
+        def half(tensors, path, metadata=None):
+            Path(path).write_bytes(b"half a delta")
+            wait_forever()
+        deltas_module.save_file = half
+        real_write = Path.write_text
+
+        def export_json(self, text, *a, **k):  # export: the model files are written, the last one is not
+            if self.name == "romeflow-export.json":
+                real_write(self, text[:10])
+                wait_forever()
+            return real_write(self, text, *a, **k)
+        Path.write_text = export_json
+    if stall == "before-rename":
+        class StalledOs:  # romeflow.io's view of os: everything as usual but the final rename
+            replace = rename = staticmethod(wait_forever)
+
+            def __getattr__(self, name):
+                return getattr(os, name)
+        io_module.os = StalledOs()
+    os.chdir(root)
+    main(["--params", "params.yaml", "--cache", "cache", *argv], standalone_mode=False)
+
+
+def _tree(path: Path) -> dict[str, str]:
+    if path.is_file():
+        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["apply", "export"])
+def test_kill_9_leaves_no_partial_target_and_the_next_run_cleans_up(project, command):
+    folder = project / ("deltas" if command == "apply" else "exported")
+    target = folder / ("k.safetensors" if command == "apply" else "model")
+    argv = (["apply", "edits/curie.yaml", "--stats", "stats/layer1.safetensors", "--out", str(target.relative_to(project))]
+            if command == "apply" else ["export", str(target.relative_to(project)), "--delta", "deltas/curie.safetensors"])
+    r = cli(project, *argv)
+    assert r.exit_code == 0, r.output
+    reference = _tree(target)
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    ctx = multiprocessing.get_context("fork")
+    for stall in (None, "mid-write", "before-rename"):
+        stalled = ctx.Event()
+        child = ctx.Process(target=_run_cli_in, args=(str(project), argv, stall, stalled))
+        child.start()
+        if stall is None:
+            time.sleep(0.05)  # early: loading, computing
+        else:
+            assert stalled.wait(120), stall
+        os.kill(child.pid, 9)
+        child.join()
+        if stall is None:  # early: nothing yet, or (a fast export) the complete folder; never a partial one
+            assert not target.exists() or _tree(target) == reference
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        else:
+            assert not target.exists(), stall  # killed while writing: no target at all
+            assert list(folder.glob(".romeflow-tmp-*")), stall  # ... and its temporary left behind
+        r = cli(project, *argv)  # the next run: removes the dead child's temporaries, same bytes
+        assert r.exit_code == 0, r.output
+        assert not list(folder.glob(".romeflow-tmp-*")) and _tree(target) == reference, stall
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
