@@ -27,8 +27,9 @@ from .statistics import Stats, get_stats, load_stats, save_stats, text_files_cor
 from .workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error, status as workflow_status,
                        verify_manifest)
 
-USER_ERRORS = (ManifestError, ModelError, DeltaError, ConfigError, GateError, RevisionError, OSError,
-               ValueError)  # DatasetError, BenchError, YamlError, BadName, OutputError are ValueErrors; OSError: disk full, ...
+# DatasetError, BenchError, YamlError, BadName and OutputError are ValueErrors; OSError: a full disk, ...
+USER_ERRORS = (ManifestError, ModelError, DeltaError, ConfigError, GateError, RevisionError, OSError, ValueError)
+DELTAS_MODEL = "Model [default: the deltas' base model if it is an embedded one, else params.yaml's]."
 err = Console(stderr=True)
 console = Console()
 
@@ -67,7 +68,8 @@ class _Group(click.Group):
               help="Hyper-parameter file [default: ./params.yaml if present, else built-in defaults].")
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
               help="Cache folder for converted models and statistics [default: $ROMEFLOW_CACHE or ~/.cache/romeflow].")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="Torch CPU threads [default: torch's choice].")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="Torch CPU threads [default: torch's choice].")
 @click.pass_context
 def main(ctx, params_path, cache, threads):
     """romeflow: factual edits of language models (ROME) as versioned, reproducible artifacts."""
@@ -206,7 +208,7 @@ def apply(ctx, manifest, out, model_spec, stats_files):
               help="Write the per-edit details here (JSON, schemas/details.schema.json).")
 @click.option("--gate", "use_gate", is_flag=True,
               help="After writing, fail (exit 1, one line) if a post score is below params.yaml gate.eval.")
-@click.option("--model", "model_spec", default=None, help="Model [default: the deltas' base model].")
+@click.option("--model", "model_spec", default=None, help=DELTAS_MODEL)
 @click.pass_context
 def evaluate(ctx, manifest, deltas, out, details, use_gate, model_spec):
     """Score a manifest's edits (rewrite, paraphrases, neighbours) before and after its delta."""
@@ -291,9 +293,10 @@ def stack(ctx, out, markdown, plots_dir, use_gate):
 @main.command()
 @click.argument("prompt")
 @click.option("--delta", "deltas", multiple=True, type=click.Path(dir_okay=False), help="Delta file(s) to apply.")
-@click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")
+@click.option("--model", "model_spec", default=None, help=DELTAS_MODEL)
 @click.option("--max-new-tokens", type=click.IntRange(0, 10000), default=20, show_default=True)
-@click.option("--top-k", type=click.IntRange(1, 1_000_000), default=5, show_default=True, help="Show the k most likely next tokens.")
+@click.option("--top-k", type=click.IntRange(1, 1_000_000), default=5, show_default=True,
+              help="Show the k most likely next tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def generate(ctx, prompt, deltas, model_spec, max_new_tokens, top_k, as_json):
@@ -486,7 +489,8 @@ def bench_zsre(ctx, records_path, n, methods, out, model_spec, partial, shard, v
 
 
 @main.command()
-@click.option("--layer", "layers", type=click.IntRange(0), multiple=True, help="Layer(s) [default: params.yaml rome.layer].")
+@click.option("--layer", "layers", type=click.IntRange(0), multiple=True,
+              help="Layer(s) [default: params.yaml rome.layer].")
 @click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")
 @click.option("--corpus", "corpus_files", multiple=True, type=click.Path(dir_okay=False),
               help="Plain-text files [default: params.yaml stats.corpus].")
@@ -527,7 +531,7 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out):
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--delta", "deltas", multiple=True, required=True, type=click.Path(dir_okay=False))
-@click.option("--model", "model_spec", default=None, help="Model [default: the deltas' base model].")
+@click.option("--model", "model_spec", default=None, help=DELTAS_MODEL)
 @click.pass_context
 def export(ctx, out, deltas, model_spec):
     """Write base + deltas as a Hugging Face model folder (safetensors)."""

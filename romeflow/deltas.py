@@ -149,7 +149,8 @@ def load_delta(path: str | os.PathLike) -> Delta:
     except DeltaError:
         raise
     except Exception as e:  # noqa: BLE001 - any parse failure means "not a delta"
-        raise DeltaError(f"{path}: not a romeflow delta file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DeltaError(f"{path}: not a romeflow delta file ({type(e).__name__}: {first})") from e
     updates = []
     for i, e in enumerate(meta["edits"]):
         u, v = tensors[f"edits.{i}.u"], tensors[f"edits.{i}.v"]

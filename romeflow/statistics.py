@@ -212,7 +212,8 @@ def load_stats(path: str | os.PathLike) -> Stats:
                 raise ValueError(f"second_moment: shape {tuple(shape)}, expected (d, d) with d <= {MAX_STATS_DIM}")
             c = f.get_tensor("second_moment")
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path}: not a romeflow statistics file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a romeflow statistics file ({first})") from e
     _check_meta(path, meta)
     if c.dtype != torch.float32:
         raise ValueError(f"{path}: second_moment: dtype {str(c.dtype).removeprefix('torch.')}, not float32")
@@ -222,7 +223,7 @@ def load_stats(path: str | os.PathLike) -> Stats:
     if (c.diagonal() < 0).any() or (c - c.T).abs().max().item() > 1e-4 * max(scale, 1e-30):
         raise ValueError(f"{path}: second_moment: not a second moment (asymmetric or a negative diagonal)")
     if "tensor_sha256" in meta and tensor_sha256(c) != meta["tensor_sha256"]:
-        raise ValueError(f"{path}: tensor_sha256: does not match the tensor (the file was changed after it was written)")
+        raise ValueError(f"{path}: tensor_sha256: does not match the tensor (changed after it was written)")
     return Stats(c, meta, sha256_file(path))
 
 
