@@ -364,23 +364,51 @@ def insert(solve: Solver, k_star: torch.Tensor, v_star: torch.Tensor, k_d: torch
     Returns the factors (u = Λ (d_out,), v = m₀₀ C⁻¹K M⁻ᵀ e₀ (d_in,)) of ΔW = u vᵀ, with m₀₀ = (C⁻¹k*)ᵀ k_d:
     for m = 0, exactly the rank-one factors (Λ, C⁻¹k*).
     """
-    keys = k_star[:, None] if protected is None else torch.cat([k_star[:, None], protected.T], 1)  # (d_in, n)
-    con = k_d[:, None] if protected is None else torch.cat([k_d[:, None], protected.T], 1)  # (d_in, n)
-    c_inv_k = solve.solve64(keys)  # (d_in, n) C⁻¹K
-    m = con.to(torch.float64).T @ c_inv_k  # (n, n) K_conᵀ C⁻¹ K
-    n, m00 = m.shape[0], m[0, 0].clone()  # m00 = (C⁻¹k*)ᵀ k_d, the rank-one denominator
+    u, v = insert_many(solve, k_star[None], (v_star - w_k_d)[None], k_d[None], protected, ridge, min_residual)
+    m00 = (solve.solve64(k_star) @ k_d.to(torch.float64)).to(v_star.dtype)  # (C⁻¹k*)ᵀ k_d
+    return u[:, 0] / m00, v[:, 0] * m00  # the same product, scaled as the rank-one factors (Λ, C⁻¹k*)
+
+
+def insert_many(solve: Solver, keys: torch.Tensor, residuals: torch.Tensor, constraint_keys: torch.Tensor | None = None,
+                protected: torch.Tensor | None = None, ridge: float = 0.0,
+                min_residual: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 with e edited keys and m protected ones, in one solve:
+
+        minimise ‖Δ‖_C   subject to   Δ k_con,i = r_i  (i = 1..e)   and   Δ k_j = 0  (j = 1..m)
+
+        Δ = [R, 0] M⁻¹ (C⁻¹ K)ᵀ,   K = [k_1 .. k_e, k'_1 .. k'_m],  K_con = [k_con,1 .. k_con,e, k'_1 .. k'_m],
+                                    M = K_conᵀ C⁻¹ K   ((e + m) × (e + m))
+
+    so Δ = U Vᵀ with U = R (d_out, e) and V = C⁻¹K M⁻ᵀ[:, :e] (d_in, e): rank ≤ e, whatever m is.
+
+    keys: (e, d_in) the edited keys (the update's directions, C⁻¹k_i); residuals: (e, d_out) r_i = v*_i − W k_con,i;
+    constraint_keys: (e, d_in) where the edits must hold (default: ``keys``, r-ROME's symmetric choice);
+    protected: (m, d_in) or None. ridge: added to M's diagonal, relative to its mean diagonal, when
+    e + m > 1. min_residual: each edited key must keep this share of its C⁻¹-energy outside the span of
+    all the other keys (1 / (M_ii (M⁻¹)_ii)); below it InsertError names it.
+    """
+    e = keys.shape[0]
+    con = keys if constraint_keys is None else constraint_keys
+    if protected is not None and protected.numel():
+        keys, con = torch.cat([keys, protected]), torch.cat([con, protected])  # (n, d_in)
+    c_inv_k = solve.solve64(keys.T)  # (d_in, n) C⁻¹K
+    m = con.to(torch.float64) @ c_inv_k  # (n, n) K_conᵀ C⁻¹ K
+    n = m.shape[0]
     if ridge and n > 1:
         m = m + ridge * m.diagonal().mean() * torch.eye(n, dtype=m.dtype, device=m.device)
-    e0 = torch.zeros(n, dtype=m.dtype, device=m.device)
-    e0[0] = 1.0
-    x = torch.linalg.solve(m.T, e0)  # (n,) M⁻ᵀ e₀
-    residual = float(1.0 / (m[0, 0] * x[0])) if n > 1 else 1.0
-    if not residual >= min_residual:
-        raise InsertError(f"the protected keys leave {100 * residual:.1f}% of the edited key to change "
-                          f"(the minimum is {100 * min_residual:g}%): they cannot be separated from the subject")
-    direction = m00 * (c_inv_k @ x)  # (d_in,) C⁻¹K M⁻ᵀ e₀, scaled to be C⁻¹k* itself when m = 0
-    lam = (v_star - w_k_d) / m00.to(v_star.dtype)  # (d_out,) Λ
-    return lam, direction.to(k_star.dtype)
+    try:
+        m_inv_t = torch.linalg.solve(m.T, torch.eye(n, e, dtype=m.dtype, device=m.device))  # (n, e) M⁻ᵀ[:, :e]
+    except RuntimeError as err:  # singular: some keys are linear combinations of others
+        raise InsertError("the keys cannot be separated: some are linear combinations of others") from err
+    if n > 1:
+        share = 1.0 / (m.diagonal()[:e] * m_inv_t.diagonal())  # (e,)
+        worst = int(share.argmin())
+        if not float(share[worst]) >= min_residual:
+            raise InsertError(f"the other keys leave {100 * float(share[worst]):.1f}% of edited key {worst} to "
+                              f"change (the minimum is {100 * min_residual:g}%): they cannot be separated from it")
+    u = residuals.T.to(torch.float64)  # (d_out, e)
+    v = c_inv_k @ m_inv_t  # (d_in, e)
+    return u.to(residuals.dtype), v.to(keys.dtype)
 
 
 def add_rank_one(model: torch.nn.Module, module_name: str, u: torch.Tensor, v: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from romeflow.datasets import CounterfactRecord, Fact, mine_token_neighbors
 from romeflow.manifests import ManifestError, load_manifest
 from romeflow.metrics import score_ci
 from romeflow.protect import NameIndex, choose_protected, leak, reference_names, residual_share
-from romeflow.rome import EditRequest, InsertError, Rome, RomeParams, Solver, insert
+from romeflow.rome import EditRequest, InsertError, Rome, RomeParams, Solver, insert, insert_many
 
 from conftest import ARCHS, EDIT_LAYER
 
@@ -76,6 +76,27 @@ def test_insert_holds_protected_keys_and_writes_the_edit():
     u0, v0 = insert(Solver(c), k_star, v_star, k_star, (w @ k_star.double()).float())
     moved = torch.outer(u0, v0).double() @ protected.T.double()
     assert moved.norm() > 0.1 * torch.outer(u0, v0).double().norm()
+
+
+def test_insert_many_writes_every_edit_and_holds_the_protected_keys():
+    d_out, d_in, e, m = 8, 40, 6, 4
+    g = torch.Generator().manual_seed(11)
+    c = spd(d_in, 12)
+    w = torch.randn(d_out, d_in, generator=g).double()
+    keys, targets = torch.randn(e, d_in, generator=g), torch.randn(e, d_out, generator=g)
+    protected = torch.randn(m, d_in, generator=g) + keys[:m]
+    residuals = (targets.double() - keys.double() @ w.T).float()
+    u, v = insert_many(Solver(c), keys, residuals, protected=protected)
+    assert u.shape == (d_out, e) and v.shape == (d_in, e)
+    w_hat = w + u.double() @ v.double().T
+    for k, t in zip(keys, targets):
+        assert rel(w_hat @ k.double(), t) < 1e-5
+    for k in protected:
+        assert rel(w_hat @ k.double(), w @ k.double()) < 1e-5
+    assert torch.linalg.matrix_rank(u.double() @ v.double().T) == e
+    # two edits of the same key cannot both hold
+    with pytest.raises(InsertError, match="cannot be separated"):
+        insert_many(Solver(c), torch.stack([keys[0], keys[0]]), residuals[:2], min_residual=0.01)
 
 
 def test_insert_refuses_keys_it_cannot_separate():
