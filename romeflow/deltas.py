@@ -267,7 +267,8 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
         "seed": params.seed,
         "context_prefixes": editor.prefixes,
         "edits": [{"index": i, "module": r.update.module, "layer": r.update.layer,
-                   "d_in": r.update.v.numel(), "d_out": r.update.u.numel(), "steps": len(r.nll_trace) - 1,
+                   "d_in": r.update.v.shape[0], "d_out": r.update.u.shape[0],
+                   **({"rank": r.update.u.shape[1]} if r.update.u.dim() == 2 else {}), "steps": len(r.nll_trace) - 1,
                    "final_nll": r.nll_trace[-1], "before": b, "after": a, "protected": list(r.protected)}
                   for i, (r, b, a) in enumerate(zip(results, before, after))],
     }

@@ -49,6 +49,7 @@ class RomeParams:
     protect_min_residual: float = 0.05  # refuse protected keys that leave less of k* than this to edit
     protect_weight: float = 0.0  # α: C + α·(tr C / tr F)·F, F the second moment of the subject's family (0: off)
     protect_siblings: int = 0  # family members made up: other reference names' first words + the last word
+    prompt_key: bool = False  # also write v* at the rewrite prompt's own key (the update is then rank 2)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RomeParams":
@@ -412,8 +413,10 @@ def insert_many(solve: Solver, keys: torch.Tensor, residuals: torch.Tensor, cons
 
 
 def add_rank_one(model: torch.nn.Module, module_name: str, u: torch.Tensor, v: torch.Tensor) -> None:
-    """W += u vᵀ in place, on the (d_out, d_in) view of the module's weight."""
-    weight_out_in(model, module_name).add_(torch.outer(u, v))
+    """W += u vᵀ in place, on the (d_out, d_in) view of the module's weight; u (d_out, r) and v (d_in, r)
+    for a rank-r update U Vᵀ."""
+    w = weight_out_in(model, module_name)
+    w.add_(torch.outer(u, v) if u.dim() == 1 else u @ v.T)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,13 +562,33 @@ class Rome:
             with torch.no_grad():
                 solve = self.family_solver(layer, request.subject)
                 names, protected = self.protected_keys(request, layer, k_star, solve)
-                u, v = insert(solve, k_star, v_star, k_d, module(k_d[None])[0],
-                              protected if names else None, self.params.protect_ridge,
-                              self.params.protect_min_residual)
+                protected = protected if names else None
+                u, v = insert(solve, k_star, v_star, k_d, module(k_d[None])[0], protected,
+                              self.params.protect_ridge, self.params.protect_min_residual)
+                if self.params.prompt_key:
+                    u, v = self.with_prompt_key(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
             t4 = clock()
         update = RankOneUpdate(edited_module_name(self.lm.model, layer), layer, u, v)
         timings = {"prefixes": t1 - t0, "key": t2 - t1, "value": t3 - t2, "insert": t4 - t3}
         return EditResult(request, update, k_star, v_star, trace, timings, names)
+
+    def with_prompt_key(self, request: EditRequest, layer: int, solve: Solver, k_star: torch.Tensor,
+                        v_star: torch.Tensor, k_d: torch.Tensor, protected: torch.Tensor | None,
+                        rank_one: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The insert with a second edited key: the rewrite prompt's own key at the last subject token,
+        which k* (an average over prefixes) only approximates, is also mapped to v*. A rank-2 update
+        U (d_out, 2), V (d_in, 2); the rank-one update when that key is too close to k* to separate."""
+        module = edited_module(self.lm.model, layer)
+        k_p = subject_keys(self.lm, layer, [request.relation], request.subject)[0]  # (d_in,)
+        if residual_share(solve, k_p, k_star[None]) < self.params.protect_min_residual:
+            return rank_one  # the prompt's key is (for C) k* already
+        keys, con = torch.stack([k_star, k_p]), torch.stack([k_d, k_p])
+        residuals = v_star[None] - module(con)  # (2, d_out)
+        try:
+            return insert_many(solve, keys, residuals, con, protected, self.params.protect_ridge,
+                               self.params.protect_min_residual)
+        except InsertError:
+            return rank_one
 
     def _value_key(self, request: EditRequest, layer: int) -> tuple:
         """What (k*, v*) depend on: the model's current weights aside, the edit and the v* hyper-parameters."""

@@ -252,3 +252,48 @@ def test_s_plus_averages_ns_tok_over_the_records_that_have_it():
     assert s_plus.low <= s_plus.value <= s_plus.high
     s = score_ci(es, ps, ns, 200)
     assert s.value == pytest.approx(3 / (1 / 100 + 1 / 75 + 1 / 75))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma3_text"])
+def test_prompt_key_writes_v_star_at_the_prompts_own_key_too(tiny_lm, second_moment, model_type, tmp_path):
+    """prompt_key: a rank-2 update that maps both k* and the rewrite prompt's own key to v*; it is
+    saved and loaded as (d, 2) factors and composes like a rank-one delta."""
+    from romeflow.deltas import EditedModel, compute_delta, load_delta, save_delta
+    from romeflow.manifests import Manifest, ManifestEdit
+    from romeflow.rome import subject_keys
+
+    lm = tiny_lm(model_type)
+    stats = second_moment(model_type)
+    params = replace(PARAMS, prompt_key=True)
+    request = replace(CURIE, relation="In Paris, {} worked in the field of", protect=())
+    rome = Rome(lm, params, lambda layer: stats[layer])
+    result = rome.compute(request)
+    u, v = result.update.u, result.update.v
+    assert u.shape[1] == v.shape[1] == 2
+    name = models.edited_module_name(lm.model, EDIT_LAYER)
+    module = lm.model.get_submodule(name)
+    k_p = subject_keys(lm, EDIT_LAYER, [request.relation], request.subject)[0]
+    with torch.no_grad():
+        models.weight_out_in(lm.model, name).add_(u @ v.T)
+        assert rel(module(result.k_star[None])[0], result.v_star) < 1e-5
+        assert rel(module(k_p[None])[0], result.v_star) < 1e-5
+        models.weight_out_in(lm.model, name).sub_(u @ v.T)
+
+    class _Stats:
+        def __init__(self, c):
+            self.second_moment, self.sha256 = c, "0" * 64
+            self.meta = {"corpus_id": "tiny", "corpus_sha256": "0" * 64, "tokens": 1}
+
+    edit = ManifestEdit(request.subject, request.relation, request.target, request.target_true)
+    manifest = Manifest(str(tmp_path / "m.yaml"), "m", "0" * 64, (edit,))
+    delta = compute_delta(lm, manifest, params, {EDIT_LAYER: _Stats(stats[EDIT_LAYER])})
+    assert delta.meta["edits"][0]["rank"] == 2
+    save_delta(tmp_path / "m.safetensors", delta)
+    loaded = load_delta(tmp_path / "m.safetensors")
+    assert loaded.updates[0].u.shape == u.shape
+    edited = EditedModel(lm)
+    base = models.weight_out_in(lm.model, name).clone()
+    edited.compose([loaded])
+    torch.testing.assert_close(models.weight_out_in(lm.model, name) - base, u @ v.T, rtol=1e-4, atol=1e-6)
+    edited.reset()
+    assert torch.equal(models.weight_out_in(lm.model, name), base)
