@@ -331,6 +331,8 @@ def _bench_options(default_methods: str):
         f = click.option("--records", "records_path", type=click.Path(dir_okay=False), default=None,
                          help="Dataset file [default: params.yaml bench.<kind>.records].")(f)
         f = click.option("--n", "n", type=int, default=None, help="Use the first N records [default: all].")(f)
+        f = click.option("--start", type=int, default=0, show_default=True,
+                         help="Skip this many records first (a second sample: --start 100 --n 100).")(f)
         f = click.option("--methods", default=default_methods, show_default=True,
                          help="Comma-separated editors; the unedited model is always scored too.")(f)
         f = click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -360,7 +362,7 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, references_path=None, partial=False,
-               shard=None, require_tok=False, variants=()):
+               shard=None, require_tok=False, variants=(), start=0):
     from tqdm.auto import tqdm
 
     from .bench import ValueStore, benchmark, generation_prompts, partial_report, run_settings
@@ -374,6 +376,8 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
         raise click.UsageError(f"--records is required (or set bench.{kind}.records in params.yaml)")
     if n is not None and n < 1:
         raise click.BadParameter("must be at least 1", param_hint="--n")
+    if start < 0:
+        raise click.BadParameter("must be at least 0", param_hint="--start")
     names = [m.strip() for m in methods.split(",") if m.strip()]
     params = {name: settings.method(name) for name in names}
     variant_params = dict(settings.rome_variant(v) for v in variants)  # checked by the rome section's rules
@@ -392,7 +396,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
         tok_cfg = {"k": k_tok, "facts": facts_path,
                    "facts_sha256": sha256_file(Path(facts_path)) if facts_path else None,
                    "only_records_with_neighbors": bool(require_tok)}
-    records = all_records[:n] if n else all_records
+    records = all_records[start:start + n] if n else all_records[start:]
     if not records:
         raise click.UsageError(f"{records_path}: no records to run")
     references = None
@@ -468,8 +472,8 @@ def _print_report(kind: str, report, path: Path, n: int) -> None:
               help="RS reference texts, JSON {object: [text, ...]} [default: built from the dataset's records].")
 @click.option("--with-token-neighbors", "require_tok", is_flag=True,
               help="Only records that have token-sharing neighbours (NS_tok), before --n.")
-def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references_path, partial, shard, require_tok,
-                      variants):
+def bench_counterfact(ctx, records_path, n, start, methods, out, model_spec, references_path, partial, shard,
+                      require_tok, variants):
     """Edit each COUNTERFACT record alone, score ES/EM, PS/PM, NS/NM, NS_tok/NM_tok, S, S+, GE, RS with 95% CIs.
 
     NS_tok: other subjects that share the edited subject's last token (from the dataset and from
@@ -477,15 +481,15 @@ def bench_counterfact(ctx, records_path, n, methods, out, model_spec, references
     Resumable: re-running the same command continues where it stopped, then writes report.json and
     report.md in the run folder."""
     _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path, partial, shard,
-               require_tok, variants)
+               require_tok, variants, start)
 
 
 @bench.command("zsre")
 @_bench_options("rome,ft,ftl,kn")
-def bench_zsre(ctx, records_path, n, methods, out, model_spec, partial, shard, variants):
+def bench_zsre(ctx, records_path, n, start, methods, out, model_spec, partial, shard, variants):
     """Edit each zsRE record alone, score efficacy, paraphrase and specificity accuracy with 95% CIs."""
     _run_bench(ctx, "zsre", records_path, n, methods, out, model_spec, partial=partial, shard=shard,
-               variants=variants)
+               variants=variants, start=start)
 
 
 @main.command()
