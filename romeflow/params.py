@@ -29,7 +29,7 @@ from .bench import GenerationParams
 from .editors import FtParams, KnParams
 from .models import DEFAULT_MODEL
 from .names import BadName, check_name
-from .rome import RomeParams
+from .rome import RomeParams, rank_one
 from .schemas import _schema_text, validate_with
 from .statistics import Corpus, text_files_corpus, wikipedia_corpus
 from .tracing import TraceParams, read_layer
@@ -132,12 +132,11 @@ class Params:
         return manifest.with_auto_layer(self.traced_layer()) if manifest.uses_auto else manifest
 
     def method(self, name: str):
-        """The hyper-parameters of an editor (``rome``, ``rome-r1``: ROME without protected keys, ``ft``,
-        ``ftl``, ``kn``)."""
+        """The hyper-parameters of an editor (``rome``, ``rome-r1``: the paper's rank-one insert, nothing
+        protected automatically, ``ft``, ``ftl``, ``kn``)."""
         if name == "ftl" and self.ftl.linf is None:
             raise ConfigError(f"{self.path}: ftl.linf: required (the L∞ bound of FT+L)")
-        methods = {"rome": self.rome, "rome-r1": replace(self.rome, protect=0), "ft": self.ft, "ftl": self.ftl,
-                   "kn": self.kn}
+        methods = {"rome": self.rome, "rome-r1": rank_one(self.rome), "ft": self.ft, "ftl": self.ftl, "kn": self.kn}
         if name not in methods:
             raise ConfigError(f"--methods: unknown method '{name}' (known: {', '.join(methods)})")
         return methods[name]

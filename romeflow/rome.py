@@ -14,7 +14,7 @@ import copy
 import random
 import time
 from pathlib import Path
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable
 
 import torch
@@ -65,6 +65,12 @@ class RomeParams:
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def rank_one(params: RomeParams) -> RomeParams:
+    """The same hyper-parameters with the plain rank-one insert of Eq. 2: no mined protected keys, no
+    family term, no prompt key (a manifest's own protect list and neighbours still hold)."""
+    return replace(params, protect=0, protect_weight=0.0, protect_siblings=0, prompt_key=False)
 
 
 @dataclass(frozen=True)
