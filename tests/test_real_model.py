@@ -52,7 +52,7 @@ def test_curie_edit_makes_medicine_top1_and_keeps_the_neighbour(gemma, settings,
     before = next_token_top(gemma, prompts + [neighbour], k=1)
     assert all(top[0][0] != " medicine" for top in before[:-1])
 
-    save_delta(tmp_path / "curie.safetensors", compute_delta(gemma, manifest, settings.rome, stats))
+    save_delta(tmp_path / "curie.safetensors", compute_delta(gemma, manifest, settings.rome, stats, root=REPO))
     edited = EditedModel(gemma)
     edited.compose([load_delta(tmp_path / "curie.safetensors")])
     try:
@@ -61,3 +61,39 @@ def test_curie_edit_makes_medicine_top1_and_keeps_the_neighbour(gemma, settings,
         edited.reset()
     assert [top[0][0] for top in after[:-1]] == [" medicine"] * (len(prompts))
     assert after[-1][0][0] == before[-1][0][0]
+
+
+def test_curie_bleed_edits_pierre_and_leaves_marie(gemma, settings):
+    """Entity-level specificity on the real model: Marie Curie shares Pierre Curie's last token. The
+    default insert (her key held fixed, the " Curie" family kept off) flips Pierre and leaves her field;
+    the paper's rank-one insert, with the same v*, moves her too."""
+    from romeflow.evaluation import target_nll
+    from romeflow.rome import Rome, add_rank_one, rank_one
+
+    manifest = load_manifest(REPO / "edits" / "curie_bleed.yaml")
+    edit = manifest.edits[0]
+    layer = settings.rome.layer
+    stats = get_stats(gemma, [layer], settings.stats.corpus_source(), settings.stats.tokens, cache_dir(),
+                      settings.stats.seq_len)
+    values: dict = {}
+    marie = edit.neighbors[0]
+    prompts, targets = [edit.prompt, marie.prompt, marie.prompt], [edit.target, edit.target, marie.answer]
+
+    def probabilities(params, request):
+        rome = Rome(gemma, params, lambda l: stats[l].second_moment, REPO, values)
+        result = rome.compute(request, layer)
+        w = gemma.model.get_submodule(result.update.module).weight
+        saved = w.detach().clone()
+        add_rank_one(gemma.model, result.update.module, result.update.u, result.update.v)
+        try:
+            return target_nll(gemma, prompts, targets).neg().exp().tolist(), result
+        finally:
+            w.data.copy_(saved)
+
+    (p_pierre, p_marie_new, p_marie_old), result = probabilities(settings.rome, edit.request)
+    assert "Marie Curie" in result.protected
+    assert p_pierre > 0.5 and p_marie_old > p_marie_new  # Pierre flips, Marie keeps her field
+    import dataclasses
+    plain = dataclasses.replace(edit.request, protect=())
+    (q_pierre, q_marie_new, q_marie_old), _ = probabilities(rank_one(settings.rome), plain)
+    assert q_pierre > 0.5 and q_marie_new > q_marie_old  # the rank-one insert rewrites Marie Curie too
