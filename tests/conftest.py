@@ -227,3 +227,13 @@ def second_moment(tiny_lm, corpus):
         return cache[model_type]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny_lm):
+    """The tiny GPT-2 saved as a Hugging Face folder (a project's `model:`)."""
+    folder = tmp_path_factory.mktemp("model")
+    lm = tiny_lm("gpt2")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder

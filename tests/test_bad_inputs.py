@@ -59,15 +59,6 @@ def cli(root: Path, *args):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_lm):
-    folder = tmp_path_factory.mktemp("model")
-    lm = tiny_lm("gpt2")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory, model_dir):
     """edits/{a,b,curie}.yaml, stats/layer1.safetensors, deltas/{a,curie}.safetensors, manifests [a, b]."""
     root = make_project(tmp_path_factory.mktemp("bad-inputs"), model_dir, manifests=("a", "b"))

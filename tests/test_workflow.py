@@ -118,15 +118,6 @@ def make_project(root: Path, model_dir: Path, manifests=("a", "b", "c", "bad"), 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_lm):
-    folder = tmp_path_factory.mktemp("model")
-    lm = tiny_lm("gpt2")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory, model_dir):
     """A project with deltas/a, deltas/b and deltas/bad computed by `romeflow apply` (read-only: copy to edit)."""
     root = make_project(tmp_path_factory.mktemp("project"), model_dir)
