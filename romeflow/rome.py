@@ -49,7 +49,7 @@ class RomeParams:
     protect_min_residual: float = 0.05  # refuse protected keys that leave less of k* than this to edit
     protect_weight: float = 0.0  # α: C + α·(tr C / tr F)·F, F the second moment of the subject's family (0: off)
     protect_siblings: int = 0  # family members made up: other reference names' first words + the last word
-    prompt_key: bool = False  # also write v* at the rewrite prompt's own key (the update is then rank 2)
+    prompt_key: bool = False  # the edit's change also at the rewrite prompt's own key (still rank one)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RomeParams":
@@ -360,7 +360,7 @@ def insert(solve: Solver, k_star: torch.Tensor, v_star: torch.Tensor, k_d: torch
 
         Δ = R (K_conᵀ C⁻¹ K)⁻¹ (C⁻¹ K)ᵀ,   K = [k*, k_1 .. k_m],  K_con = [k_d, k_1 .. k_m],  R = [v* − W k_d, 0 .. 0]
 
-    Only R's first column is non-zero, so Δ = (v* − W k_d) (C⁻¹ K M⁻ᵀ e₀)ᵀ with M = K_conᵀ C⁻¹ K is
+    Only R's first column is non-zero, so Δ = (v* − W k_d) (C⁻¹ K M⁻¹ e₀)ᵀ with M = K_conᵀ C⁻¹ K is
     rank one whatever m is. With m = 0 it is the paper's Ŵ = W + Λ (C⁻¹k*)ᵀ, Λ = (v* − W k_d) / ((C⁻¹k*)ᵀ k_d).
     k_d = k* is r-ROME (symmetric); k_d = the bare prompt's key is the paper's original code.
 
@@ -368,7 +368,7 @@ def insert(solve: Solver, k_star: torch.Tensor, v_star: torch.Tensor, k_d: torch
     ridge: added to M's diagonal, relative to its mean diagonal, when m > 0 (near-collinear protected keys).
     min_residual: the share of k*'s C⁻¹-energy that must lie outside the protected keys' span
     (1 / (M₀₀ (M⁻¹)₀₀), 1 when m = 0); below it the keys cannot be separated and InsertError is raised.
-    Returns the factors (u = Λ (d_out,), v = m₀₀ C⁻¹K M⁻ᵀ e₀ (d_in,)) of ΔW = u vᵀ, with m₀₀ = (C⁻¹k*)ᵀ k_d:
+    Returns the factors (u = Λ (d_out,), v = m₀₀ C⁻¹K M⁻¹ e₀ (d_in,)) of ΔW = u vᵀ, with m₀₀ = (C⁻¹k*)ᵀ k_d:
     for m = 0, exactly the rank-one factors (Λ, C⁻¹k*).
     """
     u, v = insert_many(solve, k_star[None], (v_star - w_k_d)[None], k_d[None], protected, ridge, min_residual)
@@ -383,10 +383,11 @@ def insert_many(solve: Solver, keys: torch.Tensor, residuals: torch.Tensor, cons
 
         minimise ‖Δ‖_C   subject to   Δ k_con,i = r_i  (i = 1..e)   and   Δ k_j = 0  (j = 1..m)
 
-        Δ = [R, 0] M⁻¹ (C⁻¹ K)ᵀ,   K = [k_1 .. k_e, k'_1 .. k'_m],  K_con = [k_con,1 .. k_con,e, k'_1 .. k'_m],
+        Δ = [R, 0] (M⁻¹)ᵀ (C⁻¹ K)ᵀ,   K = [k_1 .. k_e, k'_1 .. k'_m],  K_con = [k_con,1 .. k_con,e, k'_1 .. k'_m],
                                     M = K_conᵀ C⁻¹ K   ((e + m) × (e + m))
 
-    so Δ = U Vᵀ with U = R (d_out, e) and V = C⁻¹K M⁻ᵀ[:, :e] (d_in, e): rank ≤ e, whatever m is.
+    so Δ = U Vᵀ with U = R (d_out, e) and V = C⁻¹K M⁻¹[:, :e] (d_in, e): rank ≤ e, whatever m is
+    (Vᵀ K_con = (M⁻¹[:, :e])ᵀ Mᵀ = [I_e 0] since Kᵀ C⁻¹ K_con = Mᵀ).
 
     keys: (e, d_in) the edited keys (the update's directions, C⁻¹k_i); residuals: (e, d_out) r_i = v*_i − W k_con,i;
     constraint_keys: (e, d_in) where the edits must hold (default: ``keys``, r-ROME's symmetric choice);
@@ -404,17 +405,17 @@ def insert_many(solve: Solver, keys: torch.Tensor, residuals: torch.Tensor, cons
     if ridge and n > 1:
         m = m + ridge * m.diagonal().mean() * torch.eye(n, dtype=m.dtype, device=m.device)
     try:
-        m_inv_t = torch.linalg.solve(m.T, torch.eye(n, e, dtype=m.dtype, device=m.device))  # (n, e) M⁻ᵀ[:, :e]
+        x = torch.linalg.solve(m, torch.eye(n, e, dtype=m.dtype, device=m.device))  # (n, e) M⁻¹[:, :e]
     except RuntimeError as err:  # singular: some keys are linear combinations of others
         raise InsertError("the keys cannot be separated: some are linear combinations of others") from err
     if n > 1:
-        share = 1.0 / (m.diagonal()[:e] * m_inv_t.diagonal())  # (e,)
+        share = 1.0 / (m.diagonal()[:e] * x.diagonal())  # (e,)
         worst = int(share.argmin())
         if not float(share[worst]) >= min_residual:
             raise InsertError(f"the other keys leave {100 * float(share[worst]):.1f}% of edited key {worst} to "
                               f"change (the minimum is {100 * min_residual:g}%): they cannot be separated from it")
     u = residuals.T.to(torch.float64)  # (d_out, e)
-    v = c_inv_k @ m_inv_t  # (d_in, e)
+    v = c_inv_k @ x  # (d_in, e): Vᵀ K_con = M⁻¹[:, :e]ᵀ Mᵀ... = [I_e 0], i.e. Δ K_con = [R 0]
     return u.to(residuals.dtype), v.to(keys.dtype)
 
 
@@ -581,20 +582,28 @@ class Rome:
     def with_prompt_key(self, request: EditRequest, layer: int, solve: Solver, k_star: torch.Tensor,
                         v_star: torch.Tensor, k_d: torch.Tensor, protected: torch.Tensor | None,
                         rank_one: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The insert with a second edited key: the rewrite prompt's own key at the last subject token,
-        which k* (an average over prefixes) only approximates, is also mapped to v*. A rank-2 update
-        U (d_out, 2), V (d_in, 2); the rank-one update when that key is too close to k* to separate."""
+        """The insert with a second constraint at the rewrite prompt's own key k_p (the key at its last
+        subject token, which k* only approximates): Δ k_p = v* − W k*, the change δ that v* was optimised
+        with at every prompt's subject token. With symmetric keys both constraints ask for the same
+        change, so the update stays rank one: u = δ, v = C⁻¹K M⁻¹ (e₀ + e₁) with vᵀk* = vᵀk_p = 1 and
+        vᵀk_j = 0 for the protected keys. (Asking Ŵ k_p = v* instead would make Δ (k_p − k*) = −W (k_p − k*):
+        the layer's response along the difference of two near-identical keys wiped out.)
+        The rank-one update is kept when k_p is too close to k* to separate."""
         module = edited_module(self.lm.model, layer)
         k_p = subject_keys(self.lm, layer, [request.relation], request.subject)[0]  # (d_in,)
         if residual_share(solve, k_p, k_star[None]) < self.params.protect_min_residual:
             return rank_one  # the prompt's key is (for C) k* already
+        delta = v_star - module(k_star[None])[0]  # (d_out,) δ
         keys, con = torch.stack([k_star, k_p]), torch.stack([k_d, k_p])
-        residuals = v_star[None] - module(con)  # (2, d_out)
+        residuals = torch.stack([v_star - module(k_d[None])[0], delta])  # (2, d_out)
         try:
-            return insert_many(solve, keys, residuals, con, protected, self.params.protect_ridge,
+            u, v = insert_many(solve, keys, residuals, con, protected, self.params.protect_ridge,
                                self.params.protect_min_residual)
         except InsertError:
             return rank_one
+        if self.params.symmetric_keys:  # the two columns of U are the same δ: one rank-one update
+            return u[:, 0], v.sum(1)
+        return u, v
 
     def _value_key(self, request: EditRequest, layer: int) -> tuple:
         """What (k*, v*) depend on: the model's current weights aside, the edit and the v* hyper-parameters."""

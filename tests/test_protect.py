@@ -55,16 +55,22 @@ def test_insert_without_protected_keys_is_the_rank_one_insert(symmetric):
     assert rel(u, lam) <= 1e-6 and rel(v, c_inv_k) <= 1e-6  # the same factors, not only the same product
 
 
-def test_insert_holds_protected_keys_and_writes_the_edit():
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_insert_holds_protected_keys_and_writes_the_edit(symmetric):
     d_out, d_in, m = 8, 16, 5
     g = torch.Generator().manual_seed(5)
     c = spd(d_in, 6)
     w = torch.randn(d_out, d_in, generator=g).double()
     k_star, v_star = torch.randn(d_in, generator=g), torch.randn(d_out, generator=g)
+    k_d = k_star if symmetric else k_star + 0.3 * torch.randn(d_in, generator=g)
     protected = torch.randn(m, d_in, generator=g) + 0.5 * k_star  # correlated with k*: a rank-one edit moves them
-    u, v = insert(Solver(c), k_star, v_star, k_star, (w @ k_star.double()).float(), protected)
+    u, v = insert(Solver(c), k_star, v_star, k_d, (w @ k_d.double()).float(), protected)
     w_hat = w + torch.outer(u, v).double()
-    assert rel(w_hat @ k_star.double(), v_star) < 1e-5
+    assert rel(w_hat @ k_d.double(), v_star) < 1e-5
+    for k in protected:
+        assert rel(w_hat @ k.double(), w @ k.double()) < 1e-5
+    if not symmetric:
+        return
     for k in protected:
         assert rel(w_hat @ k.double(), w @ k.double()) < 1e-5
     # Still rank one, and the minimal-norm solution: Δ C lies in the span of K (Δ C = Λ' Kᵀ for some Λ').
@@ -255,29 +261,33 @@ def test_s_plus_averages_ns_tok_over_the_records_that_have_it():
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gemma3_text"])
-def test_prompt_key_writes_v_star_at_the_prompts_own_key_too(tiny_lm, second_moment, model_type, tmp_path):
-    """prompt_key: a rank-2 update that maps both k* and the rewrite prompt's own key to v*; it is
-    saved and loaded as (d, 2) factors and composes like a rank-one delta."""
+def test_prompt_key_gives_the_prompts_own_key_the_edits_change(tiny_lm, second_moment, model_type, tmp_path):
+    """prompt_key: Ŵ k* = v* and Ŵ k_p = W k_p + (v* − W k*) for the rewrite prompt's own key k_p, in a
+    rank-one update (symmetric keys); without symmetric keys a rank-2 update, saved and loaded as (d, 2)
+    factors, that composes like any delta."""
     from romeflow.deltas import EditedModel, compute_delta, load_delta, save_delta
     from romeflow.manifests import Manifest, ManifestEdit
     from romeflow.rome import subject_keys
 
     lm = tiny_lm(model_type)
     stats = second_moment(model_type)
-    params = replace(PARAMS, prompt_key=True)
     request = replace(CURIE, relation="In Paris, {} worked in the field of", protect=())
-    rome = Rome(lm, params, lambda layer: stats[layer])
-    result = rome.compute(request)
-    u, v = result.update.u, result.update.v
-    assert u.shape[1] == v.shape[1] == 2
     name = models.edited_module_name(lm.model, EDIT_LAYER)
     module = lm.model.get_submodule(name)
     k_p = subject_keys(lm, EDIT_LAYER, [request.relation], request.subject)[0]
-    with torch.no_grad():
-        models.weight_out_in(lm.model, name).add_(u @ v.T)
-        assert rel(module(result.k_star[None])[0], result.v_star) < 1e-5
-        assert rel(module(k_p[None])[0], result.v_star) < 1e-5
-        models.weight_out_in(lm.model, name).sub_(u @ v.T)
+    for symmetric in (True, False):
+        params = replace(PARAMS, prompt_key=True, symmetric_keys=symmetric, protect_min_residual=1e-3)
+        result = Rome(lm, params, lambda layer: stats[layer]).compute(request)
+        u, v = result.update.u, result.update.v
+        assert u.dim() == (1 if symmetric else 2)
+        dw = torch.outer(u, v) if symmetric else u @ v.T
+        with torch.no_grad():
+            before_p, delta = module(k_p[None])[0].clone(), result.v_star - module(result.k_star[None])[0]
+            models.weight_out_in(lm.model, name).add_(dw)
+            if symmetric:
+                assert rel(module(result.k_star[None])[0], result.v_star) < 1e-5
+            assert rel(module(k_p[None])[0], before_p + delta) < 1e-5
+            models.weight_out_in(lm.model, name).sub_(dw)
 
     class _Stats:
         def __init__(self, c):
@@ -286,14 +296,15 @@ def test_prompt_key_writes_v_star_at_the_prompts_own_key_too(tiny_lm, second_mom
 
     edit = ManifestEdit(request.subject, request.relation, request.target, request.target_true)
     manifest = Manifest(str(tmp_path / "m.yaml"), "m", "0" * 64, (edit,))
-    delta = compute_delta(lm, manifest, params, {EDIT_LAYER: _Stats(stats[EDIT_LAYER])})
+    delta = compute_delta(lm, manifest, params, {EDIT_LAYER: _Stats(stats[EDIT_LAYER])})  # not symmetric: rank 2
     assert delta.meta["edits"][0]["rank"] == 2
     save_delta(tmp_path / "m.safetensors", delta)
     loaded = load_delta(tmp_path / "m.safetensors")
-    assert loaded.updates[0].u.shape == u.shape
+    assert loaded.updates[0].u.shape == (u.shape[0], 2)
     edited = EditedModel(lm)
     base = models.weight_out_in(lm.model, name).clone()
     edited.compose([loaded])
-    torch.testing.assert_close(models.weight_out_in(lm.model, name) - base, u @ v.T, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(models.weight_out_in(lm.model, name) - base, loaded.updates[0].u @ loaded.updates[0].v.T,
+                               rtol=1e-4, atol=1e-6)
     edited.reset()
     assert torch.equal(models.weight_out_in(lm.model, name), base)
