@@ -431,6 +431,14 @@ def add_rank_one(model: torch.nn.Module, module_name: str, u: torch.Tensor, v: t
 # --------------------------------------------------------------------------------------------------
 
 
+MAX_FAMILY_GROWTH = 2.0  # the family term's update may be at most this many times ‖ΔW‖ of C's own
+
+
+def _norm(u: torch.Tensor, v: torch.Tensor) -> float:
+    """‖u vᵀ‖_F (‖U Vᵀ‖_F for rank-r factors)."""
+    return float(torch.outer(u, v).norm() if u.dim() == 1 else (u @ v.T).norm())
+
+
 class Rome:
     """Edits a loaded model in place.
 
@@ -489,10 +497,10 @@ class Rome:
         first word of another reference name, in a seeded order)."""
         names = self.names().sharing(self.lm.tokenizer, subject)[:256]
         n = self.params.protect_siblings
-        if n <= 0:
-            return names
         *head, last = subject.split()
         article = [head.pop(0)] if head and head[0] in ("The", "the", "A", "An") else []
+        if n <= 0 or not head:  # a one-word subject has no head to replace: its "siblings" would contain it
+            return names
         words = sorted({w for ws in self.names().by_token.values() for name in ws
                         if (w := name.split()[0]).isalpha() and w[:1].isupper() and w not in head})
         picked = random.Random(f"{self.params.seed}:{subject}").sample(words, min(n, len(words)))
@@ -574,6 +582,14 @@ class Rome:
                               self.params.protect_ridge, self.params.protect_min_residual)
                 if self.params.prompt_key:
                     u, v = self.with_prompt_key(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
+                if solve is not self.solver(layer):  # the family term: never a much larger update than C's
+                    plain = self.solver(layer)
+                    u0, v0 = insert(plain, k_star, v_star, k_d, module(k_d[None])[0], protected,
+                                    self.params.protect_ridge, self.params.protect_min_residual)
+                    if _norm(u, v) > MAX_FAMILY_GROWTH * _norm(u0, v0):
+                        u, v = u0, v0
+                        if self.params.prompt_key:
+                            u, v = self.with_prompt_key(request, layer, plain, k_star, v_star, k_d, protected, (u, v))
             t4 = clock()
         update = RankOneUpdate(edited_module_name(self.lm.model, layer), layer, u, v)
         timings = {"prefixes": t1 - t0, "key": t2 - t1, "value": t3 - t2, "insert": t4 - t3}

@@ -308,3 +308,23 @@ def test_prompt_key_gives_the_prompts_own_key_the_edits_change(tiny_lm, second_m
                                rtol=1e-4, atol=1e-6)
     edited.reset()
     assert torch.equal(models.weight_out_in(lm.model, name), base)
+
+
+def test_one_word_subjects_get_no_made_up_siblings_and_the_family_term_is_bounded(tiny_lm, second_moment,
+                                                                                   monkeypatch):
+    lm = tiny_lm("gpt2")
+    stats = second_moment("gpt2")
+    params = replace(PARAMS, protect_weight=1.0, protect_siblings=8)
+    rome = Rome(lm, params, lambda layer: stats[layer])
+    assert all(" " in s for s in rome.family("Pierre Curie")[-8:])  # made-up "X Curie" siblings
+    assert rome.family("Seattle") == rome.names().sharing(lm.tokenizer, "Seattle")[:256]  # none made up
+    # A family term whose update grows past MAX_FAMILY_GROWTH × C's own is replaced by C's own insert.
+    import romeflow.rome as rome_module
+
+    plain = Rome(lm, replace(params, protect_weight=0.0), lambda layer: stats[layer]).compute(CURIE)
+    family = rome.compute(CURIE)
+    assert not torch.allclose(torch.outer(family.update.u, family.update.v), torch.outer(plain.update.u, plain.update.v))
+    monkeypatch.setattr(rome_module, "MAX_FAMILY_GROWTH", 0.0)
+    guarded = rome.compute(CURIE)
+    torch.testing.assert_close(torch.outer(guarded.update.u, guarded.update.v),
+                               torch.outer(plain.update.u, plain.update.v), rtol=1e-4, atol=1e-6)
