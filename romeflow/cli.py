@@ -22,6 +22,7 @@ from .models import EMBEDDED, LoadedModel, ModelError, cache_dir, layer_count, l
 from .names import BadName
 from .params import ConfigError, Params, check_layers, load_params
 from .registry import check_name, register, unregister
+from .protect import check_sources
 from .rome import RomeParams
 from .statistics import Stats, get_stats, load_stats, save_stats, text_files_corpus
 from .workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error, status as workflow_status,
@@ -171,6 +172,7 @@ def apply(ctx, manifest, out, model_spec, stats_files):
     except BadName as e:
         raise ManifestError(f"{manifest}: {e}; pass --out") from None
     check_writable(out, "--out")
+    check_sources(settings.rome.protect_sources, _params_path(ctx).parent, str(_params_path(ctx)))
     spec = model_spec or m.model or settings.model
     uses = _layer_uses(m, settings)
     _check_layers(ctx, spec, uses)
@@ -385,6 +387,9 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     params.update(variant_params)
     out = Path(out or Path("reports") / "bench" / kind)
     check_writable(out, "--out", folder=True)
+    for p in params.values():
+        if isinstance(p, RomeParams):
+            check_sources(p.protect_sources, _params_path(ctx).parent, str(_params_path(ctx)))
     all_records = load_counterfact(records_path) if kind == "counterfact" else load_zsre(records_path)
     tok_cfg = None
     if kind == "counterfact":  # NS_tok: token-sharing neighbours, mined with the model's tokenizer

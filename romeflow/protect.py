@@ -78,6 +78,13 @@ def _file_names(path: Path) -> list[str]:
     return out
 
 
+def check_sources(sources: tuple[str, ...], root: Path, where: str) -> None:
+    """Refuse missing reference-name files before any model is loaded (one line naming the field)."""
+    for source in sources:
+        if source != WIKIPEDIA and not (root / source).is_file():
+            raise ProtectError(f"{where}: rome.protect_sources: {root / source}: file not found")
+
+
 def reference_names(sources: tuple[str, ...], root: Path = Path(".")) -> list[str]:
     """The reference entity names of ``rome.protect_sources`` (paths relative to ``root``), deduplicated."""
     names: dict[str, None] = {}

@@ -235,6 +235,8 @@ CASES = [
     ("params-lr-string", params_edit("  lr: 0.1", "  lr: abc"), APPLY, ["params.yaml: rome.lr: must be a number, got 'abc'"]),
     ("params-lr-zero", params_edit("  lr: 0.1", "  lr: 0"), APPLY, ["params.yaml: rome.lr: must be > 0, got 0"]),
     ("params-lr-nan", params_edit("  lr: 0.1", "  lr: .nan"), APPLY, ["params.yaml: rome.lr: must be a finite number"]),
+    ("params-protect-source-missing", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_sources: [wikipedia, names.txt]"),
+     APPLY, ["params.yaml: rome.protect_sources:", "names.txt: file not found"]),
     ("params-tokens-negative", params_edit("  tokens: 3000", "  tokens: -5"), ("stats", "--out", "s.safetensors"),
      ["params.yaml: stats.tokens: must be >= 1, got -5"]),
     ("params-seq-len-one", params_edit("  seq_len: 64", "  seq_len: 1"), ("stats",), ["params.yaml: stats.seq_len: must be >= 2, got 1"]),

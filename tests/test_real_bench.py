@@ -32,6 +32,8 @@ def test_bench_on_gemma(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["bench"]["generation"].update({"new_tokens": 12, "records": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data").mkdir()  # rome.protect_sources: relative to the params file's folder
+    (tmp_path / "data" / "known_1000.json").write_bytes((REPO / "data" / "known_1000.json").read_bytes())
     (tmp_path / "cf.json").write_text(json.dumps(RECORDS))
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["--params", str(tmp_path / "params.yaml"), "--threads", "1", "bench", "counterfact",
