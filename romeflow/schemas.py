@@ -67,6 +67,9 @@ def _branch(error: jsonschema.ValidationError):
     return min(fits.popitem()[1], key=lambda e: len(e.path)) if len(fits) == 1 else None
 
 
+_BOUNDS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+
+
 def _say(error: jsonschema.ValidationError) -> str:
     v, kw = error.validator, error.validator_value
     got = f", got {_show(error.instance)}"
@@ -88,14 +91,8 @@ def _say(error: jsonschema.ValidationError) -> str:
         return f"is {len(error.instance)} characters long, more than the {kw} allowed"
     if v == "type":
         return f"must be {_describe({'type': kw})}{got}"
-    if v == "minimum":
-        return f"must be >= {kw:g}{got}"
-    if v == "maximum":
-        return f"must be <= {kw:g}{got}"
-    if v == "exclusiveMinimum":
-        return f"must be > {kw:g}{got}"
-    if v == "exclusiveMaximum":
-        return f"must be < {kw:g}{got}"
+    if v in _BOUNDS:
+        return f"must be {_BOUNDS[v]} {kw:g}{got}"
     if v in ("const", "enum"):
         return f"must be {_describe(error.schema)}{got}"
     if v == "uniqueItems":
