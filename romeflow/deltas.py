@@ -29,7 +29,7 @@ from . import __version__
 from .evaluation import edit_probabilities
 from .io import atomic_path
 from .manifests import Manifest
-from .models import LoadedModel, ModelError, edited_module_name, weight_out_in
+from .models import LoadedModel, ModelError, edited_module_name, read_weight, weight_shape, write_weight
 from .rome import EditResult, RankOneUpdate, Rome, RomeParams, add_rank_one
 from .schemas import validate
 from .statistics import Stats
@@ -197,12 +197,12 @@ def check_applicable(delta: Delta, lm: LoadedModel) -> None:
             raise DeltaError(f"{where}: edits[{i}].module: {up.module} is not layer {up.layer}'s edit module "
                              f"({expected})")
         try:
-            w = weight_out_in(lm.model, up.module)
+            shape = weight_shape(lm.model, up.module)
         except AttributeError as e:
             raise DeltaError(f"{where}: edits[{i}]: module {up.module} not in the model") from e
-        if w.shape != (up.u.shape[0], up.v.shape[0]):
+        if shape != (up.u.shape[0], up.v.shape[0]):
             raise DeltaError(f"{where}: edits[{i}]: factors {up.u.shape[0]}x{up.v.shape[0]} do not fit "
-                             f"{up.module} ({tuple(w.shape)})")
+                             f"{up.module} ({tuple(shape)})")
 
 
 class EditedModel:
@@ -224,9 +224,9 @@ class EditedModel:
         for d in deltas:
             for up in d.updates:
                 if up.module not in self._base:  # untouched so far, so still the base weight
-                    self._base[up.module] = weight_out_in(self.lm.model, up.module).clone()
+                    self._base[up.module] = read_weight(self.lm.model, up.module)
         for name, w in self._base.items():
-            weight_out_in(self.lm.model, name).copy_(w)
+            write_weight(self.lm.model, name, w)
         for d in deltas:
             for up in d.updates:
                 add_rank_one(self.lm.model, up.module, up.u, up.v)
@@ -244,7 +244,7 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
     that ``rome.protect_sources`` paths are relative to (the project's).
     """
     layers = [manifest.layer_of(e, params.layer) for e in manifest.edits]
-    saved = {m: weight_out_in(lm.model, m).clone() for m in {edited_module_name(lm.model, l) for l in layers}}
+    saved = {m: read_weight(lm.model, m) for m in {edited_module_name(lm.model, l) for l in layers}}
     editor = Rome(lm, params, lambda layer: stats[layer].second_moment, root)
     probe = lambda e: edit_probabilities(lm, e.prompt, e.target, e.target_true)  # noqa: E731
     try:
@@ -253,7 +253,7 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
         after = [probe(e) for e in manifest.edits]
     finally:
         for m, w in saved.items():
-            weight_out_in(lm.model, m).copy_(w)
+            write_weight(lm.model, m, w)
     meta = {
         "format": DELTA_FORMAT,
         "romeflow_version": __version__,

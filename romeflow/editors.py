@@ -17,7 +17,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from .models import LoadedModel, edited_module, edited_module_name, final_hidden, logits_at, num_layers, weight_out_in
+from .models import (LoadedModel, cache_kwargs, edited_module, edited_module_name, final_hidden, logits_at, new_cache,
+                     num_layers, weight_out_in)
 from .prompts import continuation, encode, flush_denormals, mean_per_pair, target_logprobs, teacher_forced
 from .rome import EditRequest, RankOneUpdate, Rome, RomeParams, add_rank_one
 
@@ -183,8 +184,9 @@ def neuron_attributions(lm: LoadedModel, prompt: str, token_id: int, layers: lis
     if T > 1:
         with torch.no_grad():
             prefix = torch.tensor([ids[:-1]] * steps)  # (m, T - 1)
-            prefix_cache = backbone(input_ids=prefix, attention_mask=torch.ones_like(prefix),
-                                    use_cache=True).past_key_values
+            prefix_cache = new_cache(backbone)  # filled in place
+            backbone(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
+                     **cache_kwargs(backbone, prefix_cache))
     last = torch.tensor([[ids[-1]]] * steps)  # (m, 1)
     alphas = torch.arange(1, steps + 1, dtype=torch.float32) / steps  # (m,)
     out = []
@@ -199,7 +201,8 @@ def neuron_attributions(lm: LoadedModel, prompt: str, token_id: int, layers: lis
         try:
             hidden = backbone(input_ids=last, attention_mask=torch.ones((steps, T), dtype=torch.long),
                               position_ids=torch.full((steps, 1), T - 1),
-                              past_key_values=copy.deepcopy(prefix_cache), use_cache=True).last_hidden_state
+                              use_cache=prefix_cache is not None,
+                              **cache_kwargs(backbone, copy.deepcopy(prefix_cache))).last_hidden_state
             prob = logits_at(model, hidden[:, -1]).softmax(-1)[:, token_id]  # (m,)
             (grad,) = torch.autograd.grad(prob.sum(), [scaled])  # (m, d_in)
         finally:

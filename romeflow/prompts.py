@@ -88,13 +88,14 @@ def target_logprobs(model, tb: TargetBatch) -> torch.Tensor:
     """log P(target token | prefix) for every target token: (n,). Differentiable through hooks."""
     hidden = final_hidden(model, tb.batch.input_ids, tb.batch.attention_mask)  # (B, T, d)
     logits = logits_at(model, hidden[tb.rows, tb.positions])  # (n, vocab)
-    return logits.log_softmax(-1).gather(1, tb.token_ids[:, None])[:, 0]
+    return logits.log_softmax(-1).gather(1, tb.token_ids.to(logits.device)[:, None])[:, 0]
 
 
 def mean_per_pair(values: torch.Tensor, tb: TargetBatch) -> torch.Tensor:
     """Average per-token values over each (prompt, target) pair: (n,) -> (num_pairs,)."""
-    total = torch.zeros(tb.num_pairs, dtype=values.dtype).index_add(0, tb.rows, values)
-    count = torch.zeros(tb.num_pairs, dtype=values.dtype).index_add(0, tb.rows, torch.ones_like(values))
+    rows = tb.rows.to(values.device)
+    total = values.new_zeros(tb.num_pairs).index_add(0, rows, values)
+    count = values.new_zeros(tb.num_pairs).index_add(0, rows, torch.ones_like(values))
     return total / count
 
 

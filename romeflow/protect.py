@@ -121,7 +121,7 @@ def bare_keys(lm: LoadedModel, layer: int, subjects: list[str], batch_size: int 
         batch = encode(lm.tokenizer, [fill("{}", s) for s in chunk])
         where = torch.tensor([subject_last_index(lm.tokenizer, "{}", s) for s in chunk])
         keys = keys_at(lm.model, [layer], batch.input_ids, batch.attention_mask)[layer]  # (B, T, d_in)
-        out.append(keys[torch.arange(len(chunk)), where])
+        out.append(keys[torch.arange(len(chunk)), where].float())
     return torch.cat(out)
 
 
@@ -142,7 +142,7 @@ def residual_share(solve, k_star: torch.Tensor, protected: torch.Tensor) -> floa
     if protected.numel() == 0:
         return 1.0
     keys = torch.cat([k_star[:, None], protected.T], 1)  # (d_in, n)
-    m = keys.double().T @ solve.solve64(keys)  # (n, n)
+    m = keys.to(solve.device, torch.float64).T @ solve.solve64(keys)  # (n, n), on the solve's device
     b = m[1:, 0]  # (n - 1,)
     schur = m[0, 0] - b @ torch.linalg.pinv(m[1:, 1:], hermitian=True) @ b
     return float((schur / m[0, 0]).clamp(min=0.0))

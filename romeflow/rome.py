@@ -6,6 +6,10 @@
 
 Shapes: d_in is the width of the key (the MLP's hidden size), d_out the width of the value (the
 model width). W is always handled as (d_out, d_in), whatever the storage orientation.
+
+Precision and devices (docs/method.md, "Precision and devices"): keys, values, δ and the factors are
+float32 whatever the model's dtype; the solves are float64; the update is added to W in W's own dtype
+and on W's device. Every tensor made here is made on the device of the tensor it works with.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from .models import LoadedModel, edited_module, edited_module_name, final_hidden, keys_at, logits_at, weight_out_in
+from .models import (LoadedModel, cache_kwargs, edited_module, edited_module_name, final_hidden, keys_at, logits_at,
+                     new_cache, writable_weight)
 from .prompts import encode, fill, flush_denormals, mean_per_pair, pad, subject_last_index, teacher_forced
 from .protect import NameIndex, bare_keys, choose_protected, leak, reference_names, residual_share
 
@@ -131,8 +136,9 @@ def context_prefixes(lm: LoadedModel, params: RomeParams) -> list[str]:
             logits = logits_at(model, hidden[torch.arange(len(seqs)), b.lengths - 1])  # (B, vocab)
             logits[:, banned] = -torch.inf
             top = logits.topk(5, dim=-1)
-            pick = torch.multinomial(top.values.softmax(-1), 1, generator=generator)  # (B, 1)
-            nxt = top.indices.gather(1, pick)[:, 0]
+            probs, indices = top.values.softmax(-1).cpu(), top.indices.cpu()  # sampled on the host: seeded alike everywhere
+            pick = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            nxt = indices.gather(1, pick)[:, 0]
             seqs = [s + [int(t)] for s, t in zip(seqs, nxt)]
         for s in seqs:
             text = tok.decode(s, skip_special_tokens=True).replace("{", "").replace("}", "")
@@ -146,11 +152,18 @@ def context_prefixes(lm: LoadedModel, params: RomeParams) -> list[str]:
 
 
 def subject_keys(lm: LoadedModel, layer: int, templates: list[str], subject: str) -> torch.Tensor:
-    """The key at the last subject token of each filled template: (N, d_in)."""
+    """The key at the last subject token of each filled template: (N, d_in), float32."""
     batch = encode(lm.tokenizer, [fill(t, subject) for t in templates])
     where = torch.tensor([subject_last_index(lm.tokenizer, t, subject) for t in templates])
     keys = keys_at(lm.model, [layer], batch.input_ids, batch.attention_mask)[layer]  # (N, T, d_in)
-    return keys[torch.arange(len(templates)), where]
+    return keys[torch.arange(len(templates)), where].float()
+
+
+def module_output(module: torch.nn.Module, k: torch.Tensor) -> torch.Tensor:
+    """W k for keys k (n, d_in) -> (n, d_out) float32: the module runs in its own dtype (and, when
+    accelerate offloads it, on its execution device); the result comes back to k's device."""
+    weight = module.weight
+    return module(k.to(weight.dtype)).to(k.device, torch.float32)
 
 
 def key(lm: LoadedModel, layer: int, subject: str, prefixes: list[str]) -> torch.Tensor:
@@ -171,9 +184,10 @@ def _add_at(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
     """A forward hook adding δ (d_out,) to the module output (B, T, d_out) at the given positions."""
 
     def hook(_module, _inputs, output):
-        where = torch.zeros(output.shape[:2] + (1,), dtype=output.dtype, device=output.device)  # (B, T, 1)
+        where = torch.zeros(output.shape[:2] + (1,), dtype=torch.float32, device=output.device)  # (B, T, 1)
         where[rows, cols] = 1.0
-        return output + where * delta
+        # δ stays float32 (the optimiser's copy); the sum is rounded once to the activation's dtype
+        return (output.float() + where * delta.to(output.device)).to(output.dtype)
 
     return hook
 
@@ -232,17 +246,18 @@ def _cached_forward(model, sequences: list[list[int]], subject_at: torch.Tensor,
     backbone = model.base_model  # no output head: the caller applies it to the positions it needs
     prefix_cache = None  # (P == 0: no row has a token before its subject; nothing to cache)
     if P > 0:
+        prefix_cache = new_cache(backbone)  # filled in place by the forward
         with torch.no_grad():
-            prefix_cache = backbone(input_ids=input_ids[:, :P], attention_mask=attention_mask[:, :P],
-                                    position_ids=position_ids[:, :P], use_cache=True).past_key_values
+            backbone(input_ids=input_ids[:, :P], attention_mask=attention_mask[:, :P],
+                     position_ids=position_ids[:, :P], use_cache=True, **cache_kwargs(backbone, prefix_cache))
     rows, positions = read_at
     cols = positions + shift[rows] - P  # (m,) suffix column of each position asked for
 
     def run() -> torch.Tensor:  # (m, d)
         cache = copy.deepcopy(prefix_cache)  # a forward appends its tokens to the cache it is given
         hidden = backbone(input_ids=input_ids[:, P:], attention_mask=attention_mask,  # mask: (B, P + S)
-                          position_ids=position_ids[:, P:], past_key_values=cache,
-                          use_cache=True).last_hidden_state  # (B, S, d)
+                          position_ids=position_ids[:, P:], use_cache=cache is not None,
+                          **cache_kwargs(backbone, cache)).last_hidden_state  # (B, S, d)
         return hidden[rows, cols]
 
     return _Forward(run, (torch.arange(B), torch.zeros(B, dtype=torch.long)))  # subject[-1]: column 0
@@ -295,10 +310,10 @@ def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str
         return logits_at(model, forward.run()).log_softmax(-1)
 
     with torch.no_grad():
-        v_now = module(k_star[None])[0]  # (d_out,) W k*: what the layer gives the subject now
-        base_essence = logprobs()[-1]  # (vocab,) after p', without δ
+        v_now = module_output(module, k_star[None])[0]  # (d_out,) W k*: what the layer gives the subject now
+        base_essence = logprobs()[-1]  # (vocab,) after p', without δ (float32: logits_at)
     max_norm = params.clamp_norm_factor * v_now.norm()
-    delta = torch.zeros_like(v_now, requires_grad=True)
+    delta = torch.zeros_like(v_now, requires_grad=True)  # float32, on k*'s device, whatever the model's dtype
     opt = torch.optim.Adam([delta], lr=params.lr)
     trace: list[float] = []  # NLL of δ before each update, and of the δ returned
     for step in range(params.steps + 1):
@@ -307,7 +322,7 @@ def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str
             edited = logprobs()  # (n + 1, vocab)
         finally:
             handle.remove()
-        target_logprobs = edited[:-1].gather(1, rewrite.token_ids[:, None])[:, 0]  # (n,)
+        target_logprobs = edited[:-1].gather(1, rewrite.token_ids.to(edited.device)[:, None])[:, 0]  # (n,)
         nll = -mean_per_pair(target_logprobs, rewrite).mean()
         trace.append(nll.item())
         if nll.item() < params.early_stop_nll or step == params.steps:
@@ -330,13 +345,24 @@ def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str
 
 
 class Solver:
-    """Solves C x = k by a Cholesky factorisation of the second moment, computed once (float64)."""
+    """Solves C x = k by a Cholesky factorisation of the second moment, computed once (float64).
 
-    def __init__(self, second_moment: torch.Tensor):
-        factor, info = torch.linalg.cholesky_ex(second_moment.double())
+    device: where the factorisation and the solves run (default: C's). MPS has no float64: there
+    they run on the host.
+    """
+
+    def __init__(self, second_moment: torch.Tensor, device: torch.device | str | None = None):
+        device = torch.device(device) if device is not None else second_moment.device
+        if device.type in ("mps", "meta"):
+            device = torch.device("cpu")
+        factor, info = torch.linalg.cholesky_ex(second_moment.to(device, torch.float64))
         if info.item() != 0:
             raise ValueError("the key second moment C is not positive definite: compute it over more tokens")
         self.factor = factor  # (d_in, d_in) lower-triangular L with C = L Lᵀ
+
+    @property
+    def device(self) -> torch.device:
+        return self.factor.device
 
     def solve64(self, k: torch.Tensor) -> torch.Tensor:  # (d_in,) or (d_in, n) -> C⁻¹ k, float64
         k64 = k.to(self.factor.device, torch.float64)
@@ -372,7 +398,7 @@ def insert(solve: Solver, k_star: torch.Tensor, v_star: torch.Tensor, k_d: torch
     for m = 0, exactly the rank-one factors (Λ, C⁻¹k*).
     """
     u, v = insert_many(solve, k_star[None], (v_star - w_k_d)[None], k_d[None], protected, ridge, min_residual)
-    m00 = (solve.solve64(k_star) @ k_d.to(torch.float64)).to(v_star.dtype)  # (C⁻¹k*)ᵀ k_d
+    m00 = (solve.solve64(k_star) @ k_d.to(solve.device, torch.float64)).to(v_star.device, v_star.dtype)  # (C⁻¹k*)ᵀ k_d
     return u[:, 0] / m00, v[:, 0] * m00  # the same product, scaled as the rank-one factors (Λ, C⁻¹k*)
 
 
@@ -396,11 +422,14 @@ def insert_many(solve: Solver, keys: torch.Tensor, residuals: torch.Tensor, cons
     all the other keys (1 / (M_ii (M⁻¹)_ii)); below it InsertError names it.
     """
     e = keys.shape[0]
+    out_device, out_dtype = residuals.device, residuals.dtype  # the factors go back where the inputs came from
+    at = lambda t: t.to(solve.device, torch.float64)  # noqa: E731 - the solve's device, float64
     con = keys if constraint_keys is None else constraint_keys
+    keys, con = at(keys), at(con)
     if protected is not None and protected.numel():
-        keys, con = torch.cat([keys, protected]), torch.cat([con, protected])  # (n, d_in)
+        keys, con = torch.cat([keys, at(protected)]), torch.cat([con, at(protected)])  # (n, d_in)
     c_inv_k = solve.solve64(keys.T)  # (d_in, n) C⁻¹K
-    m = con.to(torch.float64) @ c_inv_k  # (n, n) K_conᵀ C⁻¹ K
+    m = con @ c_inv_k  # (n, n) K_conᵀ C⁻¹ K
     n = m.shape[0]
     if ridge and n > 1:
         m = m + ridge * m.diagonal().mean() * torch.eye(n, dtype=m.dtype, device=m.device)
@@ -414,16 +443,25 @@ def insert_many(solve: Solver, keys: torch.Tensor, residuals: torch.Tensor, cons
         if not float(share[worst]) >= min_residual:
             raise InsertError(f"the other keys leave {100 * float(share[worst]):.1f}% of edited key {worst} to "
                               f"change (the minimum is {100 * min_residual:g}%): they cannot be separated from it")
-    u = residuals.T.to(torch.float64)  # (d_out, e)
+    u = residuals.T  # (d_out, e)
     v = c_inv_k @ x  # (d_in, e): Vᵀ K_con = M⁻¹[:, :e]ᵀ Mᵀ... = [I_e 0], i.e. Δ K_con = [R 0]
-    return u.to(residuals.dtype), v.to(keys.dtype)
+    return u.to(out_device, out_dtype), v.to(out_device, out_dtype)
 
 
 def add_rank_one(model: torch.nn.Module, module_name: str, u: torch.Tensor, v: torch.Tensor) -> None:
     """W += u vᵀ in place, on the (d_out, d_in) view of the module's weight; u (d_out, r) and v (d_in, r)
-    for a rank-r update U Vᵀ."""
-    w = weight_out_in(model, module_name)
-    w.add_(torch.outer(u, v) if u.dim() == 1 else u @ v.T)
+    for a rank-r update U Vᵀ.
+
+    The product is formed in float32 on W's device and W + u vᵀ is rounded once to W's dtype (for a
+    float32 W exactly ``W.add_(u vᵀ)``). An offloaded W is edited in accelerate's weights map
+    (``models.writable_weight``)."""
+    with writable_weight(model, module_name) as w:
+        u, v = u.to(w.device, torch.float32), v.to(w.device, torch.float32)
+        update = torch.outer(u, v) if u.dim() == 1 else u @ v.T  # (d_out, d_in)
+        if w.dtype == torch.float32:
+            w.add_(update)
+        else:
+            w.copy_((w.float() + update).to(w.dtype))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,9 +504,14 @@ class Rome:
         return self._prefixes
 
     def solver(self, layer: int) -> Solver:
+        """C⁻¹ of a layer, factorised once, on the device of the layer's weight."""
         if layer not in self._solvers:
-            self._solvers[layer] = Solver(self._second_moment(layer))
+            self._solvers[layer] = Solver(self._second_moment(layer), self._device(layer))
         return self._solvers[layer]
+
+    def _device(self, layer: int) -> torch.device:
+        """Where the layer's weight is (an offloaded weight: the host)."""
+        return edited_module(self.lm.model, layer).weight.device
 
     def names(self) -> NameIndex:
         if self._names is None:
@@ -515,8 +558,9 @@ class Rome:
         names = self.family(subject) if alpha > 0 else []
         if not names:
             return self.solver(layer)
-        keys = self.bare_keys(layer, names).double()  # (f, d_in)
-        c = self._second_moment(layer).double()
+        solve = self.solver(layer)
+        keys = self.bare_keys(layer, names).to(solve.device, torch.float64)  # (f, d_in)
+        c = self._second_moment(layer).to(solve.device, torch.float64)
         f = keys.T @ keys / len(names)  # (d_in, d_in)
         return Solver(c + alpha * (c.diagonal().sum() / f.diagonal().sum()) * f)
 
@@ -578,20 +622,21 @@ class Rome:
                 solve = self.family_solver(layer, request.subject)
                 names, protected = self.protected_keys(request, layer, k_star, solve)
                 protected = protected if names else None
-                u, v = insert(solve, k_star, v_star, k_d, module(k_d[None])[0], protected,
+                u, v = insert(solve, k_star, v_star, k_d, module_output(module, k_d[None])[0], protected,
                               self.params.protect_ridge, self.params.protect_min_residual)
                 if self.params.prompt_key:
                     u, v = self.with_prompt_key(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
                 if solve is not self.solver(layer):  # the family term: never a much larger update than C's
                     plain = self.solver(layer)
-                    u0, v0 = insert(plain, k_star, v_star, k_d, module(k_d[None])[0], protected,
+                    u0, v0 = insert(plain, k_star, v_star, k_d, module_output(module, k_d[None])[0], protected,
                                     self.params.protect_ridge, self.params.protect_min_residual)
                     if _norm(u, v) > MAX_FAMILY_GROWTH * _norm(u0, v0):
                         u, v = u0, v0
                         if self.params.prompt_key:
                             u, v = self.with_prompt_key(request, layer, plain, k_star, v_star, k_d, protected, (u, v))
             t4 = clock()
-        update = RankOneUpdate(edited_module_name(self.lm.model, layer), layer, u, v)
+        # the factors are float32 on the host (what a delta file stores), whatever the model's device
+        update = RankOneUpdate(edited_module_name(self.lm.model, layer), layer, u.float().cpu(), v.float().cpu())
         timings = {"prefixes": t1 - t0, "key": t2 - t1, "value": t3 - t2, "insert": t4 - t3}
         return EditResult(request, update, k_star, v_star, trace, timings, names)
 
@@ -609,9 +654,9 @@ class Rome:
         k_p = subject_keys(self.lm, layer, [request.relation], request.subject)[0]  # (d_in,)
         if residual_share(solve, k_p, k_star[None]) < self.params.protect_min_residual:
             return rank_one  # the prompt's key is (for C) k* already
-        delta = v_star - module(k_star[None])[0]  # (d_out,) δ
+        delta = v_star - module_output(module, k_star[None])[0]  # (d_out,) δ
         keys, con = torch.stack([k_star, k_p]), torch.stack([k_d, k_p])
-        residuals = torch.stack([v_star - module(k_d[None])[0], delta])  # (2, d_out)
+        residuals = torch.stack([v_star - module_output(module, k_d[None])[0], delta])  # (2, d_out)
         try:
             u, v = insert_many(solve, keys, residuals, con, protected, self.params.protect_ridge,
                                self.params.protect_min_residual)

@@ -26,7 +26,7 @@ from .deltas import Delta, DeltaError, EditedModel, compute_delta, load_delta, s
 from .evaluation import base_references, evaluate_manifest, score_manifest, text_predictions
 from .io import write_json_atomic, write_text_atomic
 from .manifests import Manifest, ManifestError, load_manifest
-from .models import EMBEDDED, LoadedModel, resolve, sha256_file, weight_out_in
+from .models import EMBEDDED, LoadedModel, read_weight, resolve, sha256_file
 from .names import check_name
 from .params import METRICS, Gate, Params  # noqa: F401 - METRICS, Gate re-exported
 from .rome import RomeParams
@@ -167,7 +167,7 @@ def edited_weights_sha256(lm: LoadedModel, deltas: list[Delta]) -> str:
     """sha256 over every module the deltas touch, as it is now: equal hashes = equal edited models."""
     h = hashlib.sha256()
     for name in sorted({up.module for d in deltas for up in d.updates}):
-        w = weight_out_in(lm.model, name).contiguous()
+        w = read_weight(lm.model, name).cpu().contiguous()
         h.update(f"{name}|{tuple(w.shape)}|".encode())
         h.update(w.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
