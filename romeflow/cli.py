@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -18,7 +20,8 @@ from .evaluation import greedy_continuation, next_token_top
 from .history import RevisionError, diff_reports, markdown_table
 from .io import atomic_folder, check_writable
 from .manifests import Manifest, ManifestError, load_manifest
-from .models import EMBEDDED, LoadedModel, ModelError, cache_dir, layer_count, load_model, resolve, sha256_file
+from .models import (DEVICE_MAP_STRATEGIES, DEVICE_PATTERN, DTYPES, EMBEDDED, LoadedModel, ModelError, Placement, cache_dir,
+                     layer_count, load_model, resolve, sha256_file)
 from .names import BadName
 from .params import ConfigError, Params, check_layers, load_params
 from .registry import check_name, register, unregister
@@ -71,18 +74,39 @@ class _Group(click.Group):
               help="Cache folder for converted models and statistics [default: $ROMEFLOW_CACHE or ~/.cache/romeflow].")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="Torch CPU threads [default: torch's choice].")
+@click.option("--device", default=None, metavar="auto|cpu|cuda|cuda:N|mps",
+              help="Where the model runs [default: params.yaml model.device, else auto].")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+              help="The weights' dtype [default: params.yaml model.dtype, else float32].")
+@click.option("--device-map", type=click.Choice(DEVICE_MAP_STRATEGIES), default=None,
+              help="Spread the model over the devices with accelerate [default: params.yaml model.device_map].")
 @click.pass_context
-def main(ctx, params_path, cache, threads):
+def main(ctx, params_path, cache, threads, device, dtype, device_map):
     """romeflow: factual edits of language models (ROME) as versioned, reproducible artifacts."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    ctx.obj = {"params": params_path, "cache": cache}
+    if device is not None and not re.fullmatch(DEVICE_PATTERN, device):
+        raise click.BadParameter(f"{device!r} is not auto, cpu, mps, cuda or cuda:N", param_hint="'--device'")
+    placement = {k: v for k, v in (("device", device), ("dtype", dtype), ("device_map", device_map)) if v is not None}
+    ctx.obj = {"params": params_path, "cache": cache, "placement_options": placement}
 
 
 def _settings(ctx, resolve_auto: bool = True) -> Params:
-    return load_params(ctx.obj["params"], resolve_auto)
+    """params.yaml, with the global --device/--dtype/--device-map options over its model: placement."""
+    settings = load_params(ctx.obj["params"], resolve_auto)
+    options = ctx.obj.get("placement_options") or {}
+    placement = replace(settings.placement, **options)
+    names = {f: (f"--{f.replace('_', '-')}" if f in options else f"{settings.path}: model.{f}")
+             for f in ("device", "dtype", "device_map", "max_memory", "offload_folder")}
+    if options.get("device") not in (None, "auto") and "device_map" not in options:
+        placement = replace(placement, device_map=None, max_memory=None, offload_folder=None)  # --device wins
+    if "device_map" in options and "device" not in options:
+        placement = replace(placement, device="auto")
+    placement.check(names, machine=False)
+    ctx.obj["placement"], ctx.obj["placement_names"] = placement, names
+    return settings
 
 
 def _model_spec(ctx, settings: Params, given: str | None, deltas: list = ()) -> str:
@@ -112,10 +136,14 @@ def _check_layers(ctx, spec: str, uses: list[tuple[str, int]]) -> None:
 
 
 def _load(ctx, spec: str) -> LoadedModel:
+    placement = ctx.obj.get("placement") or Placement()
+    placement.check(ctx.obj.get("placement_names"))  # this machine's devices, before any weight loads
     t = time.perf_counter()
     with err.status(f"loading {spec}"):
-        lm = load_model(spec, ctx.obj["cache"], log=lambda s: err.print(f"[dim]{s}[/dim]"))
-    err.print(f"[dim]loaded {lm.name} ({lm.fingerprint[:12]}) in {time.perf_counter() - t:.1f} s[/dim]")
+        lm = load_model(spec, ctx.obj["cache"], log=lambda s: err.print(f"[dim]{s}[/dim]"), placement=placement)
+    where = placement.device_map and f"device_map {placement.device_map if isinstance(placement.device_map, str) else '{...}'}"
+    err.print(f"[dim]loaded {lm.name} ({lm.fingerprint[:12]}, {placement.dtype} on {where or lm.device}) "
+              f"in {time.perf_counter() - t:.1f} s[/dim]")
     return lm
 
 

@@ -265,6 +265,7 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
                   for l in sorted(set(layers))],
         "hyperparameters": params.to_dict(),
         "seed": params.seed,
+        **({} if lm.dtype == torch.float32 else {"dtype": str(lm.dtype).removeprefix("torch.")}),
         "context_prefixes": editor.prefixes,
         "edits": [{"index": i, "module": r.update.module, "layer": r.update.layer,
                    "d_in": r.update.v.shape[0], "d_out": r.update.u.shape[0],

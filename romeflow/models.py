@@ -235,28 +235,38 @@ class Placement:
     max_memory: dict | None = None
     offload_folder: str | None = None
 
-    def check(self, where: str = "model") -> None:
-        """Refuse what this machine cannot do, before any weight loads (ModelError, one line)."""
+    def check(self, names: dict[str, str] | None = None, machine: bool = True) -> None:
+        """Refuse a bad placement (ModelError, one line), before any weight loads: the fields alone, and
+        with ``machine`` whether this machine has the device. ``names``: how a field is named in the
+        message (default ``model.FIELD``; e.g. ``--device`` when the option set it)."""
+        def bad(field_name: str, what: str):
+            raise ModelError(f"{(names or {}).get(field_name, 'model.' + field_name)}: {what}")
+
         if not re.fullmatch(DEVICE_PATTERN, self.device):
-            raise ModelError(f"{where}.device: {self.device!r} is not auto, cpu, mps, cuda or cuda:N")
+            bad("device", f"{self.device!r} is not auto, cpu, mps, cuda or cuda:N")
         if self.dtype not in DTYPES:
-            raise ModelError(f"{where}.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ModelError(f"{where}.device: {self.device}: no CUDA device is available on this machine")
-            index = int(self.device.split(":")[1]) if ":" in self.device else 0
-            if index >= torch.cuda.device_count():
-                raise ModelError(f"{where}.device: {self.device}: this machine has {torch.cuda.device_count()} "
-                                 f"CUDA device(s)")
-        if self.device == "mps" and not torch.backends.mps.is_available():
-            raise ModelError(f"{where}.device: mps: no MPS device is available on this machine")
+            bad("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
         if isinstance(self.device_map, str) and self.device_map not in DEVICE_MAP_STRATEGIES:
-            raise ModelError(f"{where}.device_map: {self.device_map!r} is not a mapping or one of "
-                             f"{', '.join(DEVICE_MAP_STRATEGIES)}")
+            bad("device_map", f"{self.device_map!r} is not a mapping or one of {', '.join(DEVICE_MAP_STRATEGIES)}")
         if self.device_map is not None and self.device != "auto":
-            raise ModelError(f"{where}.device: must be auto (or left out) with a device_map, got {self.device!r}")
+            bad("device", f"must be auto (or left out) with a device_map, got {self.device!r}")
         if isinstance(self.device_map, dict) and "disk" in self.device_map.values() and not self.offload_folder:
-            raise ModelError(f"{where}.offload_folder: required when device_map puts modules on disk")
+            bad("offload_folder", "required when device_map puts modules on disk")
+        if (self.max_memory or self.offload_folder) and self.device_map is None:
+            bad("max_memory" if self.max_memory else "offload_folder", "needs a device_map")
+        if not machine:
+            return
+        wants_cuda = self.device.startswith("cuda") or (
+            isinstance(self.device_map, dict) and any(isinstance(d, int) or str(d).startswith("cuda")
+                                                      for d in self.device_map.values()))
+        if wants_cuda and not torch.cuda.is_available():
+            field_name = "device" if self.device.startswith("cuda") else "device_map"
+            bad(field_name, f"{self.device if field_name == 'device' else 'a CUDA device'}: no CUDA device is "
+                            f"available on this machine")
+        if self.device.startswith("cuda:") and int(self.device[5:]) >= torch.cuda.device_count():
+            bad("device", f"{self.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            bad("device", "mps: no MPS device is available on this machine")
 
     def torch_device(self) -> torch.device:
         """The device of a model without a device_map: ``device``, with auto resolved."""

@@ -27,7 +27,7 @@ import jsonschema
 from . import safeyaml
 from .bench import GenerationParams
 from .editors import FtParams, KnParams
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, ModelError, Placement
 from .names import BadName, check_name
 from .rome import RomeParams, rank_one
 from .schemas import _schema_text, validate_with
@@ -101,7 +101,8 @@ class BenchParams:
 @dataclass(frozen=True)
 class Params:
     path: str = "params.yaml"  # the file, as named in messages (defaults: the file that would be read)
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # `model: NAME`, or `model: {name: NAME, device: ..., dtype: ...}`
+    placement: Placement = field(default_factory=Placement)  # the rest of that mapping
     stats: StatsParams = field(default_factory=StatsParams)
     rome: RomeParams = field(default_factory=RomeParams)  # rome.layer already resolved when layer_auto
     layer_auto: bool = False  # rome.layer is `auto`
@@ -301,9 +302,19 @@ def parse_params(raw, path: str = "params.yaml", resolve_auto: bool = True) -> P
     for i, t in enumerate(gen.get("templates") or []):
         if t.count("{}") != 1:
             fail(f"bench.generation.templates[{i}]", "must contain {} exactly once")
+    model = raw.get("model", DEFAULT_MODEL)
+    placement = Placement()
+    if isinstance(model, dict):
+        placement = _build(Placement, {k: v for k, v in model.items() if k != "name"})
+        try:
+            placement.check(machine=False)
+        except ModelError as e:
+            fail(*str(e).split(": ", 1))
+        model = model["name"]
     return replace(
         p,
-        model=str(raw.get("model", DEFAULT_MODEL)),
+        model=str(model),
+        placement=placement,
         stats=_build(StatsParams, section("stats")),
         rome=_build(RomeParams, rome),
         layer_auto=layer_auto,

@@ -81,6 +81,8 @@ def _say(error: jsonschema.ValidationError) -> str:
         return f"unknown field '{extra[0]}'" if extra else error.message
     if v in ("minLength", "pattern") and isinstance(error.instance, str) and not error.instance.strip():
         return "must not be empty"
+    if v == "pattern" and "patternMessage" in error.schema:  # a rule that says what its pattern means
+        return f"{error.schema['patternMessage']}{got}"
     if v == "pattern" and kw == "\\{\\}":
         return "must contain {} where the subject goes"
     if v == "minItems":

@@ -123,7 +123,7 @@ def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens:
                 sums[l] = sums[l] + k.T @ k  # (d_in, d_in)
             counted += int(counts.sum())
             bar.update(int(counts.sum()))
-    return {l: sums[l] / counted for l in layers}
+    return {l: (sums[l] / counted).cpu() for l in layers}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,7 +148,13 @@ def stats_meta(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, seq_l
     return {"format": STATS_FORMAT, "model": lm.name, "model_fingerprint": lm.fingerprint, "layer": layer,
             "module": edited_module_name(lm.model, layer), "corpus_id": corpus.id,
             "corpus_sha256": corpus.sha256, "tokens": n_tokens, "seq_len": seq_len,
-            "romeflow_version": __version__}
+            "romeflow_version": __version__, **_dtype_field(lm)}
+
+
+def _dtype_field(lm: LoadedModel) -> dict:
+    """{"dtype": ...} for a model in low precision (its keys are rounded: other statistics); {} for float32."""
+    dtype = str(lm.dtype).removeprefix("torch.")
+    return {} if dtype == "float32" else {"dtype": dtype}
 
 
 MAX_STATS_DIM = 65536  # d_in of the edited module
@@ -156,7 +162,7 @@ MAX_STATS_DIM = 65536  # d_in of the edited module
 
 def tensor_sha256(c: torch.Tensor) -> str:
     """sha256 of the second-moment tensor: dtype and shape, then its bytes."""
-    c = c.detach().contiguous()
+    c = c.detach().cpu().contiguous()
     h = hashlib.sha256(f"second_moment|{str(c.dtype).removeprefix('torch.')}|{tuple(c.shape)}|".encode())
     h.update(c.numpy().tobytes())
     return h.hexdigest()
@@ -164,7 +170,7 @@ def tensor_sha256(c: torch.Tensor) -> str:
 
 def save_stats(path: str | os.PathLike, second_moment: torch.Tensor, meta: dict) -> Stats:
     """Write (atomically) with the tensor's sha256 in the metadata; return the file as load_stats reads it."""
-    c = second_moment.detach().float().contiguous()
+    c = second_moment.detach().float().cpu().contiguous()
     meta = {**meta, "tensor_sha256": tensor_sha256(c)}
     with atomic_path(path) as tmp:
         save_file({"second_moment": c}, tmp, metadata={"romeflow": json.dumps(meta, sort_keys=True)})
@@ -228,7 +234,8 @@ def load_stats(path: str | os.PathLike) -> Stats:
 
 
 def cached_stats_path(cache: Path, lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int) -> Path:
-    return cache / "stats" / f"{lm.fingerprint[:16]}-L{layer}-{corpus.sha256[:12]}-{n_tokens}.safetensors"
+    dtype = "".join(f"-{v}" for v in _dtype_field(lm).values())  # float32: the name it always had
+    return cache / "stats" / f"{lm.fingerprint[:16]}-L{layer}-{corpus.sha256[:12]}-{n_tokens}{dtype}.safetensors"
 
 
 def get_stats(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int, cache: Path,

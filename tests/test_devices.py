@@ -175,3 +175,44 @@ def test_an_edit_emits_no_future_warning(tiny_lm, second_moment, model_type):
         sample_continuations(lm, ["Pierre Curie is"], 3, 5, torch.Generator().manual_seed(0))
     future = [w for w in caught if issubclass(w.category, FutureWarning)]
     assert not future, [str(w.message) for w in future]
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI: params.yaml's model: mapping and the global options
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_edits_and_exports_in_bfloat16_from_the_model_mapping(tmp_path, model_dir):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from romeflow.deltas import load_delta
+    from romeflow.params import load_params
+    from romeflow.statistics import load_stats
+
+    from test_workflow import cli, make_project
+
+    root = make_project(tmp_path / "p", model_dir, manifests=("a",), active=("a",))
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace(f"model: {model_dir}", f"model:\n  name: {model_dir}\n  dtype: bfloat16\n  device: cpu"))
+    settings = load_params(params)
+    assert settings.model == str(model_dir) and settings.placement == Placement(device="cpu", dtype="bfloat16")
+
+    r = cli(root, "stats", "--out", "stats/layer1.safetensors")
+    assert r.exit_code == 0, r.output
+    assert load_stats(root / "stats/layer1.safetensors").meta["dtype"] == "bfloat16"
+    r = cli(root, "apply", "edits/a.yaml", "--stats", "stats/layer1.safetensors")
+    assert r.exit_code == 0, r.output
+    delta = load_delta(root / "deltas/a.safetensors")
+    assert delta.meta["dtype"] == "bfloat16" and delta.updates[0].u.dtype == torch.float32
+    r = cli(root, "export", "out", "--delta", "deltas/a.safetensors")
+    assert r.exit_code == 0, r.output
+    exported = AutoModelForCausalLM.from_pretrained(root / "out")
+    assert exported.dtype == torch.bfloat16
+    assert json.loads((root / "out" / "romeflow-export.json").read_text())["deltas"][0]["manifest"] == "a"
+
+    # --dtype over params.yaml: a float32 delta (no dtype field), as before this option existed
+    r = cli(root, "--dtype", "float32", "apply", "edits/a.yaml", "--stats", "stats/layer1.safetensors", "--out", "f32.safetensors")
+    assert r.exit_code == 0, r.output
+    assert "dtype" not in load_delta(root / "f32.safetensors").meta
