@@ -18,7 +18,7 @@ from . import __version__
 from .deltas import DeltaError, EditedModel, compute_delta, load_deltas, save_delta
 from .evaluation import greedy_continuation, next_token_top
 from .history import RevisionError, diff_reports, markdown_table
-from .io import atomic_folder, check_writable
+from .io import check_writable
 from .manifests import Manifest, ManifestError, load_manifest
 from .models import (DEVICE_MAP_STRATEGIES, DEVICE_PATTERN, DTYPES, EMBEDDED, LoadedModel, ModelError, Placement, cache_dir,
                      layer_count, load_model, resolve, sha256_file)
@@ -569,27 +569,33 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--delta", "deltas", multiple=True, required=True, type=click.Path(dir_okay=False))
 @click.option("--model", "model_spec", default=None, help=DELTAS_MODEL)
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft"]), default="hf", show_default=True,
+              help="hf: the merged model folder; peft: a LoRA adapter over the base model (the deltas' "
+                   "factors stacked per module, scaling 1).")
 @click.pass_context
-def export(ctx, out, deltas, model_spec):
-    """Write base + deltas as a Hugging Face model folder (safetensors)."""
+def export(ctx, out, deltas, model_spec, fmt):
+    """Write base + deltas as a Hugging Face model folder (safetensors), or as a PEFT LoRA adapter
+    that `peft.PeftModel.from_pretrained(base, OUT)` loads (docs/serving.md)."""
+    from .export import write_merged, write_peft
+
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out}: already exists; choose a new folder")
     check_writable(out, "OUT", folder=True)
     settings = _settings(ctx)
     loaded = load_deltas(deltas)
-    lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
-    EditedModel(lm).compose(loaded)
-    with err.status(f"writing {out}"), atomic_folder(out) as tmp:  # built under .romeflow-tmp-..., renamed
-        lm.model.save_pretrained(tmp, safe_serialization=True)
-        lm.tokenizer.save_pretrained(tmp)
-        (tmp / "romeflow-export.json").write_text(json.dumps({
-            "base_model": {"name": lm.name, "fingerprint": lm.fingerprint},
-            "deltas": [{"path": d.path, "manifest": d.meta["manifest"]["name"],
-                        "manifest_sha256": d.meta["manifest"]["sha256"],
-                        "tensors_sha256": d.meta["tensors_sha256"]} for d in loaded],
-            "romeflow_version": __version__}, indent=1))
-    console.print(f"exported {lm.name} + {len(loaded)} delta(s) -> {out}")
+    spec = _model_spec(ctx, settings, model_spec, loaded)
+    lm = _load(ctx, spec)
+    with err.status(f"writing {out}"):
+        if fmt == "peft":
+            folder = resolve(spec, cache_dir(ctx.obj["cache"]))[0]  # what base_model_name_or_path names
+            config = write_peft(out, lm, loaded, str(folder))
+            what = f"a LoRA adapter of {len(config['target_modules'])} module(s), rank {config['r']}"
+        else:
+            EditedModel(lm).compose(loaded)
+            write_merged(out, lm, loaded)
+            what = "a merged model"
+    console.print(f"exported {lm.name} + {len(loaded)} delta(s) as {what} -> {out}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------

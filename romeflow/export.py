@@ -1,0 +1,107 @@
+"""Exports of base + deltas: a merged Hugging Face folder, or a PEFT LoRA adapter over the base model.
+
+Every delta is a sum of low-rank updates ΔW = U Vᵀ on the (d_out, d_in) view of an MLP projection.
+Stacking the factors of every update on one module gives one LoRA module that is *exactly* that sum:
+
+    Σ_i U_i V_iᵀ = B A    with  B = [U_1 U_2 ...]  (d_out, r),   A = [V_1 V_2 ...]ᵀ  (r, d_in)
+
+and LoRA's forward is W x + (α / r) B A x, so ``lora_alpha = r`` (per module, ``alpha_pattern``) makes
+the scaling exactly 1. r is the number of rank-one terms on that module (the edits, or more for the
+rank-r updates of a prompt key). LoRA's A and B act on the activations, whatever the storage
+orientation of W, so they are the same for nn.Linear and for GPT-2's Conv1D; only merging needs
+``fan_in_fan_out`` (set from the architecture table).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .deltas import Delta, check_applicable, check_distinct
+from .io import atomic_folder
+from .models import LoadedModel
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PROVENANCE = "romeflow-export.json"
+
+
+def provenance(lm: LoadedModel, deltas: list[Delta], fmt: str) -> dict:
+    """What an export folder was built from (romeflow-export.json)."""
+    return {"format": fmt, "base_model": {"name": lm.name, "fingerprint": lm.fingerprint},
+            "deltas": [{"path": d.path, "manifest": d.meta["manifest"]["name"],
+                        "manifest_sha256": d.meta["manifest"]["sha256"],
+                        "tensors_sha256": d.meta["tensors_sha256"]} for d in deltas],
+            "romeflow_version": __version__}
+
+
+def write_merged(out: Path, lm: LoadedModel, deltas: list[Delta]) -> None:
+    """``--format hf``: the model as it is now (base + deltas composed by the caller), tokenizer included."""
+    with atomic_folder(out) as tmp:  # built under .romeflow-tmp-..., renamed
+        lm.model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        (tmp / PROVENANCE).write_text(json.dumps(provenance(lm, deltas, "hf"), indent=1))
+
+
+def lora_factors(deltas: list[Delta]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (B (d_out, r), A (r, d_in))} with B A = the sum of every update on that module, in the
+    deltas' order (float32)."""
+    columns: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for d in deltas:
+        for up in d.updates:
+            u = up.u if up.u.dim() == 2 else up.u[:, None]  # (d_out, r_i)
+            v = up.v if up.v.dim() == 2 else up.v[:, None]  # (d_in, r_i)
+            us, vs = columns.setdefault(up.module, ([], []))
+            us.append(u.float())
+            vs.append(v.float())
+    return {m: (torch.cat(us, 1).contiguous(), torch.cat(vs, 1).T.contiguous()) for m, (us, vs) in columns.items()}
+
+
+def peft_config(lm: LoadedModel, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str) -> dict:
+    """adapter_config.json: one LoRA module per edited module, rank r and lora_alpha r each (scaling 1)."""
+    ranks = {m: int(b.shape[1]) for m, (b, _a) in factors.items()}
+    r = max(ranks.values())
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "target_modules": sorted(factors),
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+        "alpha_pattern": {m: k for m, k in ranks.items() if k != r},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": lm.arch.conv1d,  # GPT-2's Conv1D stores W as (d_in, d_out)
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def write_peft(out: Path, lm: LoadedModel, deltas: list[Delta], base: str) -> dict:
+    """``--format peft``: a LoRA adapter that ``peft.PeftModel.from_pretrained(base_model, out)`` loads;
+    the adapted model equals the merged export. ``base``: what base_model_name_or_path says. Returns
+    the config."""
+    check_distinct(deltas)
+    for d in deltas:
+        check_applicable(d, lm)
+    if not deltas:
+        raise ValueError("--format peft: needs at least one delta")
+    factors = lora_factors(deltas)
+    tensors = {}
+    for module, (b, a) in factors.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a  # (r, d_in)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b  # (d_out, r)
+    config = peft_config(lm, factors, base)
+    with atomic_folder(out) as tmp:
+        save_file(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
+        (tmp / PROVENANCE).write_text(json.dumps(provenance(lm, deltas, "peft"), indent=1))
+    return config

@@ -1,0 +1,96 @@
+"""`romeflow export --format peft`: a LoRA adapter that peft loads and that equals the merged export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from romeflow import models
+from romeflow.deltas import Delta, EditedModel
+from romeflow.export import PEFT_CONFIG, lora_factors, write_peft
+from romeflow.rome import EditRequest, RankOneUpdate, Rome, RomeParams
+
+from conftest import EDIT_LAYER
+
+peft = pytest.importorskip("peft")
+
+X = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+
+
+def fake_delta(lm, name: str, updates: list[RankOneUpdate]) -> Delta:
+    return Delta(updates, {"manifest": {"name": name, "sha256": name * 64}, "tensors_sha256": (name * 64)[:64],
+                           "base_model": {"name": lm.name, "fingerprint": lm.fingerprint}})
+
+
+def random_update(lm, layer: int, rank: int | None, seed: int) -> RankOneUpdate:
+    g = torch.Generator().manual_seed(seed)
+    name = models.edited_module_name(lm.model, layer)
+    d_out, d_in = models.weight_shape(lm.model, name)
+    shape = (lambda d: (d,)) if rank is None else (lambda d: (d, rank))
+    return RankOneUpdate(name, layer, 0.3 * torch.randn(shape(d_out), generator=g),
+                         0.3 * torch.randn(shape(d_in), generator=g))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text", "gpt_neox"])
+def test_peft_adapter_equals_the_merged_model(tmp_path, tiny_lm, second_moment, model_type):
+    lm = tiny_lm(model_type)
+    stats = second_moment(model_type)
+    edit = Rome(lm, RomeParams(layer=EDIT_LAYER, prefix_lengths=(3,), prefixes_per_length=2, steps=3),
+                   lambda layer: stats[layer]).compute(EditRequest("Pierre Curie", "{} worked in the field of", "medicine"))
+    deltas = [fake_delta(lm, "a", [edit.update, random_update(lm, EDIT_LAYER, None, 1)]),  # two edits, one module
+              fake_delta(lm, "b", [random_update(lm, EDIT_LAYER, 2, 2), random_update(lm, 0, None, 3)])]  # rank 2; layer 0
+    out = tmp_path / "adapter"
+    config = write_peft(out, lm, deltas, "base")
+
+    name1, name0 = (models.edited_module_name(lm.model, l) for l in (EDIT_LAYER, 0))
+    assert config["lora_alpha"] == config["r"] == 4 and config["rank_pattern"] == config["alpha_pattern"] == {name0: 1}
+    assert config["fan_in_fan_out"] == (model_type == "gpt2")
+    assert json.loads((out / PEFT_CONFIG).read_text()) == config
+
+    adapted = peft.PeftModel.from_pretrained(tiny_lm(model_type).model, out)
+    merged = tiny_lm(model_type)
+    EditedModel(merged).compose(deltas)  # what --format hf writes
+    base = tiny_lm(model_type).model
+    with torch.no_grad():
+        got, want, before = adapted(input_ids=X).logits, merged.model(input_ids=X).logits, base(input_ids=X).logits
+    assert (want - before).abs().max() > 1e-2  # the deltas do change the model
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for module in (name1, name0):  # scaling exactly 1
+        assert adapted.base_model.model.get_submodule(module).scaling["default"] == 1.0
+    # merging the adapter gives the merged weights
+    merged_by_peft = adapted.merge_and_unload()
+    for module in (name1, name0):
+        torch.testing.assert_close(models.weight_out_in(merged_by_peft, module),
+                                   models.weight_out_in(merged.model, module), rtol=0, atol=1e-6)
+
+
+def test_lora_factors_stack_every_update_of_a_module(tiny_lm):
+    lm = tiny_lm("llama")
+    ups = [random_update(lm, 1, None, 1), random_update(lm, 1, 3, 2)]
+    (b, a), = lora_factors([fake_delta(lm, "a", ups)]).values()
+    assert b.shape == (ups[0].u.shape[0], 4) and a.shape == (4, ups[0].v.shape[0])
+    want = torch.outer(ups[0].u, ups[0].v) + ups[1].u @ ups[1].v.T
+    torch.testing.assert_close(b @ a, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_peft_export_loads_and_matches_the_hf_export(tmp_path, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from test_workflow import cli, make_project
+
+    root = make_project(tmp_path / "p", model_dir, manifests=("a",), active=("a",))
+    r = cli(root, "apply", "edits/a.yaml")
+    assert r.exit_code == 0, r.output
+    r = cli(root, "export", "merged", "--delta", "deltas/a.safetensors")
+    assert r.exit_code == 0, r.output
+    r = cli(root, "export", "--format", "peft", "adapter", "--delta", "deltas/a.safetensors")
+    assert r.exit_code == 0, r.output
+    config = json.loads((root / "adapter" / PEFT_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(model_dir)
+    assert json.loads((root / "adapter" / "romeflow-export.json").read_text())["format"] == "peft"
+    adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), root / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(root / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=X).logits, merged(input_ids=X).logits, rtol=0, atol=1e-5)
