@@ -27,7 +27,7 @@ from .params import ConfigError, Params, check_layers, load_params
 from .registry import check_name, register, unregister
 from .protect import check_sources
 from .rome import RomeParams
-from .statistics import Stats, get_stats, load_stats, save_stats, text_files_corpus
+from .statistics import Stats, get_stats, load_stats, save_stats
 from .workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error, status as workflow_status,
                        verify_manifest)
 
@@ -529,14 +529,22 @@ def bench_zsre(ctx, records_path, n, start, methods, out, model_spec, partial, s
 @click.option("--layer", "layers", type=click.IntRange(0), multiple=True,
               help="Layer(s) [default: params.yaml rome.layer].")
 @click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")
-@click.option("--corpus", "corpus_files", multiple=True, type=click.Path(dir_okay=False),
-              help="Plain-text files [default: params.yaml stats.corpus].")
+@click.option("--corpus", "corpus_files", multiple=True, type=click.Path(),
+              help="Plain-text files, or one Hugging Face datasets folder [default: params.yaml stats.corpus].")
 @click.option("--tokens", type=int, default=None, help="Token positions [default: params.yaml stats.tokens].")
 @click.option("--out", type=click.Path(), default=None,
               help="Write here (a file for one layer, a folder for several) instead of only caching.")
+@click.option("--processes", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Data-parallel: N processes share the token rows (gloo on the CPU, NCCL on GPUs); "
+                   "under `accelerate launch`/`torchrun` the launcher's processes are used instead.")
+@click.option("--checkpoint-seconds", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="Save the partial sums in the cache this often; an interrupted run resumes from them.")
 @click.pass_context
-def stats(ctx, layers, model_spec, corpus_files, tokens, out):
+def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpoint_seconds):
     """Compute (or find in the cache) the key second moments C = E[k kᵀ] of edit layers."""
+    from .parallel import Spawned, launched_shard
+    from .statistics import Shard, corpus_from
+
     settings = _settings(ctx)
     if tokens is not None and tokens < 1:
         raise click.BadParameter(f"must be at least 1, got {tokens}", param_hint="--tokens")
@@ -548,12 +556,32 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out):
             check_writable(t, "--out")
     spec = model_spec or settings.model
     _check_layers(ctx, spec, uses)
-    corpus = text_files_corpus(corpus_files) if corpus_files else settings.stats.corpus_source()
+    corpus_spec = tuple(corpus_files) if corpus_files else settings.stats.corpus
+    corpus = corpus_from(corpus_spec)
+    n = tokens or settings.stats.tokens
+    launched = launched_shard(ctx.obj.get("placement") or Placement())
+    if launched and processes > 1:
+        raise click.UsageError("--processes: not under a launcher (accelerate launch / torchrun starts the processes)")
+    if launched:
+        ctx.obj["placement"] = launched[1]
     lm = _load(ctx, spec)
     check_layers(lm.num_layers, uses)
-    n = tokens or settings.stats.tokens
     t = time.perf_counter()
-    found = get_stats(lm, layers, corpus, n, cache_dir(ctx.obj["cache"]), settings.stats.seq_len)
+    cache = cache_dir(ctx.obj["cache"])
+    if processes > 1:
+        import torch
+
+        resolve(spec, cache)  # converted once, here, before the workers look for it
+        with Spawned(processes, spec, ctx.obj["cache"], ctx.obj.get("placement") or Placement(), layers,
+                     corpus_spec, n, settings.stats.seq_len, torch.get_num_threads(), checkpoint_seconds) as run:
+            found = get_stats(lm, layers, corpus, n, cache, settings.stats.seq_len, shard=run.shard,
+                              checkpoint_seconds=checkpoint_seconds)
+    else:
+        shard = launched[0] if launched else Shard()
+        found = get_stats(lm, layers, corpus, n, cache, settings.stats.seq_len, shard=shard,
+                          checkpoint_seconds=checkpoint_seconds)
+        if shard.rank != 0:
+            return  # rank 0 writes and reports
     took = time.perf_counter() - t
     for layer, s in found.items():
         target = None
@@ -562,7 +590,7 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out):
             save_stats(target, s.second_moment, s.meta)
         console.print(f"layer {layer}: {s.meta['tokens']} tokens of {s.meta['corpus_id']}, "
                           f"sha256 {s.sha256[:12]}" + (f" -> {target}" if target else ""))
-    err.print(f"[dim]{took:.1f} s[/dim]")
+    err.print(f"[dim]{took:.1f} s" + (f" ({processes} processes)" if processes > 1 else "") + "[/dim]")
 
 
 @main.command()

@@ -31,7 +31,7 @@ from .models import DEFAULT_MODEL, ModelError, Placement
 from .names import BadName, check_name
 from .rome import RomeParams, rank_one
 from .schemas import _schema_text, validate_with
-from .statistics import Corpus, text_files_corpus, wikipedia_corpus
+from .statistics import Corpus, corpus_from
 from .tracing import TraceParams, read_layer
 
 METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "S", "NS_tok", "NM_tok", "NS_tok_low", "NS_tok_high", "S+",
@@ -51,14 +51,12 @@ class ConfigError(ValueError):
 class StatsParams:
     """``stats:``: the second moments C = E[k kᵀ] of the edited layer's keys."""
 
-    corpus: str | tuple[str, ...] = "wikipedia"  # 'wikipedia' (the gensim excerpt) or text files
+    corpus: str | tuple[str, ...] = "wikipedia"  # 'wikipedia' (the gensim excerpt), text files, or a datasets folder
     tokens: int = 100_000
     seq_len: int = 256
 
     def corpus_source(self) -> Corpus:
-        if self.corpus == "wikipedia":
-            return wikipedia_corpus()
-        return text_files_corpus([self.corpus] if isinstance(self.corpus, str) else self.corpus)
+        return corpus_from(self.corpus)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .io import atomic_path
-from .models import LoadedModel, edited_module_name, keys_at, sha256_file
+from .models import LoadedModel, edited_module_name, keys_at, sha256_file, weight_shape
 from .prompts import pad
 
 WIKI_EXCERPT = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -73,6 +74,51 @@ def text_files_corpus(paths: Iterable[str | os.PathLike]) -> Corpus:
     return Corpus("files:" + ",".join(p.name for p in paths), h.hexdigest(), documents)
 
 
+def hf_dataset_corpus(folder: str | os.PathLike, column: str = "text") -> Corpus:
+    """A Hugging Face ``datasets`` folder (written by ``Dataset.save_to_disk``; needs the optional
+    ``datasets`` package): one document per row of its ``text`` column, in row order. Its sha256 is over
+    the folder's files (relative name and content)."""
+    folder = Path(folder)
+    try:
+        import datasets  # noqa: F401
+    except ModuleNotFoundError:
+        raise ValueError(f"{folder}: a datasets folder needs the package `datasets` (pip install datasets)") from None
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(folder).as_posix()}:{sha256_file(p)}\n".encode())
+
+    def documents() -> Iterator[str]:
+        from datasets import load_from_disk
+
+        data = load_from_disk(str(folder))
+        if hasattr(data, "keys"):  # a DatasetDict: its splits in name order
+            data = [data[k] for k in sorted(data.keys())]
+        else:
+            data = [data]
+        for split in data:
+            if column not in split.column_names:
+                raise ValueError(f"{folder}: no column '{column}' (columns: {', '.join(split.column_names)})")
+            for text in split[column]:
+                yield text
+
+    return Corpus(f"datasets:{folder.name}", h.hexdigest(), documents)
+
+
+def corpus_from(spec: str | tuple[str, ...] | list[str]) -> Corpus:
+    """``stats.corpus``: 'wikipedia' (the gensim excerpt), or paths: plain-text files, or one Hugging Face
+    ``datasets`` folder (a directory)."""
+    if spec == "wikipedia":
+        return wikipedia_corpus()
+    paths = [spec] if isinstance(spec, str) else list(spec)
+    folders = [p for p in paths if Path(p).is_dir()]
+    if folders:
+        if len(paths) != 1:
+            raise ValueError(f"{folders[0]}: a datasets folder must be the only corpus entry")
+        return hf_dataset_corpus(folders[0])
+    return text_files_corpus(paths)
+
+
 def token_rows(lm: LoadedModel, corpus: Corpus, n_tokens: int, seq_len: int) -> Iterator[list[int]]:
     """Pack the corpus into rows of ``seq_len`` text tokens (plus <bos> where the model uses one).
 
@@ -101,29 +147,102 @@ def token_rows(lm: LoadedModel, corpus: Corpus, n_tokens: int, seq_len: int) -> 
         raise ValueError(f"corpus {corpus.id} has only {n_tokens - left} tokens, {n_tokens} asked for")
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a data-parallel statistics run: token-row batches b with b % world == rank.
+
+    ``reduce`` sums tensors over the processes (torch.distributed's all-reduce; the default, for one
+    process, is the identity). ``checkpoint``: a file for the partial sums, or None for no checkpoints.
+    """
+
+    rank: int = 0
+    world: int = 1
+    reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+
+    def owns(self, batch_index: int) -> bool:
+        return batch_index % self.world == self.rank
+
+
+def _partial_meta(lm: LoadedModel, layers: list[int], corpus: "Corpus", n_tokens: int, seq_len: int,
+                  batch_size: int, shard: Shard) -> dict:
+    """What a partial sum is a partial sum of: a checkpoint is resumed only when all of it matches."""
+    return {"format": "romeflow.stats-partial/1", "model_fingerprint": lm.fingerprint, "layers": layers,
+            "dtype": str(lm.dtype), "corpus_sha256": corpus.sha256, "tokens": n_tokens, "seq_len": seq_len,
+            "batch_size": batch_size, "rank": shard.rank, "world": shard.world}
+
+
+def _load_partial(path: Path | None, want: dict) -> tuple[dict[int, torch.Tensor], int, int] | None:
+    """(sums, tokens counted, batches done) from a checkpoint of the same run, else None."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("romeflow", "{}"))
+            if meta.get("run") != want:
+                return None
+            sums = {int(k.removeprefix("sum.")): f.get_tensor(k) for k in f.keys()}
+        return sums, int(meta["counted"]), int(meta["batches"])
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is recomputed, never trusted
+        return None
+
+
+def _save_partial(path: Path, run: dict, sums: dict, counted: int, batches: int) -> None:
+    tensors = {f"sum.{l}": s.detach().cpu().contiguous() for l, s in sums.items() if isinstance(s, torch.Tensor)}
+    meta = {"run": run, "counted": counted, "batches": batches}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"romeflow": json.dumps(meta)})
+
+
 @torch.no_grad()
 def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int,
-                   seq_len: int = 256, batch_size: int = 8, progress: bool = True) -> dict[int, torch.Tensor]:
+                   seq_len: int = 256, batch_size: int = 8, progress: bool = True, shard: Shard = Shard(),
+                   checkpoint: Path | None = None, checkpoint_seconds: float = 60.0) -> dict[int, torch.Tensor]:
     """C_l = E[k kᵀ] for every layer l in ``layers``, in one pass over the corpus.
 
     k is the input of the edited module W_proj (d_in,). Every text token counts once; <bos> and
-    padding do not. Returns {l: (d_in, d_in)} float32.
+    padding do not. The sums Σ k kᵀ accumulate in float32 (on the keys' device) whatever the model's
+    dtype. Returns {l: (d_in, d_in)} float32, on the host.
+
+    Data parallel: with a ``shard`` this process runs only its batches, and the sums and the count are
+    then all-reduced, so every process gets the C of the whole corpus (equal to one process's up to
+    the order of the float32 sums). Resumable: with ``checkpoint`` the partial sums are written there
+    (atomically) every ``checkpoint_seconds``; a later run of the same statistics starts from them and
+    removes the file when done.
     """
-    sums = {l: 0.0 for l in layers}
-    counted = 0
+    run = _partial_meta(lm, layers, corpus, n_tokens, seq_len, batch_size, shard)
+    resumed = _load_partial(checkpoint, run)
+    sums, counted, done = resumed if resumed else ({}, 0, 0)
     skip = 1 if lm.adds_bos else 0
     rows = token_rows(lm, corpus, n_tokens, seq_len)
-    with tqdm(total=n_tokens, unit="tok", desc="second moments", disable=not progress, leave=False) as bar:
+    last_save = time.monotonic()
+    desc = "second moments" + (f" (rank 0 of {shard.world}, ×{shard.world})" if shard.world > 1 else "")
+    with tqdm(total=n_tokens, initial=min(n_tokens, counted * shard.world), unit="tok", desc=desc,
+              disable=not progress or shard.rank != 0, leave=False, smoothing=0.1) as bar:
+        index = 0
         while batch := [r for _, r in zip(range(batch_size), rows)]:
+            index += 1
+            if index <= done or not shard.owns(index - 1):
+                continue  # counted before the interruption, or another process's batch
             b = pad(batch, lm.tokenizer.pad_token_id)
             counts = b.attention_mask.bool()  # (B, T): the positions that enter C
             counts[:, :skip] = False
             for l, k in keys_at(lm.model, layers, b.input_ids, b.attention_mask).items():
-                k = k[counts].float()  # (n, d_in)
-                sums[l] = sums[l] + k.T @ k  # (d_in, d_in)
+                k = k[counts.to(k.device)].float()  # (n, d_in)
+                sums[l] = sums[l] + k.T @ k if l in sums else k.T @ k  # (d_in, d_in)
             counted += int(counts.sum())
-            bar.update(int(counts.sum()))
-    return {l: (sums[l] / counted).cpu() for l in layers}
+            done = index
+            bar.update(int(counts.sum()) * shard.world)
+            if checkpoint is not None and time.monotonic() - last_save >= checkpoint_seconds:
+                _save_partial(checkpoint, run, sums, counted, done)
+                last_save = time.monotonic()
+    d_in = {l: weight_shape(lm.model, edited_module_name(lm.model, l))[1] for l in layers}
+    totals = [sums.get(l, torch.zeros(d_in[l], d_in[l])).cpu() for l in layers]  # (a process may own no batch)
+    count = torch.tensor([counted], dtype=torch.float64)
+    if shard.reduce is not None:
+        *totals, count = shard.reduce(totals + [count])
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return {l: total / float(count[0]) for l, total in zip(layers, totals)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,14 +357,32 @@ def cached_stats_path(cache: Path, lm: LoadedModel, layer: int, corpus: Corpus, 
     return cache / "stats" / f"{lm.fingerprint[:16]}-L{layer}-{corpus.sha256[:12]}-{n_tokens}{dtype}.safetensors"
 
 
+def partial_path(cache: Path, lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int,
+                 shard: Shard = Shard()) -> Path:
+    """The checkpoint of an unfinished statistics run (one per process), beside the cache's files."""
+    first = cached_stats_path(cache, lm, layers[0], corpus, n_tokens)
+    tag = "-".join(f"L{l}" for l in layers)
+    return first.with_name(f"partial-{first.stem}-{tag}-rank{shard.rank}of{shard.world}.safetensors")
+
+
 def get_stats(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int, cache: Path,
-              seq_len: int = 256, progress: bool = True) -> dict[int, Stats]:
+              seq_len: int = 256, progress: bool = True, shard: Shard = Shard(),
+              checkpoint_seconds: float = 60.0) -> dict[int, Stats]:
     """Statistics for each layer: from the cache when (model, layer, corpus, tokens) match, else computed
-    (all missing layers in one pass) and cached."""
+    (all missing layers in one pass; resumable from the cache's checkpoint of an interrupted run) and
+    cached. In a data-parallel run every process computes its share; only rank 0 writes, and the other
+    ranks get {}."""
     paths = {l: cached_stats_path(cache, lm, l, corpus, n_tokens) for l in layers}
     missing = [l for l, p in paths.items() if not p.exists()]
     if missing:
-        computed = second_moments(lm, missing, corpus, n_tokens, seq_len, progress=progress)
+        checkpoint = partial_path(cache, lm, missing, corpus, n_tokens, shard)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        computed = second_moments(lm, missing, corpus, n_tokens, seq_len, progress=progress, shard=shard,
+                                  checkpoint=checkpoint, checkpoint_seconds=checkpoint_seconds)
+        if shard.rank != 0:
+            return {}
         for l in missing:
             save_stats(paths[l], computed[l], stats_meta(lm, l, corpus, n_tokens, seq_len))
+    if shard.rank != 0:
+        return {}
     return {l: load_stats(p) for l, p in paths.items()}

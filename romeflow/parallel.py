@@ -1,0 +1,136 @@
+"""Data-parallel statistics: N processes share the token rows, and their sums are all-reduced.
+
+Two ways to get N processes, the same computation in both (``statistics.second_moments`` with a
+``Shard``):
+
+    romeflow stats --processes N          # this process is rank 0 and spawns ranks 1..N-1 itself
+    accelerate launch -m romeflow.cli stats   # or torchrun: the launcher starts them (WORLD_SIZE, RANK)
+
+Each process loads the model, runs the batches b with b % N == rank, and the float32 sums (and the
+token count, in float64) are summed over the processes with torch.distributed: gloo on the CPU, NCCL
+when every process has a GPU (process r on cuda:r). Rank 0 alone writes the statistics, with the
+same provenance as a one-process run; they equal its result up to the order of the float32 sums.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .models import Placement, load_model
+from .statistics import Shard, corpus_from, get_stats
+
+TIMEOUT = timedelta(hours=6)  # a process that waits longer than this for the others gives up
+
+
+def _backend(placement: Placement) -> str:
+    return "nccl" if placement.torch_device().type == "cuda" and placement.device_map is None else "gloo"
+
+
+def rank_placement(placement: Placement, local_rank: int) -> Placement:
+    """Process r on its own GPU (cuda:r) when the model runs on CUDA; otherwise unchanged."""
+    if placement.device_map is None and placement.torch_device().type == "cuda":
+        return replace(placement, device=f"cuda:{local_rank % torch.cuda.device_count()}")
+    return placement
+
+
+def _reducer(backend: str, device: torch.device, alive: Callable[[], None] = lambda: None):
+    """Sum tensors over all processes; ``alive`` is called while waiting (it raises if a process died)."""
+    def reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        on = [t.to(device) if backend == "nccl" else t.cpu() for t in tensors]
+        works = [dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True) for t in on]
+        while not all(w.is_completed() for w in works):
+            alive()
+            time.sleep(0.05)
+        for w in works:
+            w.wait()
+        return [t.cpu() for t in on]
+    return reduce
+
+
+def launched_shard(placement: Placement) -> tuple[Shard, Placement] | None:
+    """The shard of a process started by ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1), with the
+    process group initialised and the process's own GPU; None when not launched that way."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    placement = rank_placement(placement, local)
+    backend = _backend(placement)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT)
+    return Shard(rank, world, _reducer(backend, placement.torch_device())), placement
+
+
+def _worker(index: int, world: int, init: str, spec: str, cache: str | None, placement: Placement,
+            layers: list[int], corpus_spec, n_tokens: int, seq_len: int, threads: int,
+            checkpoint_seconds: float) -> None:
+    """Ranks 1..N-1 of ``romeflow stats --processes N`` (a spawned process)."""
+    torch.set_num_threads(threads)
+    rank = index + 1
+    placement = rank_placement(placement, rank)
+    backend = _backend(placement)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        from .models import cache_dir
+
+        lm = load_model(spec, cache, placement=placement)
+        shard = Shard(rank, world, _reducer(backend, placement.torch_device()))
+        get_stats(lm, layers, corpus_from(corpus_spec), n_tokens, cache_dir(cache), seq_len, progress=False,
+                  shard=shard, checkpoint_seconds=checkpoint_seconds)
+    finally:
+        dist.destroy_process_group()
+
+
+class Spawned:
+    """``romeflow stats --processes N``: ranks 1..N-1 spawned, this process joined as rank 0.
+
+    Use as a context manager around rank 0's own ``get_stats(..., shard=spawned.shard)``; on the way
+    out the workers are joined (or, after an error, terminated).
+    """
+
+    def __init__(self, n: int, spec: str, cache: str | None, placement: Placement, layers: list[int],
+                 corpus_spec, n_tokens: int, seq_len: int, threads: int, checkpoint_seconds: float = 60.0):
+        import torch.multiprocessing as mp
+
+        self._folder = tempfile.mkdtemp(prefix="romeflow-dist-")
+        init = Path(self._folder, "init").as_uri()  # file:// rendezvous: no port to choose
+        self.placement = rank_placement(placement, 0)
+        backend = _backend(self.placement)
+        self.context = mp.start_processes(
+            _worker, args=(n, init, spec, cache, placement, layers, corpus_spec, n_tokens, seq_len, threads,
+                           checkpoint_seconds), nprocs=n - 1, join=False, start_method="spawn")
+        dist.init_process_group(backend, init_method=init, rank=0, world_size=n, timeout=TIMEOUT)
+        self.shard = Shard(0, n, _reducer(backend, self.placement.torch_device(), self._alive))
+
+    def _alive(self) -> None:
+        for i, p in enumerate(self.context.processes):
+            if p.exitcode not in (None, 0):
+                raise RuntimeError(f"statistics process rank {i + 1} failed (exit code {p.exitcode})")
+
+    def __enter__(self) -> "Spawned":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        try:
+            if kind is None:
+                while not self.context.join():
+                    pass
+            else:
+                for p in self.context.processes:
+                    if p.is_alive():
+                        p.terminate()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            import shutil
+
+            shutil.rmtree(self._folder, ignore_errors=True)
