@@ -193,7 +193,7 @@ class ValueStore:
         k_star, v_star, trace = value
         self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(self._path(key)) as tmp:
-            save_file({"k_star": k_star.contiguous(), "v_star": v_star.contiguous(),
+            save_file({"k_star": k_star.cpu().contiguous(), "v_star": v_star.cpu().contiguous(),
                        "trace": torch.tensor(trace, dtype=torch.float64)}, tmp, metadata={"key": repr(key)})
 
 

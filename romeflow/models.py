@@ -166,15 +166,22 @@ def weight_shape(model: nn.Module, module_name: str) -> tuple[int, int]:
     return tuple(weight_out_in(model, module_name).shape)
 
 
-def input_device(model: nn.Module) -> torch.device:
-    """Where a model's inputs go: the device its token embedding runs on (accelerate's execution
-    device when that module is offloaded or dispatched)."""
-    embed = model.get_submodule(arch_of(model).embed)
-    hook = getattr(embed, "_hf_hook", None)
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module computes: its weight's device, or for a module accelerate offloads (meta weight)
+    the execution device of its hook (the host when none is named)."""
+    if module.weight.device.type != "meta":
+        return module.weight.device
+    hook = getattr(module, "_hf_hook", None)
     for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
         if getattr(h, "execution_device", None) is not None:
             return torch.device(h.execution_device)
-    return embed.weight.device
+    return torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: the device its token embedding runs on (accelerate's execution
+    device when that module is offloaded or dispatched)."""
+    return module_device(model.get_submodule(arch_of(model).embed))
 
 
 def cache_kwargs(backbone: nn.Module, cache) -> dict:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .models import (LoadedModel, cache_kwargs, edited_module, edited_module_name, final_hidden, keys_at, logits_at,
-                     new_cache, writable_weight)
+                     module_device, new_cache, writable_weight)
 from .prompts import encode, fill, flush_denormals, mean_per_pair, pad, subject_last_index, teacher_forced
 from .protect import NameIndex, bare_keys, choose_protected, leak, reference_names, residual_share
 
@@ -160,10 +160,9 @@ def subject_keys(lm: LoadedModel, layer: int, templates: list[str], subject: str
 
 
 def module_output(module: torch.nn.Module, k: torch.Tensor) -> torch.Tensor:
-    """W k for keys k (n, d_in) -> (n, d_out) float32: the module runs in its own dtype (and, when
-    accelerate offloads it, on its execution device); the result comes back to k's device."""
-    weight = module.weight
-    return module(k.to(weight.dtype)).to(k.device, torch.float32)
+    """W k for keys k (n, d_in) -> (n, d_out) float32: the module runs in its own dtype on its own
+    device (for a module accelerate offloads, its execution device); the result comes back to k's device."""
+    return module(k.to(module_device(module), module.weight.dtype)).to(k.device, torch.float32)
 
 
 def key(lm: LoadedModel, layer: int, subject: str, prefixes: list[str]) -> torch.Tensor:
@@ -510,8 +509,8 @@ class Rome:
         return self._solvers[layer]
 
     def _device(self, layer: int) -> torch.device:
-        """Where the layer's weight is (an offloaded weight: the host)."""
-        return edited_module(self.lm.model, layer).weight.device
+        """Where the layer's edited module computes (an offloaded one: its execution device)."""
+        return module_device(edited_module(self.lm.model, layer))
 
     def names(self) -> NameIndex:
         if self._names is None:
@@ -614,7 +613,8 @@ class Rome:
                 if self.values is not None:
                     self.values[self._value_key(request, layer)] = (k_star, v_star, trace)
             else:
-                k_star, v_star, trace = cached
+                k_star, v_star, trace = cached  # (a value cache on disk gives them back on the host)
+                k_star, v_star = k_star.to(self._device(layer)), v_star.to(self._device(layer))
                 t2 = clock()
             t3 = clock()
             k_d = k_star if self.params.symmetric_keys else subject_keys(self.lm, layer, ["{}"], request.subject)[0]

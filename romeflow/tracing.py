@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .models import LoadedModel, blocks, block_submodule, final_hidden, logits_at, num_layers
+from .models import LoadedModel, blocks, block_submodule, final_hidden, input_device, logits_at, num_layers
 from .prompts import continuation, flush_denormals
 
 KINDS = ("hidden", "mlp", "attn")  # block output (the residual stream), MLP output, attention output
@@ -135,7 +135,7 @@ def embedding_std(lm: LoadedModel, chunk: int = 16384) -> float:
     total = total_sq = 0.0
     count = 0
     for start in range(0, vocab, chunk):
-        e = embed(torch.arange(start, min(vocab, start + chunk))).double()  # (chunk, d)
+        e = embed(torch.arange(start, min(vocab, start + chunk), device=input_device(lm.model))).double()  # (chunk, d)
         total += e.sum().item()
         total_sq += (e * e).sum().item()
         count += e.numel()
@@ -205,7 +205,7 @@ def run(lm: LoadedModel, ids: torch.Tensor, target_id: int, noise: Noise | None 
     def add_noise(_module, _inputs, output):  # (B, T, d) token embeddings
         e = _first(output).clone()
         a, b = noise.span
-        e[:, a:b] += noise.samples[noise.sample_of_row].to(e.dtype)  # (B, n_subject, d)
+        e[:, a:b] += noise.samples[noise.sample_of_row].to(e.device, e.dtype)  # (B, n_subject, d)
         return _with_first(output, e)
 
     def patcher(ps: list[Patch]):
@@ -215,7 +215,7 @@ def run(lm: LoadedModel, ids: torch.Tensor, target_id: int, noise: Noise | None 
 
         def hook(_module, _inputs, output):
             h = _first(output).clone()  # (B, T, d)
-            h[rows, positions] = values.to(h.dtype)
+            h[rows, positions] = values.to(h.device, h.dtype)
             return _with_first(output, h)
         return hook
 
@@ -233,7 +233,7 @@ def run(lm: LoadedModel, ids: torch.Tensor, target_id: int, noise: Noise | None 
             for kind in KINDS:
                 for layer in range(num_layers(model)):
                     handles.append(state_module(model, kind, layer).register_forward_hook(recorder((kind, layer))))
-        probs = next_token_probs(lm, ids)[:, target_id]  # (B,)
+        probs = next_token_probs(lm, ids)[:, target_id].cpu()  # (B,) on the host, whatever the model's device
     finally:
         for h in handles:
             h.remove()
