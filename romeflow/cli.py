@@ -367,7 +367,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
                shard=None, require_tok=False, variants=(), start=0):
     from tqdm.auto import tqdm
 
-    from .bench import ValueStore, benchmark, generation_prompts, partial_report, run_settings
+    from .bench import DamageText, ValueStore, benchmark, generation_prompts, partial_report, run_settings
     from .datasets import load_counterfact, load_known_facts, load_zsre, mine_token_neighbors
     from .editors import make_editor
 
@@ -404,6 +404,17 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     records = all_records[start:start + n] if n else all_records[start:]
     if not records:
         raise click.UsageError(f"{records_path}: no records to run")
+    damage, damage_cfg = None, None
+    if kind == "counterfact" and settings.bench.damage_tokens > 0:  # PPL+ after every edit
+        where = "bench.damage.text" if settings.bench.damage_text else "stack.heldout"
+        text_path = Path(settings.bench.damage_text or settings.stack.heldout)
+        if not text_path.is_absolute():
+            text_path = _params_path(ctx).parent / text_path
+        if not text_path.is_file():
+            raise click.UsageError(f"{_params_path(ctx)}: {where}: {text_path} is not a file")
+        damage = DamageText(text_path.read_text(encoding="utf-8"), settings.bench.damage_tokens, settings.stack.window)
+        damage_cfg = {"text": str(settings.bench.damage_text or settings.stack.heldout), "sha256": sha256_file(text_path),
+                      "tokens": damage.tokens, "window": damage.window}
     references = None
     if references_path:
         try:
@@ -423,7 +434,8 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     if partial:  # aggregate only: the run's own settings must match (model fingerprint included)
         prior = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
         model = prior.get("model", {"name": "?", "fingerprint": "?"})
-        run_cfg = run_settings(kind, model, Path(records_path), records, param_dicts, gen, gen_source, tok_cfg)
+        run_cfg = run_settings(kind, model, Path(records_path), records, param_dicts, gen, gen_source, tok_cfg,
+                               damage_cfg)
         report = partial_report(kind, records, ["unedited"] + names, out, run_cfg, command,
                                 all_records if kind == "counterfact" else None, references)
         _print_report(kind, report, out / "report-partial.md", len(records))
@@ -443,7 +455,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     editors.update({name: make_editor(name, lm, params[name], lambda layer: stats[layer].second_moment, values,
                                       _params_path(ctx).parent) for name in names})
     run_cfg = run_settings(kind, {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,
-                           param_dicts, gen, gen_source, tok_cfg)
+                           param_dicts, gen, gen_source, tok_cfg, damage_cfg)
     bars = {}
 
     def progress(name, total, done):
@@ -451,7 +463,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
         return lambda: bars[name].update(1)
 
     report = benchmark(lm, kind, records, editors, out, run_cfg, command, gen,
-                       all_records if kind == "counterfact" else None, references, progress, shard)
+                       all_records if kind == "counterfact" else None, references, progress, shard, damage)
     for bar in bars.values():
         bar.close()
     _print_report(kind, report, out / "report.md", len(records))
@@ -459,7 +471,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
 
 def _print_report(kind: str, report, path: Path, n: int) -> None:
     table = Table(title=f"{kind}: {n} records -> {path}")
-    cols = ["S", "ES", "PS", "NS", "GE", "RS"] if kind == "counterfact" else ["Efficacy", "Paraphrase", "Specificity"]
+    cols = ["S", "S+", "ES", "PS", "NS", "NS_tok", "GE", "RS", "PPL+"] if kind == "counterfact" else ["Efficacy", "Paraphrase", "Specificity"]
     for col in ["method"] + cols + ["s/edit"]:
         table.add_column(col)
     for name, m in report.methods.items():

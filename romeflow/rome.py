@@ -50,6 +50,7 @@ class RomeParams:
     protect_weight: float = 0.0  # α: C + α·(tr C / tr F)·F, F the second moment of the subject's family (0: off)
     protect_siblings: int = 0  # family members made up: other reference names' first words + the last word
     prompt_key: bool = False  # the edit's change also at the rewrite prompt's own key (still rank one)
+    protect_max_energy: float = 2.0  # the family term may raise tr(ΔCΔᵀ) at most this many times (α halved until)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RomeParams":
@@ -70,7 +71,7 @@ class RomeParams:
 def rank_one(params: RomeParams) -> RomeParams:
     """The same hyper-parameters with the plain rank-one insert of Eq. 2: no mined protected keys, no
     family term, no prompt key (a manifest's own protect list and neighbours still hold)."""
-    return replace(params, protect=0, protect_weight=0.0, protect_siblings=0, prompt_key=False)
+    return replace(params, protect=0, protect_weight=0.0, protect_siblings=0, prompt_key=False, protect_max_energy=2.0)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class EditResult:
     nll_trace: list[float]  # mean target NLL at each v* step
     timings: dict[str, float] = field(default_factory=dict)
     protected: list[str] = field(default_factory=list)  # subjects whose keys the insert held fixed
+    family: dict = field(default_factory=dict)  # the family term used: {alpha, energy_ratio}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,12 +433,16 @@ def add_rank_one(model: torch.nn.Module, module_name: str, u: torch.Tensor, v: t
 # --------------------------------------------------------------------------------------------------
 
 
-MAX_FAMILY_GROWTH = 2.0  # the family term's update may be at most this many times ‖ΔW‖ of C's own
+FAMILY_HALVINGS = 4  # α is tried at protect_weight, /2, /4, /8, /16 before the family term is dropped
 
 
-def _norm(u: torch.Tensor, v: torch.Tensor) -> float:
-    """‖u vᵀ‖_F (‖U Vᵀ‖_F for rank-r factors)."""
-    return float(torch.outer(u, v).norm() if u.dim() == 1 else (u @ v.T).norm())
+def text_energy(second_moment: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> float:
+    """E‖Δk‖² over the keys the statistics saw (C = E[k kᵀ]): tr(Δ C Δᵀ) = ‖u‖² vᵀCv for Δ = u vᵀ, and
+    tr(UᵀU · VᵀCV) for a rank-r Δ = U Vᵀ. The mean squared change the update makes to the layer's output
+    on generic text: what Eq. 2 minimises, and what the family term may raise only within a budget."""
+    c = second_moment.to(v.device, torch.float64)
+    u64, v64 = u.double().reshape(u.shape[0], -1), v.double().reshape(v.shape[0], -1)  # (d_out, r), (d_in, r)
+    return float(((u64.T @ u64) * (v64.T @ c @ v64)).sum())
 
 
 class Rome:
@@ -507,18 +513,22 @@ class Rome:
         siblings = [" ".join(article + [w, last]) for w in picked]
         return names + [s for s in siblings if s != subject and s not in names]
 
-    def family_solver(self, layer: int, subject: str) -> Solver:
-        """C⁻¹ for the insert: C itself, or with ``protect_weight`` > 0, C + α (tr C / tr F) F where
-        F = mean k kᵀ over the bare keys of the subject's family (``family``): the update then also
-        keeps off the directions those keys share (a least-squares form of protecting them all)."""
-        alpha = self.params.protect_weight
-        names = self.family(subject) if alpha > 0 else []
+    def family_moment(self, layer: int, subject: str) -> torch.Tensor | None:
+        """(tr C / tr F) F, F = mean k kᵀ over the bare keys of the subject's family (``family``), float64
+        (d_in, d_in): the family's second moment scaled to C's size; None when it has no family."""
+        names = self.family(subject)
         if not names:
-            return self.solver(layer)
+            return None
         keys = self.bare_keys(layer, names).double()  # (f, d_in)
-        c = self._second_moment(layer).double()
+        c = self._second_moment(layer).to(keys.device, torch.float64)
         f = keys.T @ keys / len(names)  # (d_in, d_in)
-        return Solver(c + alpha * (c.diagonal().sum() / f.diagonal().sum()) * f)
+        return (c.diagonal().sum() / f.diagonal().sum()) * f
+
+    def family_solver(self, layer: int, family: torch.Tensor, alpha: float) -> Solver:
+        """C⁻¹ of C + α F̃ (F̃ = ``family_moment``): the update then also keeps off the directions the
+        family's keys share (a least-squares form of protecting them all; α → ∞: equality on their span)."""
+        c = self._second_moment(layer).to(family.device, torch.float64)
+        return Solver(c + alpha * family)
 
     def protected_keys(self, request: EditRequest, layer: int, k_star: torch.Tensor,
                        solve: Solver | None = None) -> tuple[list[str], torch.Tensor]:
@@ -575,25 +585,50 @@ class Rome:
             t3 = clock()
             k_d = k_star if self.params.symmetric_keys else subject_keys(self.lm, layer, ["{}"], request.subject)[0]
             with torch.no_grad():
-                solve = self.family_solver(layer, request.subject)
-                names, protected = self.protected_keys(request, layer, k_star, solve)
-                protected = protected if names else None
-                u, v = insert(solve, k_star, v_star, k_d, module(k_d[None])[0], protected,
-                              self.params.protect_ridge, self.params.protect_min_residual)
-                if self.params.prompt_key:
-                    u, v = self.with_prompt_key(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
-                if solve is not self.solver(layer):  # the family term: never a much larger update than C's
-                    plain = self.solver(layer)
-                    u0, v0 = insert(plain, k_star, v_star, k_d, module(k_d[None])[0], protected,
-                                    self.params.protect_ridge, self.params.protect_min_residual)
-                    if _norm(u, v) > MAX_FAMILY_GROWTH * _norm(u0, v0):
-                        u, v = u0, v0
-                        if self.params.prompt_key:
-                            u, v = self.with_prompt_key(request, layer, plain, k_star, v_star, k_d, protected, (u, v))
+                u, v, names, family = self.insert(request, layer, k_star, v_star, k_d)
             t4 = clock()
         update = RankOneUpdate(edited_module_name(self.lm.model, layer), layer, u, v)
         timings = {"prefixes": t1 - t0, "key": t2 - t1, "value": t3 - t2, "insert": t4 - t3}
-        return EditResult(request, update, k_star, v_star, trace, timings, names)
+        return EditResult(request, update, k_star, v_star, trace, timings, names, family)
+
+    def insert(self, request: EditRequest, layer: int, k_star: torch.Tensor, v_star: torch.Tensor,
+               k_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
+        """Eq. 2 for one edit with everything the parameters ask for: the protected keys held fixed, the
+        prompt key, and the family term within its energy budget. Returns (u, v, protected subjects,
+        {alpha, energy_ratio}).
+
+        The family term trades the update's energy on generic text, tr(ΔCΔᵀ) (``text_energy``), for its
+        energy on the family's keys. The first α = protect_weight / 2^i (i = 0 .. FAMILY_HALVINGS) whose
+        update stays within protect_max_energy × the energy of the update without the family term is
+        used; if none does, the update without it."""
+        p = self.params
+
+        def solve_with(solve: Solver):
+            names, protected = self.protected_keys(request, layer, k_star, solve)
+            protected = protected if names else None
+            u, v = insert(solve, k_star, v_star, k_d, self.module_out(layer, k_d), protected,
+                          p.protect_ridge, p.protect_min_residual)
+            if p.prompt_key:
+                u, v = self.with_prompt_key(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
+            return u, v, names
+
+        u, v, names = solve_with(self.solver(layer))
+        family = self.family_moment(layer, request.subject) if p.protect_weight > 0 else None
+        if family is None:
+            return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}
+        second_moment = self._second_moment(layer)
+        energy = text_energy(second_moment, u, v)
+        for i in range(FAMILY_HALVINGS + 1):
+            alpha = p.protect_weight / 2 ** i
+            u1, v1, names1 = solve_with(self.family_solver(layer, family, alpha))
+            ratio = text_energy(second_moment, u1, v1) / energy
+            if ratio <= p.protect_max_energy:
+                return u1, v1, names1, {"alpha": alpha, "energy_ratio": ratio}
+        return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}
+
+    def module_out(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        """W k for one key (d_in,) -> (d_out,), by the edited module itself."""
+        return edited_module(self.lm.model, layer)(k[None])[0]
 
     def with_prompt_key(self, request: EditRequest, layer: int, solve: Solver, k_star: torch.Tensor,
                         v_star: torch.Tensor, k_d: torch.Tensor, protected: torch.Tensor | None,
