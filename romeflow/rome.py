@@ -51,6 +51,8 @@ class RomeParams:
     protect_siblings: int = 0  # family members made up: other reference names' first words + the last word
     prompt_key: bool = False  # the edit's change also at the rewrite prompt's own key (still rank one)
     protect_max_energy: float = 2.0  # the family term may raise tr(ΔCΔᵀ) at most this many times (α halved until)
+    family_kl: float = 0.0  # v*: weight of the KL term on family members' prompts, each given its leak of δ (0: off)
+    family_kl_prompts: int = 8  # ... over this many family members, the leakiest under the insert
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RomeParams":
@@ -71,7 +73,8 @@ class RomeParams:
 def rank_one(params: RomeParams) -> RomeParams:
     """The same hyper-parameters with the plain rank-one insert of Eq. 2: no mined protected keys, no
     family term, no prompt key (a manifest's own protect list and neighbours still hold)."""
-    return replace(params, protect=0, protect_weight=0.0, protect_siblings=0, prompt_key=False, protect_max_energy=2.0)
+    return replace(params, protect=0, protect_weight=0.0, protect_siblings=0, prompt_key=False, protect_max_energy=2.0,
+                   family_kl=0.0)
 
 
 @dataclass(frozen=True)
@@ -169,12 +172,13 @@ def key(lm: LoadedModel, layer: int, subject: str, prefixes: list[str]) -> torch
 # --------------------------------------------------------------------------------------------------
 
 
-def _add_at(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
-    """A forward hook adding δ (d_out,) to the module output (B, T, d_out) at the given positions."""
+def _add_at(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor | None = None):
+    """A forward hook adding δ (d_out,) to the module output (B, T, d_out) at the given positions,
+    times ``scale`` (one factor per position; default 1)."""
 
     def hook(_module, _inputs, output):
         where = torch.zeros(output.shape[:2] + (1,), dtype=output.dtype, device=output.device)  # (B, T, 1)
-        where[rows, cols] = 1.0
+        where[rows, cols, 0] = 1.0 if scale is None else scale.to(output.device, output.dtype)
         return output + where * delta
 
     return hook
@@ -250,73 +254,97 @@ def _cached_forward(model, sequences: list[list[int]], subject_at: torch.Tensor,
     return _Forward(run, (torch.arange(B), torch.zeros(B, dtype=torch.long)))  # subject[-1]: column 0
 
 
-def _value_batch(tok, request: EditRequest, prefixes: list[str], essence_prompt: str):
+def _value_batch(tok, request: EditRequest, prefixes: list[str], essence_prompt: str, family: tuple[str, ...] = ()):
     """The prompts of Eq. 4 as one batch: the N rewrite prompts x_j + p, teacher-forced (the target
-    appended but its last token), then the essence prompt p' in row N.
+    appended but its last token), then the essence prompt p' in row N, then the relation asked of each
+    of f family members (rows N + 1 ..).
 
-    Returns (rewrite: the TargetBatch of the N rewrite prompts, sequences: N + 1 token lists,
-    subject_at: (N + 1,) index of each last subject token, read_at: (rows, positions), each (n + 1,):
-    the n positions that predict a target token, then the last position of p').
+    Returns (rewrite: the TargetBatch of the N rewrite prompts, sequences: N + 1 + f token lists,
+    subject_at: (N + 1 + f,) index of each row's last subject token, read_at: (rows, positions), each
+    (n + 1 + f,): the n positions that predict a target token, the last position of p', then the last
+    position of each family prompt).
     """
     templates = [p + request.relation for p in prefixes]
     rewrite = teacher_forced(tok, [fill(t, request.subject) for t in templates], [request.target] * len(templates))
     essence = tok(fill(essence_prompt, request.subject)).input_ids
-    sequences = [ids[:n].tolist() for ids, n in zip(rewrite.batch.input_ids, rewrite.batch.lengths)] + [essence]
-    subject_at = torch.tensor([subject_last_index(tok, t, request.subject) for t in templates + [essence_prompt]])
-    read_at = (torch.cat([rewrite.rows, torch.tensor([len(templates)])]),
-               torch.cat([rewrite.positions, torch.tensor([len(essence) - 1])]))
+    others = [tok(fill(request.relation, s)).input_ids for s in family]
+    sequences = [ids[:n].tolist() for ids, n in zip(rewrite.batch.input_ids, rewrite.batch.lengths)] + [essence] + others
+    subject_at = torch.tensor([subject_last_index(tok, t, request.subject) for t in templates + [essence_prompt]]
+                              + [subject_last_index(tok, request.relation, s) for s in family], dtype=torch.long)
+    n = len(templates)
+    read_at = (torch.cat([rewrite.rows, torch.arange(n, n + 1 + len(family))]),
+               torch.cat([rewrite.positions, torch.tensor([len(essence) - 1] + [len(o) - 1 for o in others],
+                                                          dtype=torch.long)]))
     return rewrite, sequences, subject_at, read_at
 
 
 def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
-          params: RomeParams) -> tuple[torch.Tensor, list[float]]:
+          params: RomeParams, family: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, list[float]]:
     """Eq. 4: v* = W k* + δ, with δ minimising
 
         L(δ) = mean_j NLL(o* | x_j + p)  +  kl_factor · KL(P_δ[· | p'] ‖ P[· | p'])  +  wd · (‖δ‖/‖W k*‖)²
+               + family_kl · mean_i KL(P_{ρ_i δ}[· | p_i] ‖ P[· | p_i])
 
     where δ is added to the module output at the last subject token of every prompt, p' is the
     essence prompt ("{subject} is a", scored at its last token), and ‖δ‖ is clamped to
     clamp_norm_factor · ‖W k*‖ after each Adam step. Returns (v* (d_out,), NLL per step).
 
+    family: (s_i, ρ_i) pairs: other subjects, asked the edit's relation (p_i), and the share ρ_i of δ
+    that the insert will add at their key (ρ_i = vᵀk_i / vᵀk* for the update u vᵀ; ``Rome.leaks``). The
+    last term makes δ one that moves the subject and not, at their leak, its family.
+
     The rewrite prompts and p' run as one batch. Their tokens before the last subject token do not
     depend on δ: they run once, into a KV cache, and each step runs only the rest (``_cached_forward``).
     """
-    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=True)
+    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=True, family=family)
 
 
 def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
-           params: RomeParams, cache_prefix: bool) -> tuple[torch.Tensor, list[float]]:
+           params: RomeParams, cache_prefix: bool,
+           family: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, list[float]]:
     """``value``; cache_prefix=False runs every token at every step (the reference the tests compare with)."""
     tok, model = lm.tokenizer, lm.model
     module = edited_module(model, layer)
-    rewrite, sequences, subject_at, read_at = _value_batch(tok, request, prefixes, params.essence_prompt)
+    family = tuple(family) if params.family_kl > 0 else ()
+    f = len(family)
+    rewrite, sequences, subject_at, read_at = _value_batch(tok, request, prefixes, params.essence_prompt,
+                                                           tuple(s for s, _ in family))
     make_forward = _cached_forward if cache_prefix else _full_forward
     forward = make_forward(model, sequences, subject_at, read_at, tok.pad_token_id)
+    n_rows = len(sequences)
+    scale = torch.ones(n_rows, dtype=torch.float32)  # (B,) the share of δ each row's subject token gets
+    if f:
+        scale[n_rows - f:] = torch.tensor([rho for _, rho in family], dtype=torch.float32)
+    m = rewrite.token_ids.shape[0]  # positions that predict a target token
 
-    def logprobs() -> torch.Tensor:  # (n + 1, vocab): next-token log-probs at each position read
+    def logprobs() -> torch.Tensor:  # (m + 1 + f, vocab): next-token log-probs at each position read
         return logits_at(model, forward.run()).log_softmax(-1)
 
     with torch.no_grad():
         v_now = module(k_star[None])[0]  # (d_out,) W k*: what the layer gives the subject now
-        base_essence = logprobs()[-1]  # (vocab,) after p', without δ
+        base = logprobs()[m:]  # (1 + f, vocab) after p' and each family prompt, without δ
+        base_essence = base[0]
     max_norm = params.clamp_norm_factor * v_now.norm()
     delta = torch.zeros_like(v_now, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=params.lr)
     trace: list[float] = []  # NLL of δ before each update, and of the δ returned
     for step in range(params.steps + 1):
-        handle = module.register_forward_hook(_add_at(delta, *forward.delta_at))
+        handle = module.register_forward_hook(_add_at(delta, *forward.delta_at, scale))
         try:
-            edited = logprobs()  # (n + 1, vocab)
+            edited = logprobs()  # (m + 1 + f, vocab)
         finally:
             handle.remove()
-        target_logprobs = edited[:-1].gather(1, rewrite.token_ids[:, None])[:, 0]  # (n,)
+        target_logprobs = edited[:m].gather(1, rewrite.token_ids[:, None])[:, 0]  # (m,)
         nll = -mean_per_pair(target_logprobs, rewrite).mean()
         trace.append(nll.item())
         if nll.item() < params.early_stop_nll or step == params.steps:
             break
-        kl = (edited[-1].exp() * (edited[-1] - base_essence)).sum()
+        kl = (edited[m].exp() * (edited[m] - base_essence)).sum()
         decay = (delta.norm() / v_now.norm()) ** 2
         loss = nll + params.kl_factor * kl + params.weight_decay * decay
+        if f:  # each family prompt's next-token distribution, its share of δ added, against its own
+            family_kl = (edited[m + 1:].exp() * (edited[m + 1:] - base[1:])).sum(-1).mean()
+            loss = loss + params.family_kl * family_kl
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -566,26 +594,32 @@ class Rome:
     def compute(self, request: EditRequest, layer: int | None = None) -> EditResult:
         """k*, v* and the factors of the insert for one edit, on the model as it is now (not modified)."""
         layer = self.params.layer if layer is None else layer
-        module = edited_module(self.lm.model, layer)
         clock = time.perf_counter
         with flush_denormals():
             t0 = clock()
             prefixes = self.prefixes
             t1 = clock()
             cached = None if self.values is None else self.values.get(self._value_key(request, layer))
-            if cached is None:
-                k_star = key(self.lm, layer, request.subject, prefixes)  # (d_in,)
-                t2 = clock()
-                v_star, trace = value(self.lm, layer, request, prefixes, k_star, self.params)  # (d_out,)
-                if self.values is not None:
-                    self.values[self._value_key(request, layer)] = (k_star, v_star, trace)
-            else:
-                k_star, v_star, trace = cached
-                t2 = clock()
-            t3 = clock()
+            k_star = cached[0] if cached is not None else key(self.lm, layer, request.subject, prefixes)  # (d_in,)
             k_d = k_star if self.params.symmetric_keys else subject_keys(self.lm, layer, ["{}"], request.subject)[0]
+            t2 = clock()
+            kin = self.family_leaks(request, layer, k_star, k_d) if self.params.family_kl > 0 else ()
+            value_key = self._value_key(request, layer, kin)
+            if kin and self.values is not None:  # v* with the family term: cached under its own key
+                cached = self.values.get(value_key)
+            elif kin:
+                cached = None
+            if cached is None:
+                v_star, trace = value(self.lm, layer, request, prefixes, k_star, self.params, kin)  # (d_out,)
+                if self.values is not None:
+                    self.values[value_key] = (k_star, v_star, trace)
+            else:
+                _, v_star, trace = cached
+            t3 = clock()
             with torch.no_grad():
                 u, v, names, family = self.insert(request, layer, k_star, v_star, k_d)
+            if kin:
+                family["kl_prompts"] = [[s, rho] for s, rho in kin]
             t4 = clock()
         update = RankOneUpdate(edited_module_name(self.lm.model, layer), layer, u, v)
         timings = {"prefixes": t1 - t0, "key": t2 - t1, "value": t3 - t2, "insert": t4 - t3}
@@ -626,6 +660,26 @@ class Rome:
                 return u1, v1, names1, {"alpha": alpha, "energy_ratio": ratio}
         return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}
 
+    @torch.no_grad()
+    def family_leaks(self, request: EditRequest, layer: int, k_star: torch.Tensor,
+                     k_d: torch.Tensor) -> tuple[tuple[str, float], ...]:
+        """The family members (``family``, less the request's ``protect`` list) whose relation prompts the
+        insert will move most, with the share of δ it adds at their key: ((s_i, ρ_i), ...), at most
+        ``family_kl_prompts``, largest |ρ_i| first.
+
+        ρ_i = vᵀk_i / vᵀk_d for the insert's update u vᵀ, k_i the key at s_i's last token in the edit's
+        relation. v does not depend on v* (only u does), so it is known before v* is optimised: the
+        insert is run here with a stand-in v*."""
+        names = [s for s in self.family(request.subject) if s not in request.protect and s != request.subject]
+        if not names:
+            return ()
+        _, v, _, _ = self.insert(request, layer, k_star, self.module_out(layer, k_d) + 1.0, k_d)
+        v = v.reshape(v.shape[0], -1)[:, 0]  # (d_in,) the edit's own direction
+        keys = bare_keys(self.lm, layer, names, template=request.relation)  # (f, d_in)
+        rho = (keys @ v) / (k_d @ v)  # (f,)
+        top = rho.abs().argsort(descending=True)[:self.params.family_kl_prompts].tolist()
+        return tuple((names[i], float(rho[i])) for i in top)
+
     def module_out(self, layer: int, k: torch.Tensor) -> torch.Tensor:
         """W k for one key (d_in,) -> (d_out,), by the edited module itself."""
         return edited_module(self.lm.model, layer)(k[None])[0]
@@ -656,12 +710,16 @@ class Rome:
             return u[:, 0], v.sum(1)
         return u, v
 
-    def _value_key(self, request: EditRequest, layer: int) -> tuple:
-        """What (k*, v*) depend on: the model's current weights aside, the edit and the v* hyper-parameters."""
+    def _value_key(self, request: EditRequest, layer: int, family: tuple = ()) -> tuple:
+        """What (k*, v*) depend on: the model's current weights aside, the edit and the v* hyper-parameters
+        (and, with the family KL term, its weight and the family prompts with their leaks)."""
         p = self.params
-        return (self.lm.fingerprint, layer, request.subject, request.relation, request.target, p.prefix_lengths,
-                p.prefixes_per_length, p.prefix_starts, p.seed, p.lr, p.steps, p.early_stop_nll, p.weight_decay,
-                p.kl_factor, p.clamp_norm_factor, p.essence_prompt)
+        out = (self.lm.fingerprint, layer, request.subject, request.relation, request.target, p.prefix_lengths,
+               p.prefixes_per_length, p.prefix_starts, p.seed, p.lr, p.steps, p.early_stop_nll, p.weight_decay,
+               p.kl_factor, p.clamp_norm_factor, p.essence_prompt)
+        if p.family_kl > 0 and family:
+            out += (p.family_kl, tuple((s, round(rho, 6)) for s, rho in family))
+        return out
 
     def apply(self, requests: list[EditRequest], layers: list[int | None] | None = None,
               progress: Callable[[int, EditResult], None] | None = None) -> list[EditResult]:
