@@ -89,7 +89,7 @@ class BenchParams:
     token_neighbors_k: int = 5  # NS_tok: at most k token-sharing neighbours per record
     token_neighbors_facts: str | None = None  # known facts to mine them from, besides the dataset
     damage_text: str | None = None  # PPL+: held-out text measured after every edit (None: stack.heldout)
-    damage_tokens: int = 512  # its first tokens (0: no per-edit damage measure)
+    damage_tokens: int = 256  # its first tokens (0: no per-edit damage measure)
 
     def records(self, kind: str) -> str | None:
         return {"counterfact": self.counterfact_records, "zsre": self.zsre_records}[kind]
@@ -319,7 +319,7 @@ def parse_params(raw, path: str = "params.yaml", resolve_auto: bool = True) -> P
         bench=BenchParams((bench.get("counterfact") or {}).get("records"), (bench.get("zsre") or {}).get("records"),
                           _build(GenerationParams, gen), (bench.get("token_neighbors") or {}).get("k", 5),
                           (bench.get("token_neighbors") or {}).get("facts"),
-                          (bench.get("damage") or {}).get("text"), (bench.get("damage") or {}).get("tokens", 512)),
+                          (bench.get("damage") or {}).get("text"), (bench.get("damage") or {}).get("tokens", 256)),
     )
 
 

@@ -491,6 +491,7 @@ class Rome:
         self._solvers: dict[int, Solver] = {}
         self._names: NameIndex | None = None
         self._keys: dict[tuple[int, str, bool], torch.Tensor] = {}  # (layer, subject, averaged) -> (d_in,)
+        self._family_solvers: dict[tuple[int, str, float], Solver] = {}  # (layer, subject, α): the edit's own
         self.values = values
 
     @property
@@ -594,6 +595,7 @@ class Rome:
     def compute(self, request: EditRequest, layer: int | None = None) -> EditResult:
         """k*, v* and the factors of the insert for one edit, on the model as it is now (not modified)."""
         layer = self.params.layer if layer is None else layer
+        self._family_solvers = {}  # one edit's (d_in × d_in factorisations are large)
         clock = time.perf_counter
         with flush_denormals():
             t0 = clock()
@@ -654,7 +656,10 @@ class Rome:
         energy = text_energy(second_moment, u, v)
         for i in range(FAMILY_HALVINGS + 1):
             alpha = p.protect_weight / 2 ** i
-            u1, v1, names1 = solve_with(self.family_solver(layer, family, alpha))
+            solve = self._family_solvers.get((layer, request.subject, alpha))
+            if solve is None:  # kept for this edit: family_leaks and the insert itself ask for the same
+                solve = self._family_solvers[(layer, request.subject, alpha)] = self.family_solver(layer, family, alpha)
+            u1, v1, names1 = solve_with(solve)
             ratio = text_energy(second_moment, u1, v1) / energy
             if ratio <= p.protect_max_energy:
                 return u1, v1, names1, {"alpha": alpha, "energy_ratio": ratio}
