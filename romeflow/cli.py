@@ -13,11 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .deltas import DeltaError, EditedModel, compute_delta, load_deltas, save_delta
+from .deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
 from .evaluation import greedy_continuation, next_token_top
 from .history import RevisionError, diff_reports, markdown_table
 from .io import atomic_folder, check_writable
-from .manifests import Manifest, ManifestError, load_manifest
+from .manifests import Manifest, ManifestError, check_conflicts, load_manifest
 from .models import EMBEDDED, LoadedModel, ModelError, cache_dir, layer_count, load_model, resolve, sha256_file
 from .names import BadName
 from .params import ConfigError, Params, check_layers, load_params
@@ -162,11 +162,19 @@ def _layout(ctx) -> Layout:
 @click.option("--model", "model_spec", default=None, help="Model [default: the manifest's, else params.yaml's].")
 @click.option("--stats", "stats_files", multiple=True, type=click.Path(dir_okay=False),
               help="Precomputed statistics files (else cached/computed per params.yaml).")
+@click.option("--onto", "onto_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="Delta(s) of an existing stack to apply onto (repeatable): the edits are computed on base + "
+                   "their sum and hold their edits' keys fixed, so adding the new delta keeps them.")
 @click.pass_context
-def apply(ctx, manifest, out, model_spec, stats_files):
-    """Compute a manifest's edits with ROME and write them as one delta file."""
+def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
+    """Compute a manifest's edits with ROME and write them as one delta file.
+
+    Edits are applied one after another; each edit's insert holds the earlier edits' keys fixed."""
     settings = _settings(ctx)
     m = settings.resolve_manifest(load_manifest(manifest))  # `layer: auto` -> the traced layer
+    onto = load_deltas(onto_paths)
+    for d in onto:
+        require_pairs(d, "--onto")
     try:
         out = Path(out) if out else Layout().delta(m.name)
     except BadName as e:
@@ -187,7 +195,7 @@ def apply(ctx, manifest, out, model_spec, stats_files):
 
     with tqdm(total=len(m.edits), desc=f"editing ({m.name})", unit="edit", file=sys.stderr) as bar:
         delta = compute_delta(lm, m, settings.rome, stats, progress=lambda i, r: bar.update(1),
-                              root=_params_path(ctx).parent)
+                              root=_params_path(ctx).parent, onto=onto)
     save_delta(out, delta)
     table = Table(title=f"{m.name}: {len(m.edits)} edit(s) -> {out}")
     for col in ("#", "prompt", "target", "P before", "P after", "true before", "true after"):
@@ -267,13 +275,19 @@ def stack(ctx, out, markdown, plots_dir, use_gate):
                                  (plots_dir or layout.plots, "--plots", True)):
         check_writable(path, option, folder)
     manifests = [load_manifest(layout.manifest(n)) for n in settings.manifests]
+    check_conflicts(manifests)
     deltas = load_deltas(layout.delta(n) for n in settings.manifests)
+    joint = settings.stack.method == "joint"
+    if joint:
+        for d in deltas:
+            require_pairs(d)
     heldout = layout.root / settings.stack.heldout
     if not heldout.is_file():
         raise ConfigError(f"{settings.path}: stack.heldout: {heldout} not found")
     lm = _load(ctx, settings.model)
+    solve = _joint_solve(ctx, lm, settings, layout, deltas) if joint else None
     result = eval_stack(EditedModel(lm), manifests, deltas, heldout, settings.stack.window,
-                        settings.gate if use_gate else None)
+                        settings.gate if use_gate else None, solve)
     result.write(out, markdown or layout.stack_markdown, plots_dir or layout.plots)
     r = result.report
     table = Table(title=f"stack of {len(manifests)} manifest(s): S alone -> stack")
@@ -290,6 +304,21 @@ def stack(ctx, out, markdown, plots_dir, use_gate):
                   f"{n.get('top1_kept_pct', float('nan')):.1f}% of {n['prompts']}", highlight=False)
     if result.failures:
         raise gate_error(out, result.failures)
+
+
+def _joint_solve(ctx, lm: LoadedModel, settings: Params, layout: Layout, deltas: list) -> JointSolve:
+    """stack.method: joint with the statistics the deltas were computed with (the pipeline's files where
+    present, else the cache); a delta computed with other statistics is refused."""
+    layers = sorted({up.layer for d in deltas for up in d.updates})
+    files = tuple(str(layout.stats(l)) for l in layers if layout.stats(l).is_file())
+    stats = _stats_for(ctx, lm, settings, layers, files)
+    for d in deltas:
+        for s in d.meta["stats"]:
+            if s["layer"] in stats and stats[s["layer"]].sha256 != s["sha256"]:
+                raise DeltaError(f"{d.path}: stats: computed with other statistics of layer {s['layer']} "
+                                 f"({s['sha256'][:12]}, now {stats[s['layer']].sha256[:12]}); recompute it")
+    p = settings.stack
+    return JointSolve(lambda layer: stats[layer].second_moment, p.ridge, p.null_space, p.protect)
 
 
 @main.command()
@@ -583,9 +612,22 @@ def add(ctx, manifest):
         raise ManifestError(f"{manifest}: {e}") from None
     if Path(manifest).resolve() != expected.resolve():
         raise ValueError(f"{manifest}: the pipeline reads manifests from {expected}; move it there first")
+    settings = _settings(ctx, resolve_auto=False)
+    check_conflicts(_readable_manifests(layout, [n for n in settings.manifests if n != m.name]) + [m])
     register(_params_path(ctx), m.name)
     click.echo(f"registered {m.name} ({len(m.edits)} edit(s)) in {_params_path(ctx)}; "
                f"`dvc repro` computes {layout.delta(m.name)}")
+
+
+def _readable_manifests(layout: Layout, names: list[str]) -> list[Manifest]:
+    """The registered manifests that can be read (a broken one is `romeflow status`'s to report)."""
+    out = []
+    for n in names:
+        try:
+            out.append(load_manifest(layout.manifest(n)))
+        except ManifestError:
+            pass
+    return out
 
 
 @main.command()
