@@ -518,6 +518,106 @@ def bench_counterfact(ctx, records_path, n, start, methods, out, model_spec, ref
                require_tok, variants, start)
 
 
+@bench.command("stack")
+@click.option("--records", "records_path", type=click.Path(dir_okay=False), default=None,
+              help="COUNTERFACT records [default: params.yaml bench.counterfact.records].")
+@click.option("--n", "n", type=int, required=True, help="Edit the first N records (one delta, one manifest each).")
+@click.option("--k", "ks", default=",".join(map(str, (1, 10, 30, 100, 300))), show_default=True,
+              help="Compose the first k deltas for each k (capped at N).")
+@click.option("--methods", default="sum,joint", show_default=True, help="Stack methods (params.yaml stack: for joint).")
+@click.option("--others", type=int, default=50, show_default=True,
+              help="Held-out records (the ones after the first N), never edited, scored at every k.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder (resumable).")
+@click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")
+@click.option("--shard", default=None, metavar="K/N",
+              help="Do only records (and compositions) K, K+N, … (1-based) so N processes share one run folder.")
+@click.pass_context
+def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shard):
+    """Edits at scale: one delta per record, the first k composed with each stack method, scored.
+
+    ES/PS/NS/NS_tok of the k edited records on the composed model, neighbourhood success and kept
+    rewrites of held-out records, perplexity of params.yaml stack.heldout; report.json, report.md and
+    report.png once every composition is done (any shard that finds them done writes them)."""
+    from tqdm.auto import tqdm
+
+    from .datasets import load_counterfact, load_known_facts, mine_token_neighbors
+    from .stackbench import METHODS, StackBench, ks_up_to
+
+    shard = _parse_shard(shard)
+    settings = _settings(ctx)
+    records_path = records_path or settings.bench.records("counterfact")
+    if not records_path:
+        raise click.UsageError("--records is required (or set bench.counterfact.records in params.yaml)")
+    if n < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--n")
+    if others < 0:
+        raise click.BadParameter("must be at least 0", param_hint="--others")
+    try:
+        k_list = tuple(int(x) for x in ks.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integers, got {ks!r}", param_hint="--k") from None
+    if not k_list or min(k_list) < 1:
+        raise click.BadParameter("needs at least one k, each >= 1", param_hint="--k")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in names:
+        if m not in METHODS:
+            raise click.BadParameter(f"unknown stack method '{m}' (known: {', '.join(METHODS)})", param_hint="--methods")
+    out = Path(out)
+    check_writable(out, "--out", folder=True)
+    root = _params_path(ctx).parent
+    check_sources(settings.rome.protect_sources, root, str(_params_path(ctx)))
+    heldout = root / settings.stack.heldout
+    if not heldout.is_file():
+        raise ConfigError(f"{settings.path}: stack.heldout: {heldout} not found")
+    spec = model_spec or settings.model
+    all_records = load_counterfact(records_path)
+    facts = settings.bench.token_neighbors_facts
+    known = load_known_facts(facts) if facts else []
+    all_records = mine_token_neighbors(all_records, _tokenizer(ctx, spec), settings.bench.token_neighbors_k, known)
+    records, held = all_records[:n], all_records[n:n + others]
+    if len(records) < n:
+        raise click.BadParameter(f"{records_path} has {len(records)} records, fewer than {n}", param_hint="--n")
+    k_list = ks_up_to(k_list, n)
+    _check_layers(ctx, spec, [(f"{settings.path}: rome.layer", settings.rome.layer)])
+    lm = _load(ctx, spec)
+    stats = _stats_for(ctx, lm, settings, [settings.rome.layer], ())
+    p = settings.stack
+    joint = {"ridge": p.ridge, "null_space": p.null_space, "protect": p.protect}
+    solvers = {m: (JointSolve(lambda layer: stats[layer].second_moment, p.ridge, p.null_space, p.protect)
+                   if m == "joint" else None) for m in names}
+    from .bench import run_settings
+
+    run_cfg = run_settings("stack", {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,
+                           {"rome": settings.rome.to_dict(), **{m: (joint if m == "joint" else {}) for m in names}},
+                           None, None, {"k": settings.bench.token_neighbors_k, "facts": facts})
+    run_cfg["others"] = [r.case_id for r in held]
+    run_cfg["heldout"] = {"path": str(settings.stack.heldout), "sha256": sha256_file(heldout),
+                          "window": settings.stack.window}
+    sb = StackBench(lm, out, run_cfg, records, held, k_list, solvers, heldout.read_text(encoding="utf-8"),
+                    settings.stack.window, shard)
+    with tqdm(total=len(records), desc="stack: one delta per record", unit="edit", file=sys.stderr) as bar:
+        sb.edit(settings.rome, stats, root, str(records_path), progress=lambda: bar.update(1))
+    with tqdm(total=len(sb.jobs()), desc="stack: compositions", unit="stack", file=sys.stderr) as bar:
+        missing = sb.compose(progress=lambda m, k: bar.update(1))
+    command = "romeflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = sb.report(command)
+    if report is None:
+        console.print(f"{len(missing)} composition(s) left to other shards or to deltas not computed yet: "
+                      + ", ".join(f"{m} k={k}" for m, k in missing[:8]) + ("…" if len(missing) > 8 else ""))
+        return
+    table = Table(title=f"edits at scale: {n} records -> {out / 'report.md'}")
+    for col in ("method", "k", "ES", "PS", "NS", "NS_tok", "held-out NS", "Δ ppl"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    fmt = lambda m: "-" if m is None else f"{m['value']:.1f}"  # noqa: E731
+    for r in report["rows"]:
+        if "error" in r:
+            table.add_row(r["method"], str(r["k"]), *["-"] * 5, "error")
+            continue
+        table.add_row(r["method"], str(r["k"]), *(fmt(r[c]) for c in ("ES", "PS", "NS", "NS_tok", "other_NS")),
+                      f"{r['perplexity_increase_pct']:+.2f}%")
+    console.print(table)
+
+
 @bench.command("zsre")
 @_bench_options("rome,ft,ftl,kn")
 def bench_zsre(ctx, records_path, n, start, methods, out, model_spec, partial, shard, variants):
