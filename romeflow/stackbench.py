@@ -169,8 +169,12 @@ class StackBench:
             if not path.is_file():
                 return None
             rows[(method, k)] = json.loads(path.read_text())
-        base = summarise(rows[("unedited", 0)])
+        unedited = rows[("unedited", 0)]
+        base = summarise(unedited)
         table = []
+        for k in self.ks:  # the unedited model on the same first k records, for each k
+            s = summarise({**unedited, "edited": unedited["edited"][:k]})
+            table.append({"method": "unedited", "k": k, "seconds": 0.0, **s, "perplexity_increase_pct": 0.0})
         for method in self.methods:
             for k in self.ks:
                 r = rows[(method, k)]
@@ -197,7 +201,7 @@ class StackBench:
 def limits(table: list[dict], max_ppl_pct: float = 5.0, min_es: float = 95.0) -> dict:
     """Per method: the first k at which perplexity rises above +5% or ES falls below 95 (None: never)."""
     out = {}
-    for method in dict.fromkeys(r["method"] for r in table):
+    for method in dict.fromkeys(r["method"] for r in table if r["method"] != "unedited"):
         first = None
         for r in (r for r in table if r["method"] == method):
             broken = "error" in r or r["perplexity_increase_pct"] > max_ppl_pct or \
@@ -228,8 +232,6 @@ def markdown(report: dict) -> str:
     lines = [f"# Edits at scale: {s['model']['name']}", "",
              f"Records: {s['dataset']['n']} edited from `{s['dataset']['path']}`; command: `{report['command']}`", "",
              "| method | k | " + " | ".join(cols) + " | perplexity | Δ ppl | s |", "|---" * (len(cols) + 5) + "|"]
-    u = report["unedited"]
-    lines.append("| unedited | 0 | " + " | ".join(_cell(u.get(c)) for c in cols) + f" | {u['perplexity']:.3f} | | |")
     for r in report["rows"]:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['k']} | " + " | ".join("–" for _ in cols) + f" | – | – | "
@@ -237,7 +239,8 @@ def markdown(report: dict) -> str:
             continue
         lines.append(f"| {r['method']} | {r['k']} | " + " | ".join(_cell(r.get(c)) for c in cols)
                      + f" | {r['perplexity']:.3f} | {r['perplexity_increase_pct']:+.2f}% | {r['seconds']:.1f} |")
-    lines += ["", "First k at which perplexity rises above +5% or ES falls below 95:", ""]
+    lines += ["", "*unedited*: the base model on the same first k records. First k at which perplexity rises above "
+              "+5% or ES falls below 95:", ""]
     for method, lim in report["limits"].items():
         lines.append(f"- {method}: {'never, up to k = ' + str(max(r['k'] for r in report['rows'])) if lim['first_k_broken'] is None else lim['first_k_broken']}")
     errors = [r for r in report["rows"] if "error" in r]
@@ -255,15 +258,17 @@ def plot(report: dict, path: Path) -> None:
     panels = [("ES", "ES"), ("PS", "PS"), ("NS", "NS"), ("NS_tok", "NS_tok"), ("other_NS", "held-out NS"),
               ("perplexity_increase_pct", "perplexity increase (%)")]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    ks = sorted({r["k"] for r in report["rows"]})
     for ax, (key, title) in zip(axes.flat, panels):
-        for method in report["limits"]:
+        for method in ["unedited", *report["limits"]]:
             pts = [(r["k"], r[key] if key == "perplexity_increase_pct" else r[key]["value"])
                    for r in report["rows"] if r["method"] == method and "error" not in r and r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
-        if key != "perplexity_increase_pct" and report["unedited"].get(key) is not None:
-            ax.axhline(report["unedited"][key]["value"], color="gray", linestyle="--", linewidth=1, label="unedited")
+                style = {"color": "gray", "linestyle": "--"} if method == "unedited" else {}
+                ax.plot(*zip(*pts), marker="o", label=method, **style)
         ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
         ax.set_xlabel("manifests composed (k)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -75,7 +75,7 @@ def test_bench_stack_end_to_end_resumes_and_shards(project):
     md = (out / "report.md").read_text()
     assert "| joint | 6 |" in md and "| sum | 6 |" in md
     rows = {(r["method"], r["k"]): r for r in report["rows"]}
-    assert set(rows) == {(m, k) for m in ("sum", "joint") for k in (1, 3, 6)}  # 10 capped at N = 6
+    assert set(rows) == {(m, k) for m in ("unedited", "sum", "joint") for k in (1, 3, 6)}  # 10 capped at N = 6
     for key, r in rows.items():
         assert "error" not in r, (key, r)
         assert r["ES"]["n"] == key[1] and r["other_NS"]["n"] == 2
