@@ -418,6 +418,18 @@ class JointSolve:
         for d in deltas:
             require_pairs(d)
 
+    @staticmethod
+    def protected_rows(d: Delta, i: int, kv: KeyValue, edited: set[str]) -> torch.Tensor | None:
+        """Edit i's protected keys, less those of subjects that an edit of the stack rewrites (two rows a
+        subject, in the order of ``edits[i].protected``): an edit wins over another's protection."""
+        if kv.protected is None:
+            return None
+        names = d.meta["edits"][i].get("protected", [])
+        if len(names) * 2 != kv.protected.shape[0]:
+            return kv.protected
+        keep = [r for r in range(kv.protected.shape[0]) if names[r // 2] not in edited]
+        return kv.protected[keep] if keep else None
+
     def updates(self, deltas: list[Delta], base: dict[str, torch.Tensor]) -> list[RankOneUpdate]:
         """One rank-≤n update per module, from the base weights (module -> (d_out, d_in))."""
         self.check(deltas)
@@ -431,7 +443,9 @@ class JointSolve:
             solve, basis = self.solver(layer)
             keys = torch.stack([kv.k_star for _, _, kv in items])  # (n, d_in)
             values = torch.stack([kv.v_star for _, _, kv in items])  # (n, d_out)
-            held = [kv.protected for _, _, kv in items if self.protect and kv.protected is not None]
+            edited = {d.meta["manifest"]["canonical"]["edits"][i]["subject"] for d, i, _ in items}
+            held = [self.protected_rows(d, i, kv, edited) for d, i, kv in items] if self.protect else []
+            held = [h for h in held if h is not None]
             protected = torch.cat(held) if held else None
             try:
                 u, v = joint_insert(solve, base[module], keys, values, protected, self.ridge, basis)

@@ -493,7 +493,8 @@ def joint_insert(solve: Solver, w: torch.Tensor, keys: torch.Tensor, values: tor
 
         minimise Σ_i ‖Δ k_i − r_i‖² + λ ‖Δ‖_C²   →   Δ = R (M + λ I)⁻¹ (C⁻¹K)ᵀ,   λ = ridge · mean diag M
 
-    (insert_many's ridge). With ridge 0 the constraints hold exactly, and an edited key with less
+    (insert_many's ridge). With ridge 0 the constraints hold exactly; a protected key already in the
+    span of the keys before it (the same subject protected by two edits) is dropped, and an edited key with less
     than ``min_residual`` of its C⁻¹-energy outside the span of the keys before it is refused
     (InsertError, with its index: the later of two keys that cannot be told apart). The shares are
     the squared pivots of the Cholesky factor of M over its diagonal, L_ii² / M_ii.
@@ -505,8 +506,15 @@ def joint_insert(solve: Solver, w: torch.Tensor, keys: torch.Tensor, values: tor
     k, p = keys.double(), None if protected is None or not protected.numel() else protected.double()
     if basis is not None:
         k, p = k @ basis, None if p is None else p @ basis  # (n, q), (m, q): coordinates along Q
-    if ridge <= 0:
-        _check_separable(solve, k if p is None else torch.cat([k, p]), min_residual)
+    while ridge <= 0:  # protected keys that repeat others (two edits protecting one subject) are dropped
+        try:
+            _check_separable(solve, k if p is None else torch.cat([k, p]), min_residual)
+            break
+        except InsertError as e:
+            if e.index is None or e.index < k.shape[0]:
+                raise
+            p = torch.cat([p[:e.index - k.shape[0]], p[e.index - k.shape[0] + 1:]])
+            p = p if p.numel() else None
     u, v = insert_many(solve, k, residuals, None, p, ridge, 0.0)
     if basis is not None:
         v = basis @ v  # (d_in, n)

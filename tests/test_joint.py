@@ -242,3 +242,32 @@ def test_apply_onto_a_stack_keeps_the_stack_s_edits(setup):
         moved = [rel_err(module(d.pairs[0].k_star[None])[0], d.pairs[0].v_star) for d in stack]
     edited.reset()
     assert max(moved) > 1e-4
+
+
+def test_joint_shared_protection_and_an_edit_of_a_protected_subject(setup):
+    """Two edits protecting the same subject: one constraint, not a refusal. A third manifest editing that
+    subject: its edit wins over the others' protection. Every edit holds exactly."""
+    lm, stats, c = setup
+    a = compute_delta(lm, one_edit_manifest("a", "Pierre Curie", "medicine", protect=("Marie Curie",)), PARAMS, stats)
+    b = compute_delta(lm, one_edit_manifest("b", "Irene Curie", "music", protect=("Marie Curie",)), PARAMS, stats)
+    marie = compute_delta(lm, one_edit_manifest("m", "Marie Curie", "Rome"), PARAMS, stats)
+    module = module_of(lm)
+    for stack in ([a, b], [a, b, marie]):
+        edited = EditedModel(lm)
+        edited.compose(stack, JointSolve(lambda layer: c))
+        with torch.no_grad():
+            errors = [rel_err(module(d.pairs[0].k_star[None])[0], d.pairs[0].v_star) for d in stack]
+            protected = a.pairs[0].protected  # Marie Curie's keys: unchanged unless she is edited
+            moved = rel_err(module(protected), EditedModel_base(lm, edited, protected))
+        edited.reset()
+        assert max(errors) < 1e-5, (len(stack), errors)
+        assert (moved < 1e-5) == (len(stack) == 2), moved
+
+
+def EditedModel_base(lm, edited, keys):
+    """The base module's output for keys, from the weights the EditedModel saved."""
+    name = models.edited_module_name(lm.model, EDIT_LAYER)
+    w = edited._base[name]
+    out = keys @ w.T
+    bias = getattr(lm.model.get_submodule(name), "bias", None)
+    return out + bias if bias is not None else out
