@@ -571,12 +571,12 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
         raise ConfigError(f"{settings.path}: stack.heldout: {heldout} not found")
     spec = model_spec or settings.model
     all_records = load_counterfact(records_path)
+    if len(all_records) < n:
+        raise click.BadParameter(f"{records_path} has {len(all_records)} records, fewer than {n}", param_hint="--n")
     facts = settings.bench.token_neighbors_facts
     known = load_known_facts(facts) if facts else []
     all_records = mine_token_neighbors(all_records, _tokenizer(ctx, spec), settings.bench.token_neighbors_k, known)
     records, held = all_records[:n], all_records[n:n + others]
-    if len(records) < n:
-        raise click.BadParameter(f"{records_path} has {len(records)} records, fewer than {n}", param_hint="--n")
     k_list = ks_up_to(k_list, n)
     _check_layers(ctx, spec, [(f"{settings.path}: rome.layer", settings.rome.layer)])
     lm = _load(ctx, spec)

@@ -427,6 +427,16 @@ CASES = [
     ("cli-bench-shard", None, ("bench", "zsre", "--records", "r.json", "--shard", "3/2"), ["--shard", "1 <= K <= N"]),
     ("cli-bench-unknown-method", None, ("bench", "zsre", "--records", "r.json", "--methods", "rome,mend"),
      ["--methods: unknown method 'mend'"]),
+    ("cli-bench-stack-method", write("r.json", "[]"),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--methods", "sum,product", "--out", "run"),
+     ["--methods", "unknown stack method 'product'"]),
+    ("cli-bench-stack-k", write("r.json", "[]"), ("bench", "stack", "--records", "r.json", "--n", "2", "--k", "1,x",
+                                                  "--out", "run"), ["--k", "comma-separated integers"]),
+    ("cli-bench-stack-too-few-records", write("r.json", "[]"),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run"), ["--n", "r.json has 0 records, fewer than 2"]),
+    ("cli-bench-stack-heldout-missing", both(write("r.json", "[]"), params_edit("  heldout: data/heldout.txt",
+                                                                                "  heldout: data/none.txt")),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run"), ["params.yaml: stack.heldout:", "none.txt not found"]),
     ("cli-verify-atol-negative", None, ("verify", "a", "--atol", "-1"), ["Invalid value for '--atol'"]),
 
     # ---- faults ---------------------------------------------------------------------------------
