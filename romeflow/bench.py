@@ -119,7 +119,7 @@ class Run:
             self.folder.mkdir(parents=True, exist_ok=True)
         if path.exists():
             old = json.loads(path.read_text())
-            for key in ("kind", "model", "dataset", "generation", "token_neighbors"):
+            for key in ("kind", "model", "dataset", "generation", "token_neighbors", "others", "heldout"):
                 if old.get(key) != self.settings.get(key):
                     raise BenchError(f"{path}: this folder holds a run with a different '{key}'; use another --out")
             merged = {**old.get("methods", {}), **self.settings["methods"]}

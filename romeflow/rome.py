@@ -109,7 +109,9 @@ class EditResult:
     nll_trace: list[float]  # mean target NLL at each v* step
     timings: dict[str, float] = field(default_factory=dict)
     protected: list[str] = field(default_factory=list)  # subjects whose keys the insert held fixed
-    family: dict = field(default_factory=dict)  # the family term used: {alpha, energy_ratio}
+    protected_keys: torch.Tensor | None = None  # (m, d_in) those subjects' keys (two each), None when m = 0
+    held: int = 0  # keys of earlier edits (this manifest's, or the stack's it was applied onto) held fixed
+    family: dict = field(default_factory=dict)  # the family term used: {alpha, energy_ratio[, kl_prompts]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,7 +379,13 @@ class Solver:
 
 
 class InsertError(ValueError):
-    """Keys the insert cannot separate (a protected key that is, for C, the edited key itself)."""
+    """Keys the insert cannot separate (a protected key that is, for C, the edited key itself).
+
+    ``index``: the edited key that could not be separated, when one is known."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 def insert(solve: Solver, k_star: torch.Tensor, v_star: torch.Tensor, k_d: torch.Tensor, w_k_d: torch.Tensor,
@@ -443,7 +451,8 @@ def insert_many(solve: Solver, keys: torch.Tensor, residuals: torch.Tensor, cons
         worst = int(share.argmin())
         if not float(share[worst]) >= min_residual:
             raise InsertError(f"the other keys leave {100 * float(share[worst]):.1f}% of edited key {worst} to "
-                              f"change (the minimum is {100 * min_residual:g}%): they cannot be separated from it")
+                              f"change (the minimum is {100 * min_residual:g}%): they cannot be separated from it",
+                              worst)
     u = residuals.T.to(torch.float64)  # (d_out, e)
     v = c_inv_k @ x  # (d_in, e): Vᵀ K_con = M⁻¹[:, :e]ᵀ Mᵀ... = [I_e 0], i.e. Δ K_con = [R 0]
     return u.to(residuals.dtype), v.to(keys.dtype)
@@ -454,6 +463,92 @@ def add_rank_one(model: torch.nn.Module, module_name: str, u: torch.Tensor, v: t
     for a rank-r update U Vᵀ."""
     w = weight_out_in(model, module_name)
     w.add_(torch.outer(u, v) if u.dim() == 1 else u @ v.T)
+
+
+# --------------------------------------------------------------------------------------------------
+# Eq. 2 over a whole stack: the joint solve (stack.method: joint; docs/method.md)
+# --------------------------------------------------------------------------------------------------
+
+
+JOINT_MIN_RESIDUAL = 1e-4  # the exact joint solve refuses edited keys with less of their C⁻¹-energy of their own
+
+
+def null_space_basis(second_moment: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """Q (d_in, q): the eigenvectors of C whose eigenvalue is below threshold · λ_max, float64.
+
+    The others, Û (eigenvalue ≥ threshold · λ_max), are the directions along which the layer's keys
+    carry most of their energy: an update restricted to P = I − Û Ûᵀ = Q Qᵀ leaves every key's
+    component along them unchanged (AlphaEdit's projection, from the same statistics).
+    threshold 0: no projection (None)."""
+    if threshold <= 0:
+        return None
+    evals, evecs = torch.linalg.eigh(second_moment.double())  # ascending; (d_in,), (d_in, d_in)
+    return evecs[:, evals < threshold * evals[-1]].contiguous()  # (d_in, q)
+
+
+def projected_solver(second_moment: torch.Tensor, basis: torch.Tensor) -> Solver:
+    """C⁻¹ in the coordinates of Q: a Solver for C_Q = Qᵀ C Q (q, q)."""
+    return Solver(basis.T @ second_moment.double() @ basis)
+
+
+def _check_separable(solve: Solver, keys: torch.Tensor, min_residual: float) -> None:
+    """InsertError(index=i) for the first key (rows of ``keys``, (n, d_in)) with less than ``min_residual``
+    of its C⁻¹-energy outside the span of the keys before it: L_ii² / M_ii, M = K C⁻¹ Kᵀ = L Lᵀ."""
+    m = keys.double() @ solve.solve64(keys.T)  # (n, n)
+    factor, info = torch.linalg.cholesky_ex(m)
+    bad = int(info)  # 0: factorised; i > 0: the leading minor of order i is not positive definite
+    share = factor.diagonal() ** 2 / m.diagonal()  # (n,)
+    if bad == 0 and bool((share >= min_residual).all()):
+        return
+    worst = bad - 1 if bad else int((share < min_residual).nonzero()[0])
+    raise InsertError(f"key {worst} has less than {100 * min_residual:g}% of its C⁻¹-energy outside the span of "
+                      f"the keys before it (the same subject edited twice, or keys too close to tell apart)", worst)
+
+
+def joint_insert(solve: Solver, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 protected: torch.Tensor | None = None, ridge: float = 0.0, basis: torch.Tensor | None = None,
+                 min_residual: float = JOINT_MIN_RESIDUAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 for every edit of a stack at once, from their (k_i, v_i) pairs and the base weight W:
+
+        minimise ‖Δ‖_C   subject to   (W + Δ) k_i = v_i  (i = 1..n)   and   Δ k'_j = 0  (j = 1..m)
+
+    i.e. ``insert_many`` with e = n edited keys, residuals r_i = v_i − W k_i and the edits' protected
+    keys k'_j: Δ = R M⁻¹ (C⁻¹K)ᵀ, M = Kᵀ C⁻¹ K, rank ≤ n.
+
+    basis Q (d_in, q) (``null_space_basis``): the update is also restricted to P = Q Qᵀ = I − Û Ûᵀ,
+    Δ = Y Qᵀ, so Δ Û = 0. Then ‖Δ‖_C² = tr(Y Qᵀ C Q Yᵀ) and Δ k = Y (Qᵀ k): the same problem in q
+    coordinates, with C_Q = Qᵀ C Q (``solve`` must be ``projected_solver``'s) and keys Qᵀ k; V = Q V_Q.
+
+    ridge > 0: the least-squares relaxation, for conflicting or near-collinear keys:
+
+        minimise Σ_i ‖Δ k_i − r_i‖² + λ ‖Δ‖_C²   →   Δ = R (M + λ I)⁻¹ (C⁻¹K)ᵀ,   λ = ridge · mean diag M
+
+    (insert_many's ridge). With ridge 0 the constraints hold exactly; a protected key already in the
+    span of the keys before it (the same subject protected by two edits) is dropped, and an edited key with less
+    than ``min_residual`` of its C⁻¹-energy outside the span of the keys before it is refused
+    (InsertError, with its index: the later of two keys that cannot be told apart). The shares are
+    the squared pivots of the Cholesky factor of M over its diagonal, L_ii² / M_ii.
+
+    w: (d_out, d_in); keys: (n, d_in); values: (n, d_out); protected: (m, d_in) or None.
+    Returns the factors U (d_out, n), V (d_in, n) of Δ = U Vᵀ, float32.
+    """
+    residuals = values.double() - keys.double() @ w.double().T  # (n, d_out) r_i = v_i − W k_i
+    k, p = keys.double(), None if protected is None or not protected.numel() else protected.double()
+    if basis is not None:
+        k, p = k @ basis, None if p is None else p @ basis  # (n, q), (m, q): coordinates along Q
+    while ridge <= 0:  # protected keys that repeat others (two edits protecting one subject) are dropped
+        try:
+            _check_separable(solve, k if p is None else torch.cat([k, p]), min_residual)
+            break
+        except InsertError as e:
+            if e.index is None or e.index < k.shape[0]:
+                raise
+            p = torch.cat([p[:e.index - k.shape[0]], p[e.index - k.shape[0] + 1:]])
+            p = p if p.numel() else None
+    u, v = insert_many(solve, k, residuals, None, p, ridge, 0.0)
+    if basis is not None:
+        v = basis @ v  # (d_in, n)
+    return u.float(), v.float()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -592,8 +687,29 @@ class Rome:
         """The keys protecting a subject holds fixed: (2, d_in), its bare key then its prefix-averaged key."""
         return torch.stack([self.subject_key(layer, subject, averaged=False), self.subject_key(layer, subject)])
 
-    def compute(self, request: EditRequest, layer: int | None = None) -> EditResult:
-        """k*, v* and the factors of the insert for one edit, on the model as it is now (not modified)."""
+    def held_separable(self, solve: Solver, k_star: torch.Tensor, protected: torch.Tensor | None,
+                       hold: torch.Tensor | None) -> torch.Tensor | None:
+        """The keys of earlier edits (``hold``, (h, d_in)) that this edit's insert can hold fixed on top of
+        its protected keys: all of them when k* stays separable (``protect_min_residual``), else greedily
+        in order, skipping each one that would leave too little of k* to edit (an earlier edit of the
+        same subject, whose key is k* itself: the later edit then overrides it)."""
+        if hold is None or not hold.numel():
+            return protected
+        base = k_star.new_zeros((0, k_star.numel())) if protected is None else protected
+        floor = self.params.protect_min_residual
+        if residual_share(solve, k_star, torch.cat([base, hold])) >= floor:
+            return torch.cat([base, hold])
+        kept = base
+        for k in hold:
+            if residual_share(solve, k_star, torch.cat([kept, k[None]])) >= floor:
+                kept = torch.cat([kept, k[None]])
+        return kept if kept.numel() else None
+
+    def compute(self, request: EditRequest, layer: int | None = None, hold: torch.Tensor | None = None) -> EditResult:
+        """k*, v* and the factors of the insert for one edit, on the model as it is now (not modified).
+
+        ``hold`` (h, d_in): keys of earlier edits at this layer whose values the insert must not move
+        (Δ k_i = 0, so Ŵ k_i stays v_i): sequential edits do not undo each other."""
         layer = self.params.layer if layer is None else layer
         self._family_solvers = {}  # one edit's (d_in × d_in factorisations are large)
         clock = time.perf_counter
@@ -605,7 +721,7 @@ class Rome:
             k_star = cached[0] if cached is not None else key(self.lm, layer, request.subject, prefixes)  # (d_in,)
             k_d = k_star if self.params.symmetric_keys else subject_keys(self.lm, layer, ["{}"], request.subject)[0]
             t2 = clock()
-            kin = self.family_leaks(request, layer, k_star, k_d) if self.params.family_kl > 0 else ()
+            kin = self.family_leaks(request, layer, k_star, k_d, hold) if self.params.family_kl > 0 else ()
             value_key = self._value_key(request, layer, kin)
             if kin and self.values is not None:  # v* with the family term: cached under its own key
                 cached = self.values.get(value_key)
@@ -619,19 +735,20 @@ class Rome:
                 _, v_star, trace = cached
             t3 = clock()
             with torch.no_grad():
-                u, v, names, family = self.insert(request, layer, k_star, v_star, k_d)
+                u, v, names, family, protected_keys, held = self.insert(request, layer, k_star, v_star, k_d, hold)
             if kin:
                 family["kl_prompts"] = [[s, rho] for s, rho in kin]
             t4 = clock()
         update = RankOneUpdate(edited_module_name(self.lm.model, layer), layer, u, v)
         timings = {"prefixes": t1 - t0, "key": t2 - t1, "value": t3 - t2, "insert": t4 - t3}
-        return EditResult(request, update, k_star, v_star, trace, timings, names, family)
+        return EditResult(request, update, k_star, v_star, trace, timings, names, protected_keys, held, family)
 
     def insert(self, request: EditRequest, layer: int, k_star: torch.Tensor, v_star: torch.Tensor,
-               k_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
-        """Eq. 2 for one edit with everything the parameters ask for: the protected keys held fixed, the
-        prompt key, and the family term within its energy budget. Returns (u, v, protected subjects,
-        {alpha, energy_ratio}).
+               k_d: torch.Tensor, hold: torch.Tensor | None = None) -> tuple:
+        """Eq. 2 for one edit with everything the parameters ask for: the protected keys held fixed (and
+        ``hold``, earlier edits' keys, where separable), the prompt key, and the family term within its
+        energy budget. Returns (u, v, protected subjects, {alpha, energy_ratio}, their keys (m, d_in) or
+        None, the number of held keys used).
 
         The family term trades the update's energy on generic text, tr(ΔCΔᵀ) (``text_energy``), for its
         energy on the family's keys. The first α = protect_weight / 2^i (i = 0 .. FAMILY_HALVINGS) whose
@@ -640,18 +757,21 @@ class Rome:
         p = self.params
 
         def solve_with(solve: Solver):
-            names, protected = self.protected_keys(request, layer, k_star, solve)
-            protected = protected if names else None
+            names, protected_keys = self.protected_keys(request, layer, k_star, solve)
+            protected_keys = protected_keys if names else None
+            protected = self.held_separable(solve, k_star, protected_keys, hold)
+            held = 0 if protected is None else protected.shape[0] - (0 if protected_keys is None
+                                                                      else protected_keys.shape[0])
             u, v = insert(solve, k_star, v_star, k_d, self.module_out(layer, k_d), protected,
                           p.protect_ridge, p.protect_min_residual)
             if p.prompt_key:
                 u, v = self.with_prompt_key(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
-            return u, v, names
+            return u, v, names, protected_keys, held
 
-        u, v, names = solve_with(self.solver(layer))
+        u, v, names, protected_keys, held = solve_with(self.solver(layer))
         family = self.family_moment(layer, request.subject) if p.protect_weight > 0 else None
         if family is None:
-            return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}
+            return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}, protected_keys, held
         second_moment = self._second_moment(layer)
         energy = text_energy(second_moment, u, v)
         for i in range(FAMILY_HALVINGS + 1):
@@ -659,15 +779,15 @@ class Rome:
             solve = self._family_solvers.get((layer, request.subject, alpha))
             if solve is None:  # kept for this edit: family_leaks and the insert itself ask for the same
                 solve = self._family_solvers[(layer, request.subject, alpha)] = self.family_solver(layer, family, alpha)
-            u1, v1, names1 = solve_with(solve)
+            u1, v1, names1, keys1, held1 = solve_with(solve)
             ratio = text_energy(second_moment, u1, v1) / energy
             if ratio <= p.protect_max_energy:
-                return u1, v1, names1, {"alpha": alpha, "energy_ratio": ratio}
-        return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}
+                return u1, v1, names1, {"alpha": alpha, "energy_ratio": ratio}, keys1, held1
+        return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}, protected_keys, held
 
     @torch.no_grad()
     def family_leaks(self, request: EditRequest, layer: int, k_star: torch.Tensor,
-                     k_d: torch.Tensor) -> tuple[tuple[str, float], ...]:
+                     k_d: torch.Tensor, hold: torch.Tensor | None = None) -> tuple[tuple[str, float], ...]:
         """The family members (``family``, less the request's ``protect`` list) whose relation prompts the
         insert will move most, with the share of δ it adds at their key: ((s_i, ρ_i), ...), at most
         ``family_kl_prompts``, largest |ρ_i| first.
@@ -678,7 +798,7 @@ class Rome:
         names = [s for s in self.family(request.subject) if s not in request.protect and s != request.subject]
         if not names:
             return ()
-        _, v, _, _ = self.insert(request, layer, k_star, self.module_out(layer, k_d) + 1.0, k_d)
+        v = self.insert(request, layer, k_star, self.module_out(layer, k_d) + 1.0, k_d, hold)[1]
         v = v.reshape(v.shape[0], -1)[:, 0]  # (d_in,) the edit's own direction
         keys = bare_keys(self.lm, layer, names, template=request.relation)  # (f, d_in)
         rho = (keys @ v) / (k_d @ v)  # (f,)
@@ -727,12 +847,19 @@ class Rome:
         return out
 
     def apply(self, requests: list[EditRequest], layers: list[int | None] | None = None,
-              progress: Callable[[int, EditResult], None] | None = None) -> list[EditResult]:
-        """Apply edits one after another; each is computed on the model with the previous ones in place."""
+              progress: Callable[[int, EditResult], None] | None = None,
+              hold: dict[int, torch.Tensor] | None = None) -> list[EditResult]:
+        """Apply edits one after another; each is computed on the model with the previous ones in place,
+        and its insert holds the keys of the previous ones (and ``hold``: layer -> (h, d_in), the keys of
+        a stack applied onto) fixed at their values, so a later edit does not undo an earlier one."""
         results = []
+        held = {layer: [k for k in keys] for layer, keys in (hold or {}).items()}  # layer -> [k_i (d_in,)]
         for i, (request, layer) in enumerate(zip(requests, layers or [None] * len(requests), strict=True)):
-            result = self.compute(request, layer)
+            at = self.params.layer if layer is None else layer
+            keys = torch.stack(held[at]) if held.get(at) else None
+            result = self.compute(request, layer, keys)
             add_rank_one(self.lm.model, result.update.module, result.update.u, result.update.v)
+            held.setdefault(result.update.layer, []).append(result.k_star)
             results.append(result)
             if progress:
                 progress(i, result)
