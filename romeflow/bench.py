@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from . import __version__
 from .datasets import CounterfactRecord, ZsreRecord
 from .editors import Editor, timed_edit
-from .evaluation import sample_continuations, target_scores
+from .evaluation import sample_continuations, target_scores, text_predictions
 from .io import atomic_path
 from .metrics import TfidfSimilarity, generation_entropy, magnitude, mean_ci, score_ci, success
 from .models import LoadedModel
@@ -118,7 +119,7 @@ class Run:
             self.folder.mkdir(parents=True, exist_ok=True)
         if path.exists():
             old = json.loads(path.read_text())
-            for key in ("kind", "model", "dataset", "generation", "token_neighbors"):
+            for key in ("kind", "model", "dataset", "generation", "token_neighbors", "others", "heldout"):
                 if old.get(key) != self.settings.get(key):
                     raise BenchError(f"{path}: this folder holds a run with a different '{key}'; use another --out")
             merged = {**old.get("methods", {}), **self.settings["methods"]}
@@ -195,6 +196,16 @@ class ValueStore:
         with atomic_path(self._path(key)) as tmp:
             save_file({"k_star": k_star.cpu().contiguous(), "v_star": v_star.cpu().contiguous(),
                        "trace": torch.tensor(trace, dtype=torch.float64)}, tmp, metadata={"key": repr(key)})
+
+
+@dataclass(frozen=True)
+class DamageText:
+    """Per-edit damage: the held-out text whose perplexity is measured after each edit (its first
+    ``tokens`` tokens, in windows of ``window``)."""
+
+    text: str
+    tokens: int
+    window: int
 
 
 def run_method(run: Run, method: str, editor: Editor | None, lm: LoadedModel, records: list,
@@ -280,7 +291,9 @@ def consistency(row_generations: list[str], subject: str, target_new: str,
 
 def aggregate_counterfact(rows: list[dict], records_by_id: dict[int, CounterfactRecord],
                           refs: dict[str, list[tuple[str, str]]], tfidf: TfidfSimilarity | None,
-                          resamples: int = 1000) -> dict:
+                          resamples: int = 1000, base_nll: float | None = None) -> dict:
+    """Means with 95% intervals. base_nll: the unedited model's mean NLL of the held-out text; with it,
+    PPL+ = the held-out perplexity's change after each edit, in % (rows that measured it)."""
     values = [counterfact_record_values(r) for r in rows]
     metrics = {}
     for key in ("ES", "EM", "PS", "PM", "NS", "NM", "ES_acc", "PS_acc", "NS_acc"):
@@ -298,6 +311,9 @@ def aggregate_counterfact(rows: list[dict], records_by_id: dict[int, Counterfact
         metrics["S+"] = None
     ge = [v["GE"] for v in values if "GE" in v]
     metrics["GE"] = mean_ci(ge).to_dict() if ge else None
+    ppl = [100 * math.expm1(r["heldout_nll"] - base_nll) for r in rows if "heldout_nll" in r] \
+        if base_nll is not None else []
+    metrics["PPL+"] = mean_ci(ppl).to_dict() if ppl else None
     rs = []
     if tfidf is not None:
         for r in rows:
@@ -374,6 +390,12 @@ def build_report(run: Run, kind: str, methods: list[str], records: list, command
     report.notes.append("95% intervals: mean ± 1.96·sd/√n over records; S: percentile bootstrap over records "
                         f"({resamples} resamples, seed 0).")
     by_id = {r.case_id: r for r in records}
+    base_rows = [r for r in run.done(UNEDITED).values() if "heldout_nll" in r] if UNEDITED in methods else []
+    base_nll = base_rows[0]["heldout_nll"] if base_rows else None
+    damage = run.settings.get("damage")
+    if damage:
+        report.notes.append(f"PPL+: held-out perplexity after each edit vs the unedited model, in % (first "
+                            f"{damage['tokens']} tokens of {damage['text']}, windows of {damage['window']}).")
     for method in methods:
         done = run.done(method)
         rows = [done[i] for i in ids if i in done]
@@ -381,7 +403,7 @@ def build_report(run: Run, kind: str, methods: list[str], records: list, command
             report.notes.append(f"{METHOD_TITLES.get(method, method)}: {len(rows)} of {len(ids)} records done; "
                                 "left out of the table.")
             continue
-        metrics = aggregate_counterfact(rows, by_id, refs, tfidf, resamples) if kind == "counterfact" \
+        metrics = aggregate_counterfact(rows, by_id, refs, tfidf, resamples, base_nll) if kind == "counterfact" \
             else aggregate_zsre(rows)
         seconds = [r["seconds"] for r in rows]
         report.methods[method] = {"n": len(rows), "metrics": metrics,
@@ -398,7 +420,7 @@ def _cell(m: dict | None, digits: int = 1) -> str:
 
 def render_markdown(report: Report) -> str:
     if report.kind == "counterfact":
-        cols = ["S", "S+", "ES", "EM", "PS", "PM", "NS", "NM", "NS_tok", "NM_tok", "GE", "RS"]
+        cols = ["S", "S+", "ES", "EM", "PS", "PM", "NS", "NM", "NS_tok", "NM_tok", "GE", "RS", "PPL+"]
         title = "COUNTERFACT (Table 4 layout)"
     else:
         cols = ["Efficacy", "Paraphrase", "Specificity"]
@@ -452,17 +474,21 @@ def benchmark(lm: LoadedModel, kind: str, records: list, editors: dict[str, Edit
               settings: dict, command: str, gen: GenerationParams | None = None,
               reference_records: list | None = None, references: dict[str, list[str]] | None = None,
               progress: Callable[[str, int, int], Callable[[], None]] | None = None,
-              shard: tuple[int, int] | None = None) -> Report:
+              shard: tuple[int, int] | None = None, damage: DamageText | None = None) -> Report:
     """Run (or resume) every method over the records, then aggregate whatever is complete.
 
     editors: method name -> editor (None for the unedited model), run in this order.
     shard (k, n): run only every n-th record, starting at the k-th, so that n processes share a run.
+    damage: a held-out text whose mean NLL is measured after every edit (COUNTERFACT runs).
     """
     run = Run(Path(folder), settings, shard)
     run.open()
     if kind == "counterfact":
         def score(lm_, rec, i):
-            return score_counterfact(lm_, rec, gen if gen is not None and i < gen.records else None, rec.case_id)
+            out = score_counterfact(lm_, rec, gen if gen is not None and i < gen.records else None, rec.case_id)
+            if damage is not None:
+                out["heldout_nll"] = float(text_predictions(lm_, damage.text, damage.window, damage.tokens)[0].mean())
+            return out
     else:
         def score(lm_, rec, i):
             return score_zsre(lm_, rec)
@@ -475,7 +501,8 @@ def benchmark(lm: LoadedModel, kind: str, records: list, editors: dict[str, Edit
 
 
 def run_settings(kind: str, model: dict, dataset_path: Path, records: list, method_params: dict[str, dict],
-                 gen: GenerationParams | None, generation_source: str | None, token_neighbors: dict | None = None) -> dict:
+                 gen: GenerationParams | None, generation_source: str | None, token_neighbors: dict | None = None,
+                 damage: dict | None = None) -> dict:
     """What a run's numbers depend on; a resumed run must match it (run.json)."""
     dataset = {"path": str(dataset_path), "sha256": sha256_bytes(Path(dataset_path).read_bytes()),
                "n": len(records), "case_ids_sha256": sha256_bytes(json.dumps([r.case_id for r in records]).encode())}
@@ -483,6 +510,8 @@ def run_settings(kind: str, model: dict, dataset_path: Path, records: list, meth
         dataset["generation_prompts"] = generation_source
     out = {"kind": kind, "model": model, "dataset": dataset,
            "generation": gen.to_dict() if gen else None, "methods": method_params}
+    if damage is not None:
+        out["damage"] = damage
     if token_neighbors is not None:
         with_tok = [r for r in records if r.token_neighbors]
         out["token_neighbors"] = {**token_neighbors, "records_with": len(with_tok),

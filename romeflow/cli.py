@@ -15,11 +15,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .deltas import DeltaError, EditedModel, compute_delta, load_deltas, save_delta
+from .deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
 from .evaluation import greedy_continuation, next_token_top
 from .history import RevisionError, diff_reports, markdown_table
 from .io import check_writable
-from .manifests import Manifest, ManifestError, load_manifest
+from .manifests import Manifest, ManifestError, check_conflicts, load_manifest
 from .models import (DEVICE_MAP_STRATEGIES, DEVICE_PATTERN, DTYPES, EMBEDDED, LoadedModel, ModelError, Placement, cache_dir,
                      layer_count, load_model, resolve, sha256_file)
 from .names import BadName
@@ -190,11 +190,19 @@ def _layout(ctx) -> Layout:
 @click.option("--model", "model_spec", default=None, help="Model [default: the manifest's, else params.yaml's].")
 @click.option("--stats", "stats_files", multiple=True, type=click.Path(dir_okay=False),
               help="Precomputed statistics files (else cached/computed per params.yaml).")
+@click.option("--onto", "onto_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="Delta(s) of an existing stack to apply onto (repeatable): the edits are computed on base + "
+                   "their sum and hold their edits' keys fixed, so adding the new delta keeps them.")
 @click.pass_context
-def apply(ctx, manifest, out, model_spec, stats_files):
-    """Compute a manifest's edits with ROME and write them as one delta file."""
+def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
+    """Compute a manifest's edits with ROME and write them as one delta file.
+
+    Edits are applied one after another; each edit's insert holds the earlier edits' keys fixed."""
     settings = _settings(ctx)
     m = settings.resolve_manifest(load_manifest(manifest))  # `layer: auto` -> the traced layer
+    onto = load_deltas(onto_paths)
+    for d in onto:
+        require_pairs(d, "--onto")
     try:
         out = Path(out) if out else Layout().delta(m.name)
     except BadName as e:
@@ -215,7 +223,7 @@ def apply(ctx, manifest, out, model_spec, stats_files):
 
     with tqdm(total=len(m.edits), desc=f"editing ({m.name})", unit="edit", file=sys.stderr) as bar:
         delta = compute_delta(lm, m, settings.rome, stats, progress=lambda i, r: bar.update(1),
-                              root=_params_path(ctx).parent)
+                              root=_params_path(ctx).parent, onto=onto)
     save_delta(out, delta)
     table = Table(title=f"{m.name}: {len(m.edits)} edit(s) -> {out}")
     for col in ("#", "prompt", "target", "P before", "P after", "true before", "true after"):
@@ -295,13 +303,19 @@ def stack(ctx, out, markdown, plots_dir, use_gate):
                                  (plots_dir or layout.plots, "--plots", True)):
         check_writable(path, option, folder)
     manifests = [load_manifest(layout.manifest(n)) for n in settings.manifests]
+    check_conflicts(manifests)
     deltas = load_deltas(layout.delta(n) for n in settings.manifests)
+    joint = settings.stack.method == "joint"
+    if joint:
+        for d in deltas:
+            require_pairs(d)
     heldout = layout.root / settings.stack.heldout
     if not heldout.is_file():
         raise ConfigError(f"{settings.path}: stack.heldout: {heldout} not found")
     lm = _load(ctx, settings.model)
+    solve = _joint_solve(ctx, lm, settings, layout, deltas) if joint else None
     result = eval_stack(EditedModel(lm), manifests, deltas, heldout, settings.stack.window,
-                        settings.gate if use_gate else None)
+                        settings.gate if use_gate else None, solve)
     result.write(out, markdown or layout.stack_markdown, plots_dir or layout.plots)
     r = result.report
     table = Table(title=f"stack of {len(manifests)} manifest(s): S alone -> stack")
@@ -318,6 +332,21 @@ def stack(ctx, out, markdown, plots_dir, use_gate):
                   f"{n.get('top1_kept_pct', float('nan')):.1f}% of {n['prompts']}", highlight=False)
     if result.failures:
         raise gate_error(out, result.failures)
+
+
+def _joint_solve(ctx, lm: LoadedModel, settings: Params, layout: Layout, deltas: list) -> JointSolve:
+    """stack.method: joint with the statistics the deltas were computed with (the pipeline's files where
+    present, else the cache); a delta computed with other statistics is refused."""
+    layers = sorted({up.layer for d in deltas for up in d.updates})
+    files = tuple(str(layout.stats(l)) for l in layers if layout.stats(l).is_file())
+    stats = _stats_for(ctx, lm, settings, layers, files)
+    for d in deltas:
+        for s in d.meta["stats"]:
+            if s["layer"] in stats and stats[s["layer"]].sha256 != s["sha256"]:
+                raise DeltaError(f"{d.path}: stats: computed with other statistics of layer {s['layer']} "
+                                 f"({s['sha256'][:12]}, now {stats[s['layer']].sha256[:12]}); recompute it")
+    p = settings.stack
+    return JointSolve(lambda layer: stats[layer].second_moment, p.ridge, p.null_space, p.protect)
 
 
 @main.command()
@@ -395,7 +424,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
                shard=None, require_tok=False, variants=(), start=0):
     from tqdm.auto import tqdm
 
-    from .bench import ValueStore, benchmark, generation_prompts, partial_report, run_settings
+    from .bench import DamageText, ValueStore, benchmark, generation_prompts, partial_report, run_settings
     from .datasets import load_counterfact, load_known_facts, load_zsre, mine_token_neighbors
     from .editors import make_editor
 
@@ -432,6 +461,17 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     records = all_records[start:start + n] if n else all_records[start:]
     if not records:
         raise click.UsageError(f"{records_path}: no records to run")
+    damage, damage_cfg = None, None
+    if kind == "counterfact" and settings.bench.damage_tokens > 0:  # PPL+ after every edit
+        where = "bench.damage.text" if settings.bench.damage_text else "stack.heldout"
+        text_path = Path(settings.bench.damage_text or settings.stack.heldout)
+        if not text_path.is_absolute():
+            text_path = _params_path(ctx).parent / text_path
+        if not text_path.is_file():
+            raise click.UsageError(f"{_params_path(ctx)}: {where}: {text_path} is not a file")
+        damage = DamageText(text_path.read_text(encoding="utf-8"), settings.bench.damage_tokens, settings.stack.window)
+        damage_cfg = {"text": str(settings.bench.damage_text or settings.stack.heldout), "sha256": sha256_file(text_path),
+                      "tokens": damage.tokens, "window": damage.window}
     references = None
     if references_path:
         try:
@@ -451,7 +491,8 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     if partial:  # aggregate only: the run's own settings must match (model fingerprint included)
         prior = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
         model = prior.get("model", {"name": "?", "fingerprint": "?"})
-        run_cfg = run_settings(kind, model, Path(records_path), records, param_dicts, gen, gen_source, tok_cfg)
+        run_cfg = run_settings(kind, model, Path(records_path), records, param_dicts, gen, gen_source, tok_cfg,
+                               damage_cfg)
         report = partial_report(kind, records, ["unedited"] + names, out, run_cfg, command,
                                 all_records if kind == "counterfact" else None, references)
         _print_report(kind, report, out / "report-partial.md", len(records))
@@ -471,7 +512,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     editors.update({name: make_editor(name, lm, params[name], lambda layer: stats[layer].second_moment, values,
                                       _params_path(ctx).parent) for name in names})
     run_cfg = run_settings(kind, {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,
-                           param_dicts, gen, gen_source, tok_cfg)
+                           param_dicts, gen, gen_source, tok_cfg, damage_cfg)
     bars = {}
 
     def progress(name, total, done):
@@ -479,7 +520,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
         return lambda: bars[name].update(1)
 
     report = benchmark(lm, kind, records, editors, out, run_cfg, command, gen,
-                       all_records if kind == "counterfact" else None, references, progress, shard)
+                       all_records if kind == "counterfact" else None, references, progress, shard, damage)
     for bar in bars.values():
         bar.close()
     _print_report(kind, report, out / "report.md", len(records))
@@ -487,7 +528,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
 
 def _print_report(kind: str, report, path: Path, n: int) -> None:
     table = Table(title=f"{kind}: {n} records -> {path}")
-    cols = ["S", "ES", "PS", "NS", "GE", "RS"] if kind == "counterfact" else ["Efficacy", "Paraphrase", "Specificity"]
+    cols = ["S", "S+", "ES", "PS", "NS", "NS_tok", "GE", "RS", "PPL+"] if kind == "counterfact" else ["Efficacy", "Paraphrase", "Specificity"]
     for col in ["method"] + cols + ["s/edit"]:
         table.add_column(col)
     for name, m in report.methods.items():
@@ -515,6 +556,106 @@ def bench_counterfact(ctx, records_path, n, start, methods, out, model_spec, ref
     report.md in the run folder."""
     _run_bench(ctx, "counterfact", records_path, n, methods, out, model_spec, references_path, partial, shard,
                require_tok, variants, start)
+
+
+@bench.command("stack")
+@click.option("--records", "records_path", type=click.Path(dir_okay=False), default=None,
+              help="COUNTERFACT records [default: params.yaml bench.counterfact.records].")
+@click.option("--n", "n", type=int, required=True, help="Edit the first N records (one delta, one manifest each).")
+@click.option("--k", "ks", default=",".join(map(str, (1, 10, 30, 100, 300))), show_default=True,
+              help="Compose the first k deltas for each k (capped at N).")
+@click.option("--methods", default="sum,joint", show_default=True, help="Stack methods (params.yaml stack: for joint).")
+@click.option("--others", type=int, default=50, show_default=True,
+              help="Held-out records (the ones after the first N), never edited, scored at every k.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder (resumable).")
+@click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")
+@click.option("--shard", default=None, metavar="K/N",
+              help="Do only records (and compositions) K, K+N, … (1-based) so N processes share one run folder.")
+@click.pass_context
+def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shard):
+    """Edits at scale: one delta per record, the first k composed with each stack method, scored.
+
+    ES/PS/NS/NS_tok of the k edited records on the composed model, neighbourhood success and kept
+    rewrites of held-out records, perplexity of params.yaml stack.heldout; report.json, report.md and
+    report.png once every composition is done (any shard that finds them done writes them)."""
+    from tqdm.auto import tqdm
+
+    from .datasets import load_counterfact, load_known_facts, mine_token_neighbors
+    from .stackbench import METHODS, StackBench, ks_up_to
+
+    shard = _parse_shard(shard)
+    settings = _settings(ctx)
+    records_path = records_path or settings.bench.records("counterfact")
+    if not records_path:
+        raise click.UsageError("--records is required (or set bench.counterfact.records in params.yaml)")
+    if n < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--n")
+    if others < 0:
+        raise click.BadParameter("must be at least 0", param_hint="--others")
+    try:
+        k_list = tuple(int(x) for x in ks.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integers, got {ks!r}", param_hint="--k") from None
+    if not k_list or min(k_list) < 1:
+        raise click.BadParameter("needs at least one k, each >= 1", param_hint="--k")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in names:
+        if m not in METHODS:
+            raise click.BadParameter(f"unknown stack method '{m}' (known: {', '.join(METHODS)})", param_hint="--methods")
+    out = Path(out)
+    check_writable(out, "--out", folder=True)
+    root = _params_path(ctx).parent
+    check_sources(settings.rome.protect_sources, root, str(_params_path(ctx)))
+    heldout = root / settings.stack.heldout
+    if not heldout.is_file():
+        raise ConfigError(f"{settings.path}: stack.heldout: {heldout} not found")
+    spec = model_spec or settings.model
+    all_records = load_counterfact(records_path)
+    if len(all_records) < n:
+        raise click.BadParameter(f"{records_path} has {len(all_records)} records, fewer than {n}", param_hint="--n")
+    facts = settings.bench.token_neighbors_facts
+    known = load_known_facts(facts) if facts else []
+    all_records = mine_token_neighbors(all_records, _tokenizer(ctx, spec), settings.bench.token_neighbors_k, known)
+    records, held = all_records[:n], all_records[n:n + others]
+    k_list = ks_up_to(k_list, n)
+    _check_layers(ctx, spec, [(f"{settings.path}: rome.layer", settings.rome.layer)])
+    lm = _load(ctx, spec)
+    stats = _stats_for(ctx, lm, settings, [settings.rome.layer], ())
+    p = settings.stack
+    joint = {"ridge": p.ridge, "null_space": p.null_space, "protect": p.protect}
+    solvers = {m: (JointSolve(lambda layer: stats[layer].second_moment, p.ridge, p.null_space, p.protect)
+                   if m == "joint" else None) for m in names}
+    from .bench import run_settings
+
+    run_cfg = run_settings("stack", {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,
+                           {"rome": settings.rome.to_dict(), **{m: (joint if m == "joint" else {}) for m in names}},
+                           None, None, {"k": settings.bench.token_neighbors_k, "facts": facts})
+    run_cfg["others"] = [r.case_id for r in held]
+    run_cfg["heldout"] = {"path": str(settings.stack.heldout), "sha256": sha256_file(heldout),
+                          "window": settings.stack.window}
+    sb = StackBench(lm, out, run_cfg, records, held, k_list, solvers, heldout.read_text(encoding="utf-8"),
+                    settings.stack.window, shard)
+    with tqdm(total=len(records), desc="stack: one delta per record", unit="edit", file=sys.stderr) as bar:
+        sb.edit(settings.rome, stats, root, str(records_path), progress=lambda: bar.update(1))
+    with tqdm(total=len(sb.jobs()), desc="stack: compositions", unit="stack", file=sys.stderr) as bar:
+        missing = sb.compose(progress=lambda m, k: bar.update(1))
+    command = "romeflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = sb.report(command)
+    if report is None:
+        console.print(f"{len(missing)} composition(s) left to other shards or to deltas not computed yet: "
+                      + ", ".join(f"{m} k={k}" for m, k in missing[:8]) + ("…" if len(missing) > 8 else ""))
+        return
+    table = Table(title=f"edits at scale: {n} records -> {out / 'report.md'}")
+    for col in ("method", "k", "ES", "PS", "NS", "NS_tok", "held-out NS", "Δ ppl"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    fmt = lambda m: "-" if m is None else f"{m['value']:.1f}"  # noqa: E731
+    for r in report["rows"]:
+        if "error" in r:
+            table.add_row(r["method"], str(r["k"]), *["-"] * 5, "error")
+            continue
+        table.add_row(r["method"], str(r["k"]), *(fmt(r[c]) for c in ("ES", "PS", "NS", "NS_tok", "other_NS")),
+                      f"{r['perplexity_increase_pct']:+.2f}%")
+    console.print(table)
 
 
 @bench.command("zsre")
@@ -645,9 +786,22 @@ def add(ctx, manifest):
         raise ManifestError(f"{manifest}: {e}") from None
     if Path(manifest).resolve() != expected.resolve():
         raise ValueError(f"{manifest}: the pipeline reads manifests from {expected}; move it there first")
+    settings = _settings(ctx, resolve_auto=False)
+    check_conflicts(_readable_manifests(layout, [n for n in settings.manifests if n != m.name]) + [m])
     register(_params_path(ctx), m.name)
     click.echo(f"registered {m.name} ({len(m.edits)} edit(s)) in {_params_path(ctx)}; "
                f"`dvc repro` computes {layout.delta(m.name)}")
+
+
+def _readable_manifests(layout: Layout, names: list[str]) -> list[Manifest]:
+    """The registered manifests that can be read (a broken one is `romeflow status`'s to report)."""
+    out = []
+    for n in names:
+        try:
+            out.append(load_manifest(layout.manifest(n)))
+        except ManifestError:
+            pass
+    return out
 
 
 @main.command()

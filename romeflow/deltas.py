@@ -1,7 +1,12 @@
 """Delta files: a manifest's rank-one updates plus their provenance, and models composed from them.
 
 A delta file is safetensors: tensors ``edits.<i>.u`` (d_out,) and ``edits.<i>.v`` (d_in,), and the
-provenance as JSON under the header key ``romeflow`` (schema: schemas/delta.schema.json).
+provenance as JSON under the header key ``romeflow`` (schema: schemas/delta.schema.json). Deltas
+written with ``key_values: true`` in their metadata also hold each edit's ``edits.<i>.k_star`` (d_in,)
+and ``edits.<i>.v_star`` (d_out,) — computed as the edit was, against the base model (plus the
+earlier edits of its manifest) — and, when the edit held ``protected_keys: m`` keys fixed,
+``edits.<i>.protected`` (m, d_in): what ``stack.method: joint`` re-solves the stack from. Older
+deltas without them still load (their factors alone); the joint solve refuses them.
 The edited model is base + deltas, always recomputed from the base weights in a fixed order, so
 dropping a delta gives exactly (bit for bit) base + the remaining ones.
 
@@ -30,7 +35,8 @@ from .evaluation import edit_probabilities
 from .io import atomic_path
 from .manifests import Manifest
 from .models import LoadedModel, ModelError, edited_module_name, read_weight, weight_shape, write_weight
-from .rome import EditResult, RankOneUpdate, Rome, RomeParams, add_rank_one
+from .rome import (EditResult, InsertError, RankOneUpdate, Rome, RomeParams, Solver, add_rank_one, joint_insert,
+                   null_space_basis, projected_solver)
 from .schemas import validate
 from .statistics import Stats
 
@@ -44,10 +50,22 @@ class DeltaError(ValueError):
 
 
 @dataclass
+class KeyValue:
+    """One edit's constraint for the joint solve: Ŵ k* = v* on ``module``, and the keys it held fixed."""
+
+    module: str
+    layer: int
+    k_star: torch.Tensor  # (d_in,)
+    v_star: torch.Tensor  # (d_out,)
+    protected: torch.Tensor | None = None  # (m, d_in)
+
+
+@dataclass
 class Delta:
     updates: list[RankOneUpdate]
     meta: dict
     path: str | None = None
+    pairs: list[KeyValue] | None = None  # one per edit; None: a delta written before they were stored
 
     @property
     def name(self) -> str:
@@ -58,13 +76,19 @@ class Delta:
         return self.meta["base_model"]["fingerprint"]
 
 
+TENSOR_PARTS = ("u", "v", "k_star", "v_star", "protected")  # per edit, in the order they are hashed
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor], n_edits: int) -> str:
-    """sha256 of a delta's factors in a fixed order (edits.0.u, edits.0.v, edits.1.u, ...): name, dtype
-    and shape, then the bytes of each."""
+    """sha256 of a delta's tensors in a fixed order (edits.0.u, edits.0.v, edits.0.k_star, edits.0.v_star,
+    edits.0.protected, edits.1.u, ...; the parts a delta has): name, dtype and shape, then the bytes of
+    each. A delta with factors only hashes as it did before k*/v* were stored."""
     h = hashlib.sha256()
     for i in range(n_edits):
-        for part in ("u", "v"):
+        for part in TENSOR_PARTS:
             name = f"edits.{i}.{part}"
+            if part not in ("u", "v") and name not in tensors:
+                continue
             t = tensors[name].detach().contiguous()
             h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
             h.update(t.numpy().tobytes())
@@ -95,19 +119,58 @@ def check_factors(where: str, i: int, u: torch.Tensor, v: torch.Tensor, d_out: i
         raise DeltaError(f"{at}: ‖u‖·‖v‖ = {norm:.3g} is above the plausible bound {MAX_FACTOR_NORM:g}")
 
 
-def save_delta(path: str | os.PathLike, delta: Delta) -> None:
-    """Write ``delta`` (atomically), recording its tensors' sha256 in the metadata (delta.meta too)."""
+def check_pair(where: str, i: int, tensors: dict[str, torch.Tensor], d_out: int, d_in: int, m: int) -> None:
+    """One edit's k* (d_in,), v* (d_out,) and protected keys (m, d_in): float32, finite, bounded norm."""
+    shapes = {"k_star": (d_in,), "v_star": (d_out,), "protected": (m, d_in)}
+    for part, shape in shapes.items():
+        name = f"edits.{i}.{part}"
+        if part == "protected" and m == 0:
+            continue
+        t = tensors[name]
+        if t.dtype != torch.float32:
+            raise DeltaError(f"{where}: {name}: dtype {str(t.dtype).removeprefix('torch.')}, not float32")
+        if tuple(t.shape) != shape:
+            raise DeltaError(f"{where}: {name}: shape {tuple(t.shape)}, expected {shape}")
+        if not torch.isfinite(t).all():
+            raise DeltaError(f"{where}: {name}: holds NaN or infinite values")
+        norm = t.double().norm().item()
+        if not norm <= MAX_FACTOR_NORM:
+            raise DeltaError(f"{where}: {name}: norm {norm:.3g} is above the plausible bound {MAX_FACTOR_NORM:g}")
+
+
+def delta_tensors(delta: Delta) -> dict[str, torch.Tensor]:
+    """The tensors of a delta file, by name (float32, contiguous, on the host)."""
     tensors = {}
     for i, up in enumerate(delta.updates):
-        tensors[f"edits.{i}.u"] = up.u.detach().float().contiguous()
-        tensors[f"edits.{i}.v"] = up.v.detach().float().contiguous()
+        tensors[f"edits.{i}.u"] = up.u.detach().float().cpu().contiguous()
+        tensors[f"edits.{i}.v"] = up.v.detach().float().cpu().contiguous()
+        if delta.pairs is not None:
+            kv = delta.pairs[i]
+            tensors[f"edits.{i}.k_star"] = kv.k_star.detach().float().cpu().contiguous()
+            tensors[f"edits.{i}.v_star"] = kv.v_star.detach().float().cpu().contiguous()
+            if kv.protected is not None and kv.protected.numel():
+                tensors[f"edits.{i}.protected"] = kv.protected.detach().float().cpu().contiguous()
+    return tensors
+
+
+def save_delta(path: str | os.PathLike, delta: Delta) -> None:
+    """Write ``delta`` (atomically), recording its tensors' sha256 in the metadata (delta.meta too)."""
+    tensors = delta_tensors(delta)
     meta = {**delta.meta, "tensors_sha256": tensors_sha256(tensors, len(delta.updates))}
+    if delta.pairs is not None:
+        meta["key_values"] = True
+        for i, e in enumerate(meta["edits"]):
+            m = tensors.get(f"edits.{i}.protected")
+            if m is not None:
+                e["protected_keys"] = m.shape[0]
     errors = validate("delta", meta)
     if errors:
         raise DeltaError(f"{path}: delta metadata {errors[0][0]}: {errors[0][1]}")
     for i, e in enumerate(meta["edits"]):
         check_factors(str(path), i, tensors[f"edits.{i}.u"], tensors[f"edits.{i}.v"], e["d_out"], e["d_in"],
                       e.get("rank"))
+        if meta.get("key_values"):
+            check_pair(str(path), i, tensors, e["d_out"], e["d_in"], e.get("protected_keys", 0))
     delta.meta = meta
     header = {"romeflow": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
     with atomic_path(path) as tmp:
@@ -133,7 +196,7 @@ def load_delta(path: str | os.PathLike) -> Delta:
             errors = validate("delta", meta)
             if errors:
                 raise DeltaError(f"{path}: metadata {errors[0][0]}: {errors[0][1]}")
-            want = [f"edits.{i}.{p}" for i in range(len(meta["edits"])) for p in ("u", "v")]
+            want = [f"edits.{i}.{p}" for i, e in enumerate(meta["edits"]) for p in _parts(meta, e)]
             extra = sorted(set(f.keys()) - set(want))
             missing = [k for k in want if k not in set(f.keys())]
             if extra or missing:
@@ -145,22 +208,39 @@ def load_delta(path: str | os.PathLike) -> Delta:
                     if not shape or shape[0] != d or len(shape) > 2 or (len(shape) == 2 and shape[1] > 4096):
                         raise DeltaError(f"{path}: edits.{i}.{p}: shape {tuple(shape)} does not fit "
                                          f"{'d_out' if p == 'u' else 'd_in'} {d} (and a rank <= 4096)")
+                for p in _parts(meta, e)[2:]:  # k*, v*, protected keys: the shapes the metadata implies
+                    want_shape = {"k_star": [e["d_in"]], "v_star": [e["d_out"]],
+                                  "protected": [e.get("protected_keys", 0), e["d_in"]]}[p]
+                    shape = list(f.get_slice(f"edits.{i}.{p}").get_shape())
+                    if shape != want_shape:
+                        raise DeltaError(f"{path}: edits.{i}.{p}: shape {tuple(shape)}, expected {tuple(want_shape)}")
             tensors = {k: f.get_tensor(k) for k in want}
     except DeltaError:
         raise
     except Exception as e:  # noqa: BLE001 - any parse failure means "not a delta"
         first = str(e).splitlines()[0] if str(e) else ""
         raise DeltaError(f"{path}: not a romeflow delta file ({type(e).__name__}: {first})") from e
-    updates = []
+    updates, pairs = [], [] if meta.get("key_values") else None
     for i, e in enumerate(meta["edits"]):
         u, v = tensors[f"edits.{i}.u"], tensors[f"edits.{i}.v"]
         check_factors(str(path), i, u, v, e["d_out"], e["d_in"], e.get("rank"))
         updates.append(RankOneUpdate(e["module"], e["layer"], u, v))
+        if pairs is not None:
+            check_pair(str(path), i, tensors, e["d_out"], e["d_in"], e.get("protected_keys", 0))
+            pairs.append(KeyValue(e["module"], e["layer"], tensors[f"edits.{i}.k_star"], tensors[f"edits.{i}.v_star"],
+                                  tensors.get(f"edits.{i}.protected")))
     digest = tensors_sha256(tensors, len(meta["edits"]))
     if digest != meta["tensors_sha256"]:
         raise DeltaError(f"{path}: tensors_sha256: the factors' sha256 is {digest[:12]}..., the metadata says "
                          f"{meta['tensors_sha256'][:12]}... (the file was changed after it was written)")
-    return Delta(updates, meta, str(path))
+    return Delta(updates, meta, str(path), pairs)
+
+
+def _parts(meta: dict, edit: dict) -> tuple[str, ...]:
+    """The tensors the metadata announces for one edit."""
+    if not meta.get("key_values"):
+        return ("u", "v")
+    return ("u", "v", "k_star", "v_star") + (("protected",) if edit.get("protected_keys") else ())
 
 
 def check_distinct(deltas: list[Delta]) -> None:
@@ -217,19 +297,23 @@ class EditedModel:
         self.deltas: list[Delta] = []
         self._base: dict[str, torch.Tensor] = {}
 
-    def compose(self, deltas: list[Delta]) -> None:
+    def compose(self, deltas: list[Delta], joint: "JointSolve | None" = None) -> None:
+        """base + deltas: the sum of their factors (default), or with ``joint`` the one update that the
+        joint solve recomputes from all their (k*, v*) pairs (stack.method: joint)."""
         check_distinct(deltas)
         for d in deltas:
             check_applicable(d, self.lm)
+        if joint is not None:
+            joint.check(deltas)
         for d in deltas:
             for up in d.updates:
                 if up.module not in self._base:  # untouched so far, so still the base weight
                     self._base[up.module] = read_weight(self.lm.model, up.module)
         for name, w in self._base.items():
             write_weight(self.lm.model, name, w)
-        for d in deltas:
-            for up in d.updates:
-                add_rank_one(self.lm.model, up.module, up.u, up.v)
+        updates = [up for d in deltas for up in d.updates] if joint is None else joint.updates(deltas, self._base)
+        for up in updates:
+            add_rank_one(self.lm.model, up.module, up.u, up.v)
         self.deltas = list(deltas)
 
     def reset(self) -> None:
@@ -237,19 +321,35 @@ class EditedModel:
 
 
 def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict[int, Stats],
-                  progress: Callable[[int, EditResult], None] | None = None, root: Path = Path(".")) -> Delta:
+                  progress: Callable[[int, EditResult], None] | None = None, root: Path = Path("."),
+                  onto: list[Delta] = ()) -> Delta:
     """Apply a manifest's edits one after another with ROME and return them as a delta.
 
     The model is left as it was (the base): the delta alone carries the edits. ``root``: the folder
-    that ``rome.protect_sources`` paths are relative to (the project's).
+    that ``rome.protect_sources`` paths are relative to (the project's). Each edit's insert holds the
+    keys of the manifest's earlier edits fixed (``Rome.apply``).
+
+    ``onto``: deltas of an existing stack (with k*/v* pairs) to apply onto: the edits are computed on
+    base + their sum, every insert also holds their edits' keys fixed, and the new delta is meant to be
+    added to them (its metadata lists them under ``onto``).
     """
     layers = [manifest.layer_of(e, params.layer) for e in manifest.edits]
-    saved = {m: read_weight(lm.model, m) for m in {edited_module_name(lm.model, l) for l in layers}}
+    for d in onto:
+        require_pairs(d, "--onto")
+        check_applicable(d, lm)
+    modules = {edited_module_name(lm.model, l) for l in layers} | {up.module for d in onto for up in d.updates}
+    saved = {m: read_weight(lm.model, m) for m in modules}
     editor = Rome(lm, params, lambda layer: stats[layer].second_moment, root)
     probe = lambda e: edit_probabilities(lm, e.prompt, e.target, e.target_true)  # noqa: E731
+    hold: dict[int, list[torch.Tensor]] = {}
+    for d in onto:
+        for up, kv in zip(d.updates, d.pairs):
+            add_rank_one(lm.model, up.module, up.u, up.v)
+            hold.setdefault(kv.layer, []).append(kv.k_star)
     try:
         before = [probe(e) for e in manifest.edits]
-        results = editor.apply([e.request for e in manifest.edits], layers, progress)
+        results = editor.apply([e.request for e in manifest.edits], layers, progress,
+                               {layer: torch.stack(keys) for layer, keys in hold.items()})
         after = [probe(e) for e in manifest.edits]
     finally:
         for m, w in saved.items():
@@ -270,7 +370,92 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
         "edits": [{"index": i, "module": r.update.module, "layer": r.update.layer,
                    "d_in": r.update.v.shape[0], "d_out": r.update.u.shape[0],
                    **({"rank": r.update.u.shape[1]} if r.update.u.dim() == 2 else {}), "steps": len(r.nll_trace) - 1,
-                   "final_nll": r.nll_trace[-1], "before": b, "after": a, "protected": list(r.protected)}
+                   "final_nll": r.nll_trace[-1], "before": b, "after": a, "protected": list(r.protected),
+                   **({"held": r.held} if r.held else {})}
                   for i, (r, b, a) in enumerate(zip(results, before, after))],
     }
-    return Delta([r.update for r in results], meta)
+    if onto:
+        meta["onto"] = [{"manifest": d.name, "tensors_sha256": d.meta.get("tensors_sha256")
+                     or tensors_sha256(delta_tensors(d), len(d.updates))} for d in onto]
+    pairs = [KeyValue(r.update.module, r.update.layer, r.k_star, r.v_star, r.protected_keys) for r in results]
+    return Delta([r.update for r in results], meta, pairs=pairs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The joint solve of a stack (stack.method: joint)
+# --------------------------------------------------------------------------------------------------
+
+
+def require_pairs(delta: Delta, why: str = "stack.method: joint") -> None:
+    """Refuse a delta without k*/v* pairs (written before romeflow stored them): one line naming it."""
+    if delta.pairs is None:
+        raise DeltaError(f"{delta.path or delta.name}: key_values: the delta holds no k*/v* pairs (written before "
+                         f"romeflow stored them); {why} needs them: recompute it with `romeflow apply` or `dvc repro`")
+
+
+class JointSolve:
+    """The composed update of a stack, recomputed from all its deltas' (k*, v*) pairs in one call of
+    ``rome.joint_insert`` per edited module (docs/method.md, "The joint stack solve").
+
+    second_moment: layer -> C (the statistics the deltas were computed with); ridge, null_space
+    (the threshold of ``null_space_basis``) and protect (hold each edit's protected keys fixed) are
+    params.yaml's ``stack.ridge``, ``stack.null_space`` and ``stack.protect``. Factorisations are cached
+    per layer, so re-solving after dropping a delta costs one solve.
+    """
+
+    def __init__(self, second_moment: Callable[[int], torch.Tensor], ridge: float = 0.0, null_space: float = 0.0,
+                 protect: bool = True):
+        self.second_moment, self.ridge, self.null_space, self.protect = second_moment, ridge, null_space, protect
+        self._solvers: dict[int, tuple[Solver, torch.Tensor | None]] = {}
+
+    def solver(self, layer: int) -> tuple[Solver, torch.Tensor | None]:
+        if layer not in self._solvers:
+            c = self.second_moment(layer)
+            basis = null_space_basis(c, self.null_space)
+            self._solvers[layer] = (Solver(c) if basis is None else projected_solver(c, basis), basis)
+        return self._solvers[layer]
+
+    def check(self, deltas: list[Delta]) -> None:
+        for d in deltas:
+            require_pairs(d)
+
+    @staticmethod
+    def protected_rows(d: Delta, i: int, kv: KeyValue, edited: set[str]) -> torch.Tensor | None:
+        """Edit i's protected keys, less those of subjects that an edit of the stack rewrites (two rows a
+        subject, in the order of ``edits[i].protected``): an edit wins over another's protection."""
+        if kv.protected is None:
+            return None
+        names = d.meta["edits"][i].get("protected", [])
+        if len(names) * 2 != kv.protected.shape[0]:
+            return kv.protected
+        keep = [r for r in range(kv.protected.shape[0]) if names[r // 2] not in edited]
+        return kv.protected[keep] if keep else None
+
+    def updates(self, deltas: list[Delta], base: dict[str, torch.Tensor]) -> list[RankOneUpdate]:
+        """One rank-≤n update per module, from the base weights (module -> (d_out, d_in))."""
+        self.check(deltas)
+        by_module: dict[str, list[tuple[Delta, int, KeyValue]]] = {}
+        for d in deltas:
+            for i, kv in enumerate(d.pairs):
+                by_module.setdefault(kv.module, []).append((d, i, kv))
+        out = []
+        for module, items in by_module.items():
+            layer = items[0][2].layer
+            solve, basis = self.solver(layer)
+            keys = torch.stack([kv.k_star for _, _, kv in items])  # (n, d_in)
+            values = torch.stack([kv.v_star for _, _, kv in items])  # (n, d_out)
+            edited = {d.meta["manifest"]["canonical"]["edits"][i]["subject"] for d, i, _ in items}
+            held = [self.protected_rows(d, i, kv, edited) for d, i, kv in items] if self.protect else []
+            held = [h for h in held if h is not None]
+            protected = torch.cat(held) if held else None
+            try:
+                u, v = joint_insert(solve, base[module], keys, values, protected, self.ridge, basis)
+            except InsertError as e:
+                if e.index is None or e.index >= len(items):
+                    raise DeltaError(f"stack.method: joint: {module}: {e}; set stack.ridge > 0 for a "
+                                     f"least-squares solve") from None
+                d, i, _ = items[e.index]
+                raise DeltaError(f"{d.path or d.name}: edits[{i}]: the joint solve cannot separate its key from "
+                                 f"the other edits' ({e}); set stack.ridge > 0 for a least-squares solve") from None
+            out.append(RankOneUpdate(module, layer, u, v))
+        return out

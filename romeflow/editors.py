@@ -66,7 +66,8 @@ class RomeEditor:
         originals = _snapshot(self.lm.model, [up.module])
         add_rank_one(self.lm.model, up.module, up.u, up.v)
         return WeightEdit(originals, [up], {"steps": len(result.nll_trace), "final_nll": result.nll_trace[-1],
-                                            "protected": result.protected})
+                                            "protected": result.protected,
+                                            "family": result.family})
 
 
 # --------------------------------------------------------------------------------------------------

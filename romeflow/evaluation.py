@@ -264,8 +264,10 @@ def evaluate_manifest(edited, manifest, deltas: list) -> dict:
 
 
 @torch.no_grad()
-def text_predictions(lm: LoadedModel, text: str, window: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """NLL of every predicted token of ``text`` and the model's top-1 prediction there: (n,), (n,).
+def text_predictions(lm: LoadedModel, text: str, window: int = 256,
+                     max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL of every predicted token of ``text`` (its first ``max_tokens`` tokens, when given) and the
+    model's top-1 prediction there: (n,), (n,).
 
     The text is cut into consecutive windows of ``window`` tokens, each scored on its own (after
     <bos> where the model uses one, so every token is predicted; otherwise a window's first token
@@ -273,7 +275,7 @@ def text_predictions(lm: LoadedModel, text: str, window: int = 256) -> tuple[tor
     """
     if window < 2:
         raise ValueError(f"the perplexity window must be at least 2 tokens, got {window}")
-    ids = lm.tokenizer(text, add_special_tokens=False).input_ids
+    ids = lm.tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
     head = [lm.tokenizer.bos_token_id] if lm.adds_bos else []
     nll, top1 = [], []
     with flush_denormals():

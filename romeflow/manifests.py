@@ -151,3 +151,20 @@ def load_manifest(path: str | Path) -> Manifest:
                                   tuple(e.get("paraphrases", [])), neighbors, e.get("layer"), protect))
     return Manifest(str(path), path.stem, hashlib.sha256(raw).hexdigest(), tuple(edits),
                     data.get("model"), data.get("layer"), data.get("description", ""))
+
+
+def check_conflicts(manifests: list[Manifest]) -> None:
+    """Refuse manifests that rewrite the same fact differently: an edit of the same subject and relation
+    as an edit of an earlier manifest, with another target. One line naming both files (ManifestError)."""
+    seen: dict[tuple[str, str], tuple[Manifest, int]] = {}
+    for m in manifests:
+        for i, e in enumerate(m.edits):
+            key = (e.subject, e.relation)
+            if key in seen and seen[key][0].path != m.path:
+                first, j = seen[key]
+                other = first.edits[j]
+                if other.target != e.target:
+                    raise ManifestError(f"{m.path}: edits[{i}].target: conflicts with {first.path} edits[{j}] "
+                                        f"('{e.target}' vs '{other.target}' for '{e.subject}' and relation "
+                                        f"'{e.relation}'); revert one of them")
+            seen.setdefault(key, (m, i))

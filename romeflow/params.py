@@ -65,6 +65,10 @@ class StackParams:
 
     heldout: str = "data/heldout.txt"
     window: int = 256  # tokens per perplexity window
+    method: str = "sum"  # sum: base + Σ deltas; joint: one update re-solved from every delta's (k*, v*) pairs
+    ridge: float = 0.0  # joint: 0 exact; > 0 least squares (relative to the mean diagonal of Kᵀ C⁻¹ K)
+    null_space: float = 0.0  # joint: preserve C's eigen-directions with eigenvalue >= this x the largest (0: off)
+    protect: bool = True  # joint: hold each edit's protected keys fixed too
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ class BenchParams:
     generation: GenerationParams = field(default_factory=GenerationParams)
     token_neighbors_k: int = 5  # NS_tok: at most k token-sharing neighbours per record
     token_neighbors_facts: str | None = None  # known facts to mine them from, besides the dataset
+    damage_text: str | None = None  # PPL+: held-out text measured after every edit (None: stack.heldout)
+    damage_tokens: int = 256  # its first tokens (0: no per-edit damage measure)
 
     def records(self, kind: str) -> str | None:
         return {"counterfact": self.counterfact_records, "zsre": self.zsre_records}[kind]
@@ -325,7 +331,8 @@ def parse_params(raw, path: str = "params.yaml", resolve_auto: bool = True) -> P
         kn=_build(KnParams, section("kn")),
         bench=BenchParams((bench.get("counterfact") or {}).get("records"), (bench.get("zsre") or {}).get("records"),
                           _build(GenerationParams, gen), (bench.get("token_neighbors") or {}).get("k", 5),
-                          (bench.get("token_neighbors") or {}).get("facts")),
+                          (bench.get("token_neighbors") or {}).get("facts"),
+                          (bench.get("damage") or {}).get("text"), (bench.get("damage") or {}).get("tokens", 256)),
     )
 
 

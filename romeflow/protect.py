@@ -113,13 +113,15 @@ class NameIndex:
 
 
 @torch.no_grad()
-def bare_keys(lm: LoadedModel, layer: int, subjects: list[str], batch_size: int = 64) -> torch.Tensor:
-    """The key at each subject's last token, the subject alone as the prompt: (n, d_in)."""
+def bare_keys(lm: LoadedModel, layer: int, subjects: list[str], batch_size: int = 64,
+              template: str = "{}") -> torch.Tensor:
+    """The key at each subject's last token, the subject alone as the prompt (or filled into
+    ``template``): (n, d_in)."""
     out = []
     for i in range(0, len(subjects), batch_size):
         chunk = subjects[i:i + batch_size]
-        batch = encode(lm.tokenizer, [fill("{}", s) for s in chunk])
-        where = torch.tensor([subject_last_index(lm.tokenizer, "{}", s) for s in chunk])
+        batch = encode(lm.tokenizer, [fill(template, s) for s in chunk])
+        where = torch.tensor([subject_last_index(lm.tokenizer, template, s) for s in chunk])
         keys = keys_at(lm.model, [layer], batch.input_ids, batch.attention_mask)[layer]  # (B, T, d_in)
         out.append(keys[torch.arange(len(chunk)), where].float())
     return torch.cat(out)

@@ -55,6 +55,9 @@ class RomeParams:
     protect_weight: float = 0.0  # α: C + α·(tr C / tr F)·F, F the second moment of the subject's family (0: off)
     protect_siblings: int = 0  # family members made up: other reference names' first words + the last word
     prompt_key: bool = False  # the edit's change also at the rewrite prompt's own key (still rank one)
+    protect_max_energy: float = 2.0  # the family term may raise tr(ΔCΔᵀ) at most this many times (α halved until)
+    family_kl: float = 0.0  # v*: weight of the KL term on family members' prompts, each given its leak of δ (0: off)
+    family_kl_prompts: int = 8  # ... over this many family members, the leakiest under the insert
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RomeParams":
@@ -75,7 +78,8 @@ class RomeParams:
 def rank_one(params: RomeParams) -> RomeParams:
     """The same hyper-parameters with the plain rank-one insert of Eq. 2: no mined protected keys, no
     family term, no prompt key (a manifest's own protect list and neighbours still hold)."""
-    return replace(params, protect=0, protect_weight=0.0, protect_siblings=0, prompt_key=False)
+    return replace(params, protect=0, protect_weight=0.0, protect_siblings=0, prompt_key=False, protect_max_energy=2.0,
+                   family_kl=0.0)
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,9 @@ class EditResult:
     nll_trace: list[float]  # mean target NLL at each v* step
     timings: dict[str, float] = field(default_factory=dict)
     protected: list[str] = field(default_factory=list)  # subjects whose keys the insert held fixed
+    protected_keys: torch.Tensor | None = None  # (m, d_in) those subjects' keys (two each), None when m = 0
+    held: int = 0  # keys of earlier edits (this manifest's, or the stack's it was applied onto) held fixed
+    family: dict = field(default_factory=dict)  # the family term used: {alpha, energy_ratio[, kl_prompts]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,12 +186,13 @@ def key(lm: LoadedModel, layer: int, subject: str, prefixes: list[str]) -> torch
 # --------------------------------------------------------------------------------------------------
 
 
-def _add_at(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
-    """A forward hook adding δ (d_out,) to the module output (B, T, d_out) at the given positions."""
+def _add_at(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor | None = None):
+    """A forward hook adding δ (d_out,) to the module output (B, T, d_out) at the given positions,
+    times ``scale`` (one factor per position; default 1)."""
 
     def hook(_module, _inputs, output):
         where = torch.zeros(output.shape[:2] + (1,), dtype=torch.float32, device=output.device)  # (B, T, 1)
-        where[rows, cols] = 1.0
+        where[rows, cols, 0] = 1.0 if scale is None else scale.to(output.device, torch.float32)
         # δ stays float32 (the optimiser's copy); the sum is rounded once to the activation's dtype
         return (output.float() + where * delta.to(output.device)).to(output.dtype)
 
@@ -262,73 +270,97 @@ def _cached_forward(model, sequences: list[list[int]], subject_at: torch.Tensor,
     return _Forward(run, (torch.arange(B), torch.zeros(B, dtype=torch.long)))  # subject[-1]: column 0
 
 
-def _value_batch(tok, request: EditRequest, prefixes: list[str], essence_prompt: str):
+def _value_batch(tok, request: EditRequest, prefixes: list[str], essence_prompt: str, family: tuple[str, ...] = ()):
     """The prompts of Eq. 4 as one batch: the N rewrite prompts x_j + p, teacher-forced (the target
-    appended but its last token), then the essence prompt p' in row N.
+    appended but its last token), then the essence prompt p' in row N, then the relation asked of each
+    of f family members (rows N + 1 ..).
 
-    Returns (rewrite: the TargetBatch of the N rewrite prompts, sequences: N + 1 token lists,
-    subject_at: (N + 1,) index of each last subject token, read_at: (rows, positions), each (n + 1,):
-    the n positions that predict a target token, then the last position of p').
+    Returns (rewrite: the TargetBatch of the N rewrite prompts, sequences: N + 1 + f token lists,
+    subject_at: (N + 1 + f,) index of each row's last subject token, read_at: (rows, positions), each
+    (n + 1 + f,): the n positions that predict a target token, the last position of p', then the last
+    position of each family prompt).
     """
     templates = [p + request.relation for p in prefixes]
     rewrite = teacher_forced(tok, [fill(t, request.subject) for t in templates], [request.target] * len(templates))
     essence = tok(fill(essence_prompt, request.subject)).input_ids
-    sequences = [ids[:n].tolist() for ids, n in zip(rewrite.batch.input_ids, rewrite.batch.lengths)] + [essence]
-    subject_at = torch.tensor([subject_last_index(tok, t, request.subject) for t in templates + [essence_prompt]])
-    read_at = (torch.cat([rewrite.rows, torch.tensor([len(templates)])]),
-               torch.cat([rewrite.positions, torch.tensor([len(essence) - 1])]))
+    others = [tok(fill(request.relation, s)).input_ids for s in family]
+    sequences = [ids[:n].tolist() for ids, n in zip(rewrite.batch.input_ids, rewrite.batch.lengths)] + [essence] + others
+    subject_at = torch.tensor([subject_last_index(tok, t, request.subject) for t in templates + [essence_prompt]]
+                              + [subject_last_index(tok, request.relation, s) for s in family], dtype=torch.long)
+    n = len(templates)
+    read_at = (torch.cat([rewrite.rows, torch.arange(n, n + 1 + len(family))]),
+               torch.cat([rewrite.positions, torch.tensor([len(essence) - 1] + [len(o) - 1 for o in others],
+                                                          dtype=torch.long)]))
     return rewrite, sequences, subject_at, read_at
 
 
 def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
-          params: RomeParams) -> tuple[torch.Tensor, list[float]]:
+          params: RomeParams, family: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, list[float]]:
     """Eq. 4: v* = W k* + δ, with δ minimising
 
         L(δ) = mean_j NLL(o* | x_j + p)  +  kl_factor · KL(P_δ[· | p'] ‖ P[· | p'])  +  wd · (‖δ‖/‖W k*‖)²
+               + family_kl · mean_i KL(P_{ρ_i δ}[· | p_i] ‖ P[· | p_i])
 
     where δ is added to the module output at the last subject token of every prompt, p' is the
     essence prompt ("{subject} is a", scored at its last token), and ‖δ‖ is clamped to
     clamp_norm_factor · ‖W k*‖ after each Adam step. Returns (v* (d_out,), NLL per step).
 
+    family: (s_i, ρ_i) pairs: other subjects, asked the edit's relation (p_i), and the share ρ_i of δ
+    that the insert will add at their key (ρ_i = vᵀk_i / vᵀk* for the update u vᵀ; ``Rome.leaks``). The
+    last term makes δ one that moves the subject and not, at their leak, its family.
+
     The rewrite prompts and p' run as one batch. Their tokens before the last subject token do not
     depend on δ: they run once, into a KV cache, and each step runs only the rest (``_cached_forward``).
     """
-    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=True)
+    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=True, family=family)
 
 
 def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
-           params: RomeParams, cache_prefix: bool) -> tuple[torch.Tensor, list[float]]:
+           params: RomeParams, cache_prefix: bool,
+           family: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, list[float]]:
     """``value``; cache_prefix=False runs every token at every step (the reference the tests compare with)."""
     tok, model = lm.tokenizer, lm.model
     module = edited_module(model, layer)
-    rewrite, sequences, subject_at, read_at = _value_batch(tok, request, prefixes, params.essence_prompt)
+    family = tuple(family) if params.family_kl > 0 else ()
+    f = len(family)
+    rewrite, sequences, subject_at, read_at = _value_batch(tok, request, prefixes, params.essence_prompt,
+                                                           tuple(s for s, _ in family))
     make_forward = _cached_forward if cache_prefix else _full_forward
     forward = make_forward(model, sequences, subject_at, read_at, tok.pad_token_id)
+    n_rows = len(sequences)
+    scale = torch.ones(n_rows, dtype=torch.float32)  # (B,) the share of δ each row's subject token gets
+    if f:
+        scale[n_rows - f:] = torch.tensor([rho for _, rho in family], dtype=torch.float32)
+    m = rewrite.token_ids.shape[0]  # positions that predict a target token
 
-    def logprobs() -> torch.Tensor:  # (n + 1, vocab): next-token log-probs at each position read
+    def logprobs() -> torch.Tensor:  # (m + 1 + f, vocab): next-token log-probs at each position read
         return logits_at(model, forward.run()).log_softmax(-1)
 
     with torch.no_grad():
         v_now = module_output(module, k_star[None])[0]  # (d_out,) W k*: what the layer gives the subject now
-        base_essence = logprobs()[-1]  # (vocab,) after p', without δ (float32: logits_at)
+        base = logprobs()[m:]  # (1 + f, vocab) after p' and each family prompt, without δ (float32: logits_at)
+        base_essence = base[0]
     max_norm = params.clamp_norm_factor * v_now.norm()
     delta = torch.zeros_like(v_now, requires_grad=True)  # float32, on k*'s device, whatever the model's dtype
     opt = torch.optim.Adam([delta], lr=params.lr)
     trace: list[float] = []  # NLL of δ before each update, and of the δ returned
     for step in range(params.steps + 1):
-        handle = module.register_forward_hook(_add_at(delta, *forward.delta_at))
+        handle = module.register_forward_hook(_add_at(delta, *forward.delta_at, scale))
         try:
-            edited = logprobs()  # (n + 1, vocab)
+            edited = logprobs()  # (m + 1 + f, vocab)
         finally:
             handle.remove()
-        target_logprobs = edited[:-1].gather(1, rewrite.token_ids.to(edited.device)[:, None])[:, 0]  # (n,)
+        target_logprobs = edited[:m].gather(1, rewrite.token_ids.to(edited.device)[:, None])[:, 0]  # (m,)
         nll = -mean_per_pair(target_logprobs, rewrite).mean()
         trace.append(nll.item())
         if nll.item() < params.early_stop_nll or step == params.steps:
             break
-        kl = (edited[-1].exp() * (edited[-1] - base_essence)).sum()
+        kl = (edited[m].exp() * (edited[m] - base_essence)).sum()
         decay = (delta.norm() / v_now.norm()) ** 2
         loss = nll + params.kl_factor * kl + params.weight_decay * decay
+        if f:  # each family prompt's next-token distribution, its share of δ added, against its own
+            family_kl = (edited[m + 1:].exp() * (edited[m + 1:] - base[1:])).sum(-1).mean()
+            loss = loss + params.family_kl * family_kl
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -372,7 +404,13 @@ class Solver:
 
 
 class InsertError(ValueError):
-    """Keys the insert cannot separate (a protected key that is, for C, the edited key itself)."""
+    """Keys the insert cannot separate (a protected key that is, for C, the edited key itself).
+
+    ``index``: the edited key that could not be separated, when one is known."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 def insert(solve: Solver, k_star: torch.Tensor, v_star: torch.Tensor, k_d: torch.Tensor, w_k_d: torch.Tensor,
@@ -441,7 +479,8 @@ def insert_many(solve: Solver, keys: torch.Tensor, residuals: torch.Tensor, cons
         worst = int(share.argmin())
         if not float(share[worst]) >= min_residual:
             raise InsertError(f"the other keys leave {100 * float(share[worst]):.1f}% of edited key {worst} to "
-                              f"change (the minimum is {100 * min_residual:g}%): they cannot be separated from it")
+                              f"change (the minimum is {100 * min_residual:g}%): they cannot be separated from it",
+                              worst)
     u = residuals.T  # (d_out, e)
     v = c_inv_k @ x  # (d_in, e): Vᵀ K_con = M⁻¹[:, :e]ᵀ Mᵀ... = [I_e 0], i.e. Δ K_con = [R 0]
     return u.to(out_device, out_dtype), v.to(out_device, out_dtype)
@@ -464,16 +503,107 @@ def add_rank_one(model: torch.nn.Module, module_name: str, u: torch.Tensor, v: t
 
 
 # --------------------------------------------------------------------------------------------------
+# Eq. 2 over a whole stack: the joint solve (stack.method: joint; docs/method.md)
+# --------------------------------------------------------------------------------------------------
+
+
+JOINT_MIN_RESIDUAL = 1e-4  # the exact joint solve refuses edited keys with less of their C⁻¹-energy of their own
+
+
+def null_space_basis(second_moment: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """Q (d_in, q): the eigenvectors of C whose eigenvalue is below threshold · λ_max, float64.
+
+    The others, Û (eigenvalue ≥ threshold · λ_max), are the directions along which the layer's keys
+    carry most of their energy: an update restricted to P = I − Û Ûᵀ = Q Qᵀ leaves every key's
+    component along them unchanged (AlphaEdit's projection, from the same statistics).
+    threshold 0: no projection (None)."""
+    if threshold <= 0:
+        return None
+    evals, evecs = torch.linalg.eigh(second_moment.double())  # ascending; (d_in,), (d_in, d_in)
+    return evecs[:, evals < threshold * evals[-1]].contiguous()  # (d_in, q)
+
+
+def projected_solver(second_moment: torch.Tensor, basis: torch.Tensor) -> Solver:
+    """C⁻¹ in the coordinates of Q: a Solver for C_Q = Qᵀ C Q (q, q)."""
+    return Solver(basis.T @ second_moment.double() @ basis)
+
+
+def _check_separable(solve: Solver, keys: torch.Tensor, min_residual: float) -> None:
+    """InsertError(index=i) for the first key (rows of ``keys``, (n, d_in)) with less than ``min_residual``
+    of its C⁻¹-energy outside the span of the keys before it: L_ii² / M_ii, M = K C⁻¹ Kᵀ = L Lᵀ."""
+    m = keys.to(solve.device, torch.float64) @ solve.solve64(keys.T)  # (n, n)
+    factor, info = torch.linalg.cholesky_ex(m)
+    bad = int(info)  # 0: factorised; i > 0: the leading minor of order i is not positive definite
+    share = factor.diagonal() ** 2 / m.diagonal()  # (n,)
+    if bad == 0 and bool((share >= min_residual).all()):
+        return
+    worst = bad - 1 if bad else int((share < min_residual).nonzero()[0])
+    raise InsertError(f"key {worst} has less than {100 * min_residual:g}% of its C⁻¹-energy outside the span of "
+                      f"the keys before it (the same subject edited twice, or keys too close to tell apart)", worst)
+
+
+def joint_insert(solve: Solver, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 protected: torch.Tensor | None = None, ridge: float = 0.0, basis: torch.Tensor | None = None,
+                 min_residual: float = JOINT_MIN_RESIDUAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 for every edit of a stack at once, from their (k_i, v_i) pairs and the base weight W:
+
+        minimise ‖Δ‖_C   subject to   (W + Δ) k_i = v_i  (i = 1..n)   and   Δ k'_j = 0  (j = 1..m)
+
+    i.e. ``insert_many`` with e = n edited keys, residuals r_i = v_i − W k_i and the edits' protected
+    keys k'_j: Δ = R M⁻¹ (C⁻¹K)ᵀ, M = Kᵀ C⁻¹ K, rank ≤ n.
+
+    basis Q (d_in, q) (``null_space_basis``): the update is also restricted to P = Q Qᵀ = I − Û Ûᵀ,
+    Δ = Y Qᵀ, so Δ Û = 0. Then ‖Δ‖_C² = tr(Y Qᵀ C Q Yᵀ) and Δ k = Y (Qᵀ k): the same problem in q
+    coordinates, with C_Q = Qᵀ C Q (``solve`` must be ``projected_solver``'s) and keys Qᵀ k; V = Q V_Q.
+
+    ridge > 0: the least-squares relaxation, for conflicting or near-collinear keys:
+
+        minimise Σ_i ‖Δ k_i − r_i‖² + λ ‖Δ‖_C²   →   Δ = R (M + λ I)⁻¹ (C⁻¹K)ᵀ,   λ = ridge · mean diag M
+
+    (insert_many's ridge). With ridge 0 the constraints hold exactly; a protected key already in the
+    span of the keys before it (the same subject protected by two edits) is dropped, and an edited key with less
+    than ``min_residual`` of its C⁻¹-energy outside the span of the keys before it is refused
+    (InsertError, with its index: the later of two keys that cannot be told apart). The shares are
+    the squared pivots of the Cholesky factor of M over its diagonal, L_ii² / M_ii.
+
+    w: (d_out, d_in); keys: (n, d_in); values: (n, d_out); protected: (m, d_in) or None.
+    Returns the factors U (d_out, n), V (d_in, n) of Δ = U Vᵀ, float32.
+    """
+    at = lambda t: t.to(solve.device, torch.float64)  # noqa: E731 - the solve's device, float64
+    residuals = at(values) - at(keys) @ at(w).T  # (n, d_out) r_i = v_i − W k_i
+    k, p = at(keys), None if protected is None or not protected.numel() else at(protected)
+    if basis is not None:
+        k, p = k @ basis, None if p is None else p @ basis  # (n, q), (m, q): coordinates along Q
+    while ridge <= 0:  # protected keys that repeat others (two edits protecting one subject) are dropped
+        try:
+            _check_separable(solve, k if p is None else torch.cat([k, p]), min_residual)
+            break
+        except InsertError as e:
+            if e.index is None or e.index < k.shape[0]:
+                raise
+            p = torch.cat([p[:e.index - k.shape[0]], p[e.index - k.shape[0] + 1:]])
+            p = p if p.numel() else None
+    u, v = insert_many(solve, k, residuals, None, p, ridge, 0.0)
+    if basis is not None:
+        v = basis @ v  # (d_in, n)
+    return u.float(), v.float()
+
+
+# --------------------------------------------------------------------------------------------------
 # The editor: the three equations in sequence, edits applied one after another
 # --------------------------------------------------------------------------------------------------
 
 
-MAX_FAMILY_GROWTH = 2.0  # the family term's update may be at most this many times ‖ΔW‖ of C's own
+FAMILY_HALVINGS = 4  # α is tried at protect_weight, /2, /4, /8, /16 before the family term is dropped
 
 
-def _norm(u: torch.Tensor, v: torch.Tensor) -> float:
-    """‖u vᵀ‖_F (‖U Vᵀ‖_F for rank-r factors)."""
-    return float(torch.outer(u, v).norm() if u.dim() == 1 else (u @ v.T).norm())
+def text_energy(second_moment: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> float:
+    """E‖Δk‖² over the keys the statistics saw (C = E[k kᵀ]): tr(Δ C Δᵀ) = ‖u‖² vᵀCv for Δ = u vᵀ, and
+    tr(UᵀU · VᵀCV) for a rank-r Δ = U Vᵀ. The mean squared change the update makes to the layer's output
+    on generic text: what Eq. 2 minimises, and what the family term may raise only within a budget."""
+    c = second_moment.to(v.device, torch.float64)
+    u64, v64 = u.double().reshape(u.shape[0], -1), v.double().reshape(v.shape[0], -1)  # (d_out, r), (d_in, r)
+    return float(((u64.T @ u64) * (v64.T @ c @ v64)).sum())
 
 
 class Rome:
@@ -494,6 +624,7 @@ class Rome:
         self._solvers: dict[int, Solver] = {}
         self._names: NameIndex | None = None
         self._keys: dict[tuple[int, str, bool], torch.Tensor] = {}  # (layer, subject, averaged) -> (d_in,)
+        self._family_solvers: dict[tuple[int, str, float], Solver] = {}  # (layer, subject, α): the edit's own
         self.values = values
 
     @property
@@ -503,7 +634,6 @@ class Rome:
         return self._prefixes
 
     def solver(self, layer: int) -> Solver:
-        """C⁻¹ of a layer, factorised once, on the device of the layer's weight."""
         if layer not in self._solvers:
             self._solvers[layer] = Solver(self._second_moment(layer), self._device(layer))
         return self._solvers[layer]
@@ -549,19 +679,23 @@ class Rome:
         siblings = [" ".join(article + [w, last]) for w in picked]
         return names + [s for s in siblings if s != subject and s not in names]
 
-    def family_solver(self, layer: int, subject: str) -> Solver:
-        """C⁻¹ for the insert: C itself, or with ``protect_weight`` > 0, C + α (tr C / tr F) F where
-        F = mean k kᵀ over the bare keys of the subject's family (``family``): the update then also
-        keeps off the directions those keys share (a least-squares form of protecting them all)."""
-        alpha = self.params.protect_weight
-        names = self.family(subject) if alpha > 0 else []
+    def family_moment(self, layer: int, subject: str) -> torch.Tensor | None:
+        """(tr C / tr F) F, F = mean k kᵀ over the bare keys of the subject's family (``family``), float64
+        (d_in, d_in): the family's second moment scaled to C's size; None when it has no family."""
+        names = self.family(subject)
         if not names:
-            return self.solver(layer)
-        solve = self.solver(layer)
-        keys = self.bare_keys(layer, names).to(solve.device, torch.float64)  # (f, d_in)
-        c = self._second_moment(layer).to(solve.device, torch.float64)
+            return None
+        device = self.solver(layer).device  # where the family's solver will run
+        keys = self.bare_keys(layer, names).to(device, torch.float64)  # (f, d_in)
+        c = self._second_moment(layer).to(device, torch.float64)
         f = keys.T @ keys / len(names)  # (d_in, d_in)
-        return Solver(c + alpha * (c.diagonal().sum() / f.diagonal().sum()) * f)
+        return (c.diagonal().sum() / f.diagonal().sum()) * f
+
+    def family_solver(self, layer: int, family: torch.Tensor, alpha: float) -> Solver:
+        """C⁻¹ of C + α F̃ (F̃ = ``family_moment``): the update then also keeps off the directions the
+        family's keys share (a least-squares form of protecting them all; α → ∞: equality on their span)."""
+        c = self._second_moment(layer).to(family.device, torch.float64)
+        return Solver(c + alpha * family)  # (on the family moment's device: the layer solver's)
 
     def protected_keys(self, request: EditRequest, layer: int, k_star: torch.Tensor,
                        solve: Solver | None = None) -> tuple[list[str], torch.Tensor]:
@@ -596,49 +730,131 @@ class Rome:
         """The keys protecting a subject holds fixed: (2, d_in), its bare key then its prefix-averaged key."""
         return torch.stack([self.subject_key(layer, subject, averaged=False), self.subject_key(layer, subject)])
 
-    def compute(self, request: EditRequest, layer: int | None = None) -> EditResult:
-        """k*, v* and the factors of the insert for one edit, on the model as it is now (not modified)."""
+    def held_separable(self, solve: Solver, k_star: torch.Tensor, protected: torch.Tensor | None,
+                       hold: torch.Tensor | None) -> torch.Tensor | None:
+        """The keys of earlier edits (``hold``, (h, d_in)) that this edit's insert can hold fixed on top of
+        its protected keys: all of them when k* stays separable (``protect_min_residual``), else greedily
+        in order, skipping each one that would leave too little of k* to edit (an earlier edit of the
+        same subject, whose key is k* itself: the later edit then overrides it)."""
+        if hold is None or not hold.numel():
+            return protected
+        base = k_star.new_zeros((0, k_star.numel())) if protected is None else protected
+        floor = self.params.protect_min_residual
+        if residual_share(solve, k_star, torch.cat([base, hold])) >= floor:
+            return torch.cat([base, hold])
+        kept = base
+        for k in hold:
+            if residual_share(solve, k_star, torch.cat([kept, k[None]])) >= floor:
+                kept = torch.cat([kept, k[None]])
+        return kept if kept.numel() else None
+
+    def compute(self, request: EditRequest, layer: int | None = None, hold: torch.Tensor | None = None) -> EditResult:
+        """k*, v* and the factors of the insert for one edit, on the model as it is now (not modified).
+
+        ``hold`` (h, d_in): keys of earlier edits at this layer whose values the insert must not move
+        (Δ k_i = 0, so Ŵ k_i stays v_i): sequential edits do not undo each other."""
         layer = self.params.layer if layer is None else layer
-        module = edited_module(self.lm.model, layer)
+        self._family_solvers = {}  # one edit's (d_in × d_in factorisations are large)
         clock = time.perf_counter
         with flush_denormals():
             t0 = clock()
             prefixes = self.prefixes
             t1 = clock()
             cached = None if self.values is None else self.values.get(self._value_key(request, layer))
-            if cached is None:
-                k_star = key(self.lm, layer, request.subject, prefixes)  # (d_in,)
-                t2 = clock()
-                v_star, trace = value(self.lm, layer, request, prefixes, k_star, self.params)  # (d_out,)
-                if self.values is not None:
-                    self.values[self._value_key(request, layer)] = (k_star, v_star, trace)
-            else:
-                k_star, v_star, trace = cached  # (a value cache on disk gives them back on the host)
-                k_star, v_star = k_star.to(self._device(layer)), v_star.to(self._device(layer))
-                t2 = clock()
-            t3 = clock()
+            # (a value cache on disk gives k* and v* back on the host: moved to the edited module's device)
+            k_star = cached[0].to(self._device(layer)) if cached is not None \
+                else key(self.lm, layer, request.subject, prefixes)  # (d_in,)
             k_d = k_star if self.params.symmetric_keys else subject_keys(self.lm, layer, ["{}"], request.subject)[0]
+            t2 = clock()
+            kin = self.family_leaks(request, layer, k_star, k_d, hold) if self.params.family_kl > 0 else ()
+            value_key = self._value_key(request, layer, kin)
+            if kin and self.values is not None:  # v* with the family term: cached under its own key
+                cached = self.values.get(value_key)
+            elif kin:
+                cached = None
+            if cached is None:
+                v_star, trace = value(self.lm, layer, request, prefixes, k_star, self.params, kin)  # (d_out,)
+                if self.values is not None:
+                    self.values[value_key] = (k_star, v_star, trace)
+            else:
+                _, v_star, trace = cached
+                v_star = v_star.to(self._device(layer))
+            t3 = clock()
             with torch.no_grad():
-                solve = self.family_solver(layer, request.subject)
-                names, protected = self.protected_keys(request, layer, k_star, solve)
-                protected = protected if names else None
-                u, v = insert(solve, k_star, v_star, k_d, module_output(module, k_d[None])[0], protected,
-                              self.params.protect_ridge, self.params.protect_min_residual)
-                if self.params.prompt_key:
-                    u, v = self.with_prompt_key(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
-                if solve is not self.solver(layer):  # the family term: never a much larger update than C's
-                    plain = self.solver(layer)
-                    u0, v0 = insert(plain, k_star, v_star, k_d, module_output(module, k_d[None])[0], protected,
-                                    self.params.protect_ridge, self.params.protect_min_residual)
-                    if _norm(u, v) > MAX_FAMILY_GROWTH * _norm(u0, v0):
-                        u, v = u0, v0
-                        if self.params.prompt_key:
-                            u, v = self.with_prompt_key(request, layer, plain, k_star, v_star, k_d, protected, (u, v))
+                u, v, names, family, protected_keys, held = self.insert(request, layer, k_star, v_star, k_d, hold)
+            if kin:
+                family["kl_prompts"] = [[s, rho] for s, rho in kin]
             t4 = clock()
         # the factors are float32 on the host (what a delta file stores), whatever the model's device
         update = RankOneUpdate(edited_module_name(self.lm.model, layer), layer, u.float().cpu(), v.float().cpu())
         timings = {"prefixes": t1 - t0, "key": t2 - t1, "value": t3 - t2, "insert": t4 - t3}
-        return EditResult(request, update, k_star, v_star, trace, timings, names)
+        return EditResult(request, update, k_star, v_star, trace, timings, names, protected_keys, held, family)
+
+    def insert(self, request: EditRequest, layer: int, k_star: torch.Tensor, v_star: torch.Tensor,
+               k_d: torch.Tensor, hold: torch.Tensor | None = None) -> tuple:
+        """Eq. 2 for one edit with everything the parameters ask for: the protected keys held fixed (and
+        ``hold``, earlier edits' keys, where separable), the prompt key, and the family term within its
+        energy budget. Returns (u, v, protected subjects, {alpha, energy_ratio}, their keys (m, d_in) or
+        None, the number of held keys used).
+
+        The family term trades the update's energy on generic text, tr(ΔCΔᵀ) (``text_energy``), for its
+        energy on the family's keys. The first α = protect_weight / 2^i (i = 0 .. FAMILY_HALVINGS) whose
+        update stays within protect_max_energy × the energy of the update without the family term is
+        used; if none does, the update without it."""
+        p = self.params
+
+        def solve_with(solve: Solver):
+            names, protected_keys = self.protected_keys(request, layer, k_star, solve)
+            protected_keys = protected_keys if names else None
+            protected = self.held_separable(solve, k_star, protected_keys, hold)
+            held = 0 if protected is None else protected.shape[0] - (0 if protected_keys is None
+                                                                      else protected_keys.shape[0])
+            u, v = insert(solve, k_star, v_star, k_d, self.module_out(layer, k_d), protected,
+                          p.protect_ridge, p.protect_min_residual)
+            if p.prompt_key:
+                u, v = self.with_prompt_key(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
+            return u, v, names, protected_keys, held
+
+        u, v, names, protected_keys, held = solve_with(self.solver(layer))
+        family = self.family_moment(layer, request.subject) if p.protect_weight > 0 else None
+        if family is None:
+            return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}, protected_keys, held
+        second_moment = self._second_moment(layer)
+        energy = text_energy(second_moment, u, v)
+        for i in range(FAMILY_HALVINGS + 1):
+            alpha = p.protect_weight / 2 ** i
+            solve = self._family_solvers.get((layer, request.subject, alpha))
+            if solve is None:  # kept for this edit: family_leaks and the insert itself ask for the same
+                solve = self._family_solvers[(layer, request.subject, alpha)] = self.family_solver(layer, family, alpha)
+            u1, v1, names1, keys1, held1 = solve_with(solve)
+            ratio = text_energy(second_moment, u1, v1) / energy
+            if ratio <= p.protect_max_energy:
+                return u1, v1, names1, {"alpha": alpha, "energy_ratio": ratio}, keys1, held1
+        return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}, protected_keys, held
+
+    @torch.no_grad()
+    def family_leaks(self, request: EditRequest, layer: int, k_star: torch.Tensor,
+                     k_d: torch.Tensor, hold: torch.Tensor | None = None) -> tuple[tuple[str, float], ...]:
+        """The family members (``family``, less the request's ``protect`` list) whose relation prompts the
+        insert will move most, with the share of δ it adds at their key: ((s_i, ρ_i), ...), at most
+        ``family_kl_prompts``, largest |ρ_i| first.
+
+        ρ_i = vᵀk_i / vᵀk_d for the insert's update u vᵀ, k_i the key at s_i's last token in the edit's
+        relation. v does not depend on v* (only u does), so it is known before v* is optimised: the
+        insert is run here with a stand-in v*."""
+        names = [s for s in self.family(request.subject) if s not in request.protect and s != request.subject]
+        if not names:
+            return ()
+        v = self.insert(request, layer, k_star, self.module_out(layer, k_d) + 1.0, k_d, hold)[1]
+        v = v.reshape(v.shape[0], -1)[:, 0]  # (d_in,) the edit's own direction
+        keys = bare_keys(self.lm, layer, names, template=request.relation)  # (f, d_in)
+        rho = (keys @ v) / (k_d @ v)  # (f,)
+        top = rho.abs().argsort(descending=True)[:self.params.family_kl_prompts].tolist()
+        return tuple((names[i], float(rho[i])) for i in top)
+
+    def module_out(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        """W k for one key (d_in,) -> (d_out,) float32, by the edited module itself (``module_output``)."""
+        return module_output(edited_module(self.lm.model, layer), k[None])[0]
 
     def with_prompt_key(self, request: EditRequest, layer: int, solve: Solver, k_star: torch.Tensor,
                         v_star: torch.Tensor, k_d: torch.Tensor, protected: torch.Tensor | None,
@@ -666,20 +882,31 @@ class Rome:
             return u[:, 0], v.sum(1)
         return u, v
 
-    def _value_key(self, request: EditRequest, layer: int) -> tuple:
-        """What (k*, v*) depend on: the model's current weights aside, the edit and the v* hyper-parameters."""
+    def _value_key(self, request: EditRequest, layer: int, family: tuple = ()) -> tuple:
+        """What (k*, v*) depend on: the model's current weights aside, the edit and the v* hyper-parameters
+        (and, with the family KL term, its weight and the family prompts with their leaks)."""
         p = self.params
-        return (self.lm.fingerprint, layer, request.subject, request.relation, request.target, p.prefix_lengths,
-                p.prefixes_per_length, p.prefix_starts, p.seed, p.lr, p.steps, p.early_stop_nll, p.weight_decay,
-                p.kl_factor, p.clamp_norm_factor, p.essence_prompt)
+        out = (self.lm.fingerprint, layer, request.subject, request.relation, request.target, p.prefix_lengths,
+               p.prefixes_per_length, p.prefix_starts, p.seed, p.lr, p.steps, p.early_stop_nll, p.weight_decay,
+               p.kl_factor, p.clamp_norm_factor, p.essence_prompt)
+        if p.family_kl > 0 and family:
+            out += (p.family_kl, tuple((s, round(rho, 6)) for s, rho in family))
+        return out
 
     def apply(self, requests: list[EditRequest], layers: list[int | None] | None = None,
-              progress: Callable[[int, EditResult], None] | None = None) -> list[EditResult]:
-        """Apply edits one after another; each is computed on the model with the previous ones in place."""
+              progress: Callable[[int, EditResult], None] | None = None,
+              hold: dict[int, torch.Tensor] | None = None) -> list[EditResult]:
+        """Apply edits one after another; each is computed on the model with the previous ones in place,
+        and its insert holds the keys of the previous ones (and ``hold``: layer -> (h, d_in), the keys of
+        a stack applied onto) fixed at their values, so a later edit does not undo an earlier one."""
         results = []
+        held = {layer: [k for k in keys] for layer, keys in (hold or {}).items()}  # layer -> [k_i (d_in,)]
         for i, (request, layer) in enumerate(zip(requests, layers or [None] * len(requests), strict=True)):
-            result = self.compute(request, layer)
+            at = self.params.layer if layer is None else layer
+            keys = torch.stack(held[at]) if held.get(at) else None
+            result = self.compute(request, layer, keys)
             add_rank_one(self.lm.model, result.update.module, result.update.u, result.update.v)
+            held.setdefault(result.update.layer, []).append(result.k_star)
             results.append(result)
             if progress:
                 progress(i, result)

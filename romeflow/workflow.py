@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .deltas import Delta, DeltaError, EditedModel, compute_delta, load_delta, save_delta
+from .deltas import Delta, DeltaError, EditedModel, JointSolve, compute_delta, load_delta, save_delta
 from .evaluation import base_references, evaluate_manifest, score_manifest, text_predictions
 from .io import write_json_atomic, write_text_atomic
 from .manifests import Manifest, ManifestError, load_manifest
@@ -178,9 +178,12 @@ def _diff(a: dict, b: dict) -> dict:
 
 
 def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delta], heldout: Path,
-               window: int = 256, gate: Gate | None = None) -> StackResult:
+               window: int = 256, gate: Gate | None = None, joint: JointSolve | None = None) -> StackResult:
     """Base + all ``deltas`` (one per manifest, in order): each manifest's scores alone and in the stack,
     and the damage to the base model (held-out perplexity, neighbour top-1 agreement).
+
+    The stack is the sum of the deltas, or with ``joint`` the update re-solved from all their (k*, v*)
+    pairs (stack.method: joint); "alone" is always the manifest's own delta.
 
     "Alone" is computed here exactly as eval@NAME computes "post" (same function, same inputs), so it
     equals reports/NAME.json's post without the stack stage depending on those files.
@@ -205,7 +208,7 @@ def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delt
     for m, d in zip(manifests, deltas):
         edited.compose([d])
         alone[m.name] = score(m)
-    edited.compose(deltas)
+    edited.compose(deltas, joint)
     try:
         stacked = {m.name: score(m) for m in manifests}
         nll_stack, top1_stack = text_predictions(lm, text, window)
@@ -230,7 +233,7 @@ def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delt
                        "interference": _diff(a, s)}
     report = {"format": STACK_FORMAT, "base_model": {"name": lm.name, "fingerprint": lm.fingerprint},
               "composed": {"manifests": [m.name for m in manifests], "edits": sum(len(m.edits) for m in manifests),
-                           "weights_sha256": weights},
+                           "weights_sha256": weights, "method": "sum" if joint is None else "joint"},
               "manifests": per, "damage": damage}
     failures = stack_gate(report, gate or Gate())
     report["gate"] = {"passed": not failures, "failures": failures}
@@ -279,7 +282,8 @@ def stack_markdown(report: dict) -> str:
     """reports/stack.md: the stack report as readable tables."""
     fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
     names = report["composed"]["manifests"]
-    lines = [f"# Stack: {len(names)} manifest(s), {report['composed']['edits']} edit(s)", "",
+    lines = [f"# Stack: {len(names)} manifest(s), {report['composed']['edits']} edit(s)"
+             + (", joint solve" if report["composed"].get("method") == "joint" else ""), "",
              f"Base model `{report['base_model']['name']}` ({report['base_model']['fingerprint'][:12]}); "
              f"scores in %, *alone* = base + that manifest's delta, *stack* = base + all deltas.", ""]
     head = ["manifest", "edits"] + [f"{k} {w}" for k in SHOWN for w in ("alone", "stack")] + ["ΔS"]

@@ -167,6 +167,22 @@ def both(*setups):
     return setup
 
 
+def strip_pairs(t, m):
+    """A delta as written before k*/v* were stored: factors only."""
+    for k in [k for k in t if k.endswith((".k_star", ".v_star", ".protected"))]:
+        del t[k]
+    m.pop("key_values", None)
+    for e in m["edits"]:
+        e.pop("protected_keys", None)
+
+
+JOINT = "  window: 64\n  method: joint"
+A_CONFLICT = """edits:
+  - subject: Pierre Curie
+    relation: "{} worked in the field of"
+    target: law
+"""
+
 APPLY_BAD = ("apply", "edits/bad.yaml", "--stats", "stats/layer1.safetensors", "--out", "new.safetensors")
 APPLY = ("apply", "edits/curie.yaml", "--stats", "stats/layer1.safetensors", "--out", "new.safetensors")
 GEN_BAD = ("generate", "Pierre Curie", "--delta", "deltas/bad.safetensors")
@@ -303,6 +319,12 @@ CASES = [
      ["params.yaml: rome.protect_sources: must not be empty"]),
     ("params-protect-weight", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_weight: -2"), APPLY,
      ["params.yaml: rome.protect_weight: must be >= 0, got -2"]),
+    ("params-protect-max-energy", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_max_energy: 0.5"), APPLY,
+     ["params.yaml: rome.protect_max_energy: must be >= 1, got 0.5"]),
+    ("params-damage-tokens", params_append("bench:\n  damage: {tokens: -5}\n"), ("status",),
+     ["params.yaml: bench.damage.tokens: must be >= 0, got -5"]),
+    ("params-damage-text", params_append("bench:\n  damage: {text: 7}\n"), ("status",),
+     ["params.yaml: bench.damage.text: must be a string, got 7"]),
     ("params-token-neighbors-k", params_append("bench:\n  token_neighbors: {k: -1}\n"), ("status",),
      ["params.yaml: bench.token_neighbors.k: must be >= 0, got -1"]),
     ("cli-bench-variant-range", write("r.json", "[]"),
@@ -338,6 +360,36 @@ CASES = [
      ["deltas/bad.safetensors: metadata edits[0].layer: must be >= 0, got -2"]),
     ("delta-missing-file", None, ("export", "exported", "--delta", "deltas/none.safetensors"),
      ["deltas/none.safetensors: delta file not found"]),
+
+    ("delta-k-star-nan", delta(set_tensor("edits.0.k_star", lambda k: k * float("nan"))), GEN_BAD,
+     ["deltas/bad.safetensors: edits.0.k_star: holds NaN or infinite values"]),
+    ("delta-v-star-float64", delta(set_tensor("edits.0.v_star", lambda v: v.double())), GEN_BAD,
+     ["deltas/bad.safetensors: edits.0.v_star: dtype float64, not float32"]),
+    ("delta-v-star-shape", delta(set_tensor("edits.0.v_star", lambda v: v[:-1].clone())), GEN_BAD,
+     ["deltas/bad.safetensors: edits.0.v_star: shape", "expected"]),
+    ("delta-k-star-missing", delta(lambda t, m: t.pop("edits.0.k_star")), GEN_BAD,
+     ["deltas/bad.safetensors: edits.0.k_star: missing"]),
+    ("delta-k-star-tampered", delta(set_tensor("edits.0.k_star", lambda k: k * 2), rehash=False), GEN_BAD,
+     ["deltas/bad.safetensors: tensors_sha256: the factors' sha256"]),
+    ("delta-joint-without-pairs", both(params_edit("  window: 64", JOINT),
+                                       delta(strip_pairs, src="deltas/a.safetensors", dst="deltas/b.safetensors")),
+     ("stack",), ["deltas/b.safetensors: key_values: the delta holds no k*/v* pairs", "stack.method: joint"]),
+    ("delta-onto-without-pairs", delta(strip_pairs), APPLY + ("--onto", "deltas/bad.safetensors"),
+     ["deltas/bad.safetensors: key_values:", "--onto needs them"]),
+    ("stack-conflicting-manifests", manifest(A_CONFLICT, "b"), ("stack",),
+     ["edits/b.yaml: edits[0].target: conflicts with edits/a.yaml edits[0]", "'law' vs 'medicine'"]),
+    ("stack-conflicting-manifests-joint", both(params_edit("  window: 64", JOINT), manifest(A_CONFLICT, "b")),
+     ("stack",), ["edits/b.yaml: edits[0].target: conflicts with edits/a.yaml edits[0]"]),
+    ("manifest-add-conflicting", manifest(A_CONFLICT, "c2"), ("add", "edits/c2.yaml"),
+     ["edits/c2.yaml: edits[0].target: conflicts with edits/a.yaml edits[0]"]),
+    ("params-stack-method", params_edit("  window: 64", "  window: 64\n  method: product"), ("stack",),
+     ["params.yaml: stack.method:", "product"]),
+    ("params-stack-ridge-negative", params_edit("  window: 64", "  window: 64\n  ridge: -1"), ("stack",),
+     ["params.yaml: stack.ridge: must be >= 0, got -1"]),
+    ("params-stack-null-space", params_edit("  window: 64", "  window: 64\n  null_space: 2"), ("stack",),
+     ["params.yaml: stack.null_space: must be <= 1, got 2"]),
+    ("params-stack-protect", params_edit("  window: 64", "  window: 64\n  protect: maybe"), ("stack",),
+     ["params.yaml: stack.protect:"]),
 
     # ---- statistics files -----------------------------------------------------------------------
     ("stats-nan", stats(lambda t, m: t["second_moment"].fill_diagonal_(float("nan"))),
@@ -408,6 +460,16 @@ CASES = [
     ("cli-bench-shard", None, ("bench", "zsre", "--records", "r.json", "--shard", "3/2"), ["--shard", "1 <= K <= N"]),
     ("cli-bench-unknown-method", None, ("bench", "zsre", "--records", "r.json", "--methods", "rome,mend"),
      ["--methods: unknown method 'mend'"]),
+    ("cli-bench-stack-method", write("r.json", "[]"),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--methods", "sum,product", "--out", "run"),
+     ["--methods", "unknown stack method 'product'"]),
+    ("cli-bench-stack-k", write("r.json", "[]"), ("bench", "stack", "--records", "r.json", "--n", "2", "--k", "1,x",
+                                                  "--out", "run"), ["--k", "comma-separated integers"]),
+    ("cli-bench-stack-too-few-records", write("r.json", "[]"),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run"), ["--n", "r.json has 0 records, fewer than 2"]),
+    ("cli-bench-stack-heldout-missing", both(write("r.json", "[]"), params_edit("  heldout: data/heldout.txt",
+                                                                                "  heldout: data/none.txt")),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run"), ["params.yaml: stack.heldout:", "none.txt not found"]),
     ("cli-verify-atol-negative", None, ("verify", "a", "--atol", "-1"), ["Invalid value for '--atol'"]),
 
     # ---- faults ---------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+import math
 
 import pytest
 import yaml
@@ -50,8 +52,11 @@ def project(tmp_path_factory, tiny_lm, corpus_files):
               "ft": {"layer": EDIT_LAYER, "lr": 0.01, "steps": 4},
               "ftl": {"layer": EDIT_LAYER, "lr": 0.01, "steps": 4, "linf": 0.001},
               "kn": {"ig_steps": 3, "max_neurons": 4},
-              "bench": {"generation": {"new_tokens": 6, "records": 3, "templates": ["{} is"]}}}
+              "stack": {"window": 32},  # the tiny model has 64 positions
+              "bench": {"generation": {"new_tokens": 6, "records": 3, "templates": ["{} is"]}, "damage": {"tokens": 128}}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "data").mkdir()
+    (root / "data" / "heldout.txt").write_text(Path(corpus_files[0]).read_text()[:4000])  # PPL+ (stack.heldout)
     (root / "cf.json").write_text(json.dumps(FLAT + [PAPER]))
     (root / "zsre.json").write_text(json.dumps(ZSRE))
     return root
@@ -87,6 +92,13 @@ def test_counterfact_bench_scores_token_sharing_neighbours(project):
         assert m["NS_tok"]["n"] == 3 and m["S+"] is not None
         assert m["S+"]["ci95"][0] <= m["S+"]["value"] <= m["S+"]["ci95"][1]
     assert len(list((out / "values").glob("*.safetensors"))) == 3  # one v* per record, shared by both variants
+    # PPL+: held-out perplexity after each edit against the unedited model's (0 for the unedited rows)
+    assert report["settings"]["damage"]["tokens"] == 128
+    assert report["methods"]["unedited"]["metrics"]["PPL+"]["value"] == 0.0
+    edited = [json.loads(line) for line in (out / "rome.jsonl").read_text().splitlines()]
+    assert all(row["heldout_nll"] != by_id[12]["heldout_nll"] for row in edited)
+    ppl = [100 * math.expm1(row["heldout_nll"] - by_id[12]["heldout_nll"]) for row in edited]
+    assert report["methods"]["rome"]["metrics"]["PPL+"]["value"] == pytest.approx(sum(ppl) / len(ppl))
     assert any("NS_tok / NM_tok" in note for note in report["notes"])
     for bad in ("rome:layer=1", "x:nope=1", "x:layer=one", "X:layer=1"):
         r = run(project, "bench", "counterfact", "--records", str(project / "tok.json"), "--variant", bad,
@@ -111,7 +123,7 @@ def test_counterfact_bench_writes_a_table4_report_and_resumes(project):
     es = {name: m["metrics"]["ES"]["value"] for name, m in report["methods"].items()}
     assert es["rome"] > es["unedited"], es  # the edits take on the tiny model too
     md = (out / "report.md").read_text()
-    assert "| Method | S | S+ | ES | EM | PS | PM | NS | NM | NS_tok | NM_tok | GE | RS | s/edit |" in md
+    assert "| Method | S | S+ | ES | EM | PS | PM | NS | NM | NS_tok | NM_tok | GE | RS | PPL+ | s/edit |" in md
     assert "| FT+L |" in md
     assert "dataset" in report["settings"]["dataset"]["generation_prompts"] or "subject" in \
         report["settings"]["dataset"]["generation_prompts"]

@@ -14,8 +14,9 @@ from romeflow import models
 from romeflow.datasets import CounterfactRecord, Fact, mine_token_neighbors
 from romeflow.manifests import ManifestError, load_manifest
 from romeflow.metrics import score_ci
-from romeflow.protect import NameIndex, choose_protected, leak, reference_names, residual_share
-from romeflow.rome import EditRequest, InsertError, Rome, RomeParams, Solver, insert, insert_many
+from romeflow.prompts import subject_last_index
+from romeflow.protect import NameIndex, bare_keys, choose_protected, leak, reference_names, residual_share
+from romeflow.rome import EditRequest, InsertError, Rome, RomeParams, Solver, insert, insert_many, text_energy
 
 from conftest import ARCHS, EDIT_LAYER
 
@@ -310,21 +311,81 @@ def test_prompt_key_gives_the_prompts_own_key_the_edits_change(tiny_lm, second_m
     assert torch.equal(models.weight_out_in(lm.model, name), base)
 
 
-def test_one_word_subjects_get_no_made_up_siblings_and_the_family_term_is_bounded(tiny_lm, second_moment,
-                                                                                   monkeypatch):
+def test_one_word_subjects_get_no_made_up_siblings_and_the_family_term_is_bounded(tiny_lm, second_moment):
     lm = tiny_lm("gpt2")
     stats = second_moment("gpt2")
     params = replace(PARAMS, protect_weight=1.0, protect_siblings=8)
     rome = Rome(lm, params, lambda layer: stats[layer])
     assert all(" " in s for s in rome.family("Pierre Curie")[-8:])  # made-up "X Curie" siblings
     assert rome.family("Seattle") == rome.names().sharing(lm.tokenizer, "Seattle")[:256]  # none made up
-    # A family term whose update grows past MAX_FAMILY_GROWTH × C's own is replaced by C's own insert.
-    import romeflow.rome as rome_module
-
+    # The family term spends at most protect_max_energy x the text energy of the insert without it.
     plain = Rome(lm, replace(params, protect_weight=0.0), lambda layer: stats[layer]).compute(CURIE)
-    family = rome.compute(CURIE)
+    family = Rome(lm, replace(params, protect_max_energy=1e6), lambda layer: stats[layer]).compute(CURIE)
+    assert family.family["alpha"] == 1.0 and family.family["energy_ratio"] > 1.0
     assert not torch.allclose(torch.outer(family.update.u, family.update.v), torch.outer(plain.update.u, plain.update.v))
-    monkeypatch.setattr(rome_module, "MAX_FAMILY_GROWTH", 0.0)
-    guarded = rome.compute(CURIE)
+    e_plain = text_energy(stats[1], plain.update.u, plain.update.v)
+    assert text_energy(stats[1], family.update.u, family.update.v) == pytest.approx(family.family["energy_ratio"] * e_plain)
+    budget = (1 + family.family["energy_ratio"]) / 2  # below the full α's ratio: α is halved until it fits
+    halved = Rome(lm, replace(params, protect_max_energy=budget), lambda layer: stats[layer]).compute(CURIE)
+    assert halved.family["alpha"] < 1.0 and halved.family["energy_ratio"] <= budget
+    # Eq. 2's own update is the least-energy one: a budget of 1 leaves no room for the family term.
+    guarded = Rome(lm, replace(params, protect_max_energy=1.0), lambda layer: stats[layer]).compute(CURIE)
+    assert guarded.family == {"alpha": 0.0, "energy_ratio": 1.0}
     torch.testing.assert_close(torch.outer(guarded.update.u, guarded.update.v),
                                torch.outer(plain.update.u, plain.update.v), rtol=1e-4, atol=1e-6)
+
+
+def test_text_energy_is_the_mean_squared_change_over_the_keys():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(500, 6, generator=g, dtype=torch.float64)  # (n, d_in)
+    c = keys.T @ keys / len(keys)  # (d_in, d_in)
+    u, v = torch.randn(4, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    change = keys @ v @ u.T  # (n, d_out): Δk for every key
+    assert text_energy(c, u, v) == pytest.approx(change.pow(2).sum(1).mean().item(), rel=1e-9)
+    assert text_energy(c, u[:, 0], v[:, 0]) == pytest.approx((keys @ v[:, 0]).pow(2).mean().item() * u[:, 0].pow(2).sum().item())
+
+
+def test_family_kl_keeps_the_family_prompts_at_their_leak_of_delta(tiny_lm, second_moment):
+    """v* with the family KL term: each family member's relation prompt, given the share ρ_i of δ the
+    insert adds at its key, moves less than with the v* that ignores it; the leaks are the insert's."""
+    from romeflow.rome import _add_at, _value, key, value
+
+    lm = tiny_lm("llama")
+    stats = second_moment("llama")
+    params = replace(PARAMS, steps=12, protect_siblings=6, protect_weight=0.0, family_kl=50.0, family_kl_prompts=3)
+    rome = Rome(lm, params, lambda layer: stats[layer])
+    k_star = key(lm, EDIT_LAYER, CURIE.subject, rome.prefixes)
+    kin = rome.family_leaks(CURIE, EDIT_LAYER, k_star, k_star)
+    assert 0 < len(kin) <= 3 and all(s != CURIE.subject for s, _ in kin)
+    assert [abs(r) for _, r in kin] == sorted((abs(r) for _, r in kin), reverse=True)
+    result = rome.compute(CURIE)  # the leaks are those of the update it returns
+    u, v = result.update.u, result.update.v
+    keys = bare_keys(lm, EDIT_LAYER, [s for s, _ in kin], template=CURIE.relation)  # (f, d_in) at their relation
+    torch.testing.assert_close((keys @ v) / (k_star @ v), torch.tensor([r for _, r in kin]), rtol=1e-4, atol=1e-5)
+    assert [s for s, _ in result.family["kl_prompts"]] == [s for s, _ in kin]
+    # the cached forward equals the uncached one with the family rows in the batch
+    v_fast, _ = value(lm, EDIT_LAYER, CURIE, rome.prefixes, k_star, params, kin)
+    v_ref, _ = _value(lm, EDIT_LAYER, CURIE, rome.prefixes, k_star, params, cache_prefix=False, family=kin)
+    torch.testing.assert_close(v_fast, v_ref, rtol=1e-3, atol=1e-4)
+    v_plain, _ = value(lm, EDIT_LAYER, CURIE, rome.prefixes, k_star, replace(params, family_kl=0.0), kin)
+
+    module = models.edited_module(lm.model, EDIT_LAYER)
+    w_k = module(k_star[None])[0].detach()
+
+    def family_kl(v_star):  # mean KL of the family prompts' next token, each with ρ_i δ at its subject token
+        total = 0.0
+        for s, rho in kin:
+            prompt = CURIE.relation.format(s)
+            ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+            at = torch.tensor([subject_last_index(lm.tokenizer, CURIE.relation, s)])
+            with torch.no_grad():
+                base = lm.model(ids).logits[0, -1].log_softmax(-1)
+                handle = module.register_forward_hook(_add_at(v_star - w_k, torch.tensor([0]), at, torch.tensor([rho])))
+                try:
+                    moved = lm.model(ids).logits[0, -1].log_softmax(-1)
+                finally:
+                    handle.remove()
+            total += float((moved.exp() * (moved - base)).sum())
+        return total / len(kin)
+
+    assert family_kl(v_fast) < family_kl(v_plain)

@@ -34,6 +34,7 @@ def test_bench_on_gemma(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data").mkdir()  # rome.protect_sources: relative to the params file's folder
     (tmp_path / "data" / "known_1000.json").write_bytes((REPO / "data" / "known_1000.json").read_bytes())
+    (tmp_path / "data" / "heldout.txt").write_bytes((REPO / "data" / "heldout.txt").read_bytes())  # PPL+
     (tmp_path / "cf.json").write_text(json.dumps(RECORDS))
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["--params", str(tmp_path / "params.yaml"), "--threads", "1", "bench", "counterfact",

@@ -277,11 +277,12 @@ def test_sequential_edits_see_the_previous_edit(tiny_lm, second_moment, model_ty
     first, second = editor(lm, second_moment, model_type).apply([CURIE, NEEDLE])
 
     # The second edit equals one computed on the model with only the first in place (same editor, so the
-    # same cached prefixes).
+    # same cached prefixes), its insert holding the first edit's key fixed.
     lm_ref = tiny_lm(model_type)
     rome_ref = editor(lm_ref, second_moment, model_type)
     rome_ref.apply([CURIE])
-    ref = rome_ref.compute(NEEDLE)
+    ref = rome_ref.compute(NEEDLE, hold=first.k_star[None])
+    assert second.held == 1
     assert torch.equal(ref.v_star, second.v_star)
     assert torch.equal(ref.update.u, second.update.u)
     assert torch.equal(ref.update.v, second.update.v)
@@ -297,6 +298,7 @@ def test_sequential_edits_see_the_previous_edit(tiny_lm, second_moment, model_ty
     with torch.no_grad():
         module = lm.model.get_submodule(name)
         assert rel_err(module(second.k_star[None])[0], second.v_star) < 1e-5
+        assert rel_err(module(first.k_star[None])[0], first.v_star) < 1e-5  # ... and so does the earlier one
 
 
 def test_apply_reports_progress_and_honours_per_edit_layers(tiny_lm, second_moment):

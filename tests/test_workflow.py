@@ -385,6 +385,37 @@ def test_stack_command_writes_report_markdown_and_plots_then_applies_the_gate(pr
     assert json.loads(layout.stack_report.read_text())["gate"]["passed"] is False  # written before failing
 
 
+def test_stack_joint_solve_then_revert_equals_a_fresh_solve_without_the_manifest(project, tmp_path):
+    """stack.method: joint from the CLI: the report says so and differs from the sum; after `romeflow revert b`
+    the re-solved stack is bit for bit the stack of a project that never had b."""
+    plain = Path(shutil.copytree(project, tmp_path / "plain"))  # stack.method: sum (the default)
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("  window: 64\n", "  window: 64\n  method: joint\n"))
+    fresh = Path(shutil.copytree(project, tmp_path / "fresh"))
+    (fresh / "params.yaml").write_text((fresh / "params.yaml").read_text().replace("  - b\n", ""))
+    layout = Layout(project)
+    r = cli(project, "stack")
+    assert r.exit_code == 0, r.output
+    joint = json.loads(layout.stack_report.read_text())
+    assert validate("stack", joint) == [] and joint["composed"]["method"] == "joint"
+    assert "joint solve" in layout.stack_markdown.read_text().splitlines()[0]
+    assert cli(plain, "stack").exit_code == 0
+    summed = json.loads(Layout(plain).stack_report.read_text())
+    assert summed["composed"]["method"] == "sum"
+    assert summed["composed"]["weights_sha256"] != joint["composed"]["weights_sha256"]
+    r = cli(project, "revert", "b")
+    assert r.exit_code == 0, r.output
+    r = cli(project, "stack")
+    assert r.exit_code == 0, r.output
+    after = json.loads(layout.stack_report.read_text())
+    r = cli(fresh, "stack")
+    assert r.exit_code == 0, r.output
+    never = json.loads(Layout(fresh).stack_report.read_text())
+    assert after["composed"] == never["composed"] and after["composed"]["manifests"] == ["a"]
+    assert after["composed"]["weights_sha256"] != joint["composed"]["weights_sha256"]
+    assert after["manifests"]["a"]["stack"] == never["manifests"]["a"]["stack"]
+
+
 # --------------------------------------------------------------------------------------------------
 # status, verify, diff
 # --------------------------------------------------------------------------------------------------
