@@ -684,7 +684,7 @@ def bench_zsre(ctx, records_path, n, start, methods, out, model_spec, partial, s
 def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpoint_seconds):
     """Compute (or find in the cache) the key second moments C = E[k kᵀ] of edit layers."""
     from .parallel import Spawned, launched_shard
-    from .statistics import Shard, corpus_from
+    from .statistics import Shard, cached_stats_path, corpus_from
 
     settings = _settings(ctx)
     if tokens is not None and tokens < 1:
@@ -709,6 +709,8 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpo
     check_layers(lm.num_layers, uses)
     t = time.perf_counter()
     cache = cache_dir(ctx.obj["cache"])
+    if processes > 1 and all(cached_stats_path(cache, lm, l, corpus, n).exists() for l in layers):
+        processes = 1  # nothing to compute: no processes to start
     if processes > 1:
         import torch
 
