@@ -32,6 +32,9 @@ def test_two_processes_equal_one_with_the_same_provenance(tmp_path, model_dir):
     strip = lambda m: {k: v for k, v in m.items() if k != "tensor_sha256"}  # noqa: E731
     assert strip(two.meta) == strip(one.meta)
     assert not list((root.parent / "cache" / "stats").glob("partial-*"))  # no checkpoint left
+    r = cli(root, "stats", "--processes", "2", "--out", "again.safetensors")  # cached now: no processes started
+    assert r.exit_code == 0 and "processes" not in r.stderr, r.output
+    assert torch.equal(load_stats(root / "again.safetensors").second_moment, two.second_moment)
 
 
 def test_shards_sum_to_the_whole(tiny_lm, corpus):
