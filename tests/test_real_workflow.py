@@ -30,6 +30,7 @@ def test_dvc_repro_on_gemma(tmp_path):
     for f in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / f, repo / f)
     shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "romeflow", repo / "romeflow", ignore=shutil.ignore_patterns("__pycache__"))  # stage deps
     shutil.copy(REPO / "data" / "heldout.txt", repo / "data" / "heldout.txt")
     shutil.copy(REPO / "edits" / "curie.yaml", repo / "edits" / "curie.yaml")
     shutil.copy(REPO / "data" / "known_1000.json", repo / "data" / "known_1000.json")

@@ -522,6 +522,7 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
     add_trace_inputs(repo, lm)
     shutil.copy(REPO / "dvc.yaml", repo)
     shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "romeflow", repo / "romeflow", ignore=shutil.ignore_patterns("__pycache__"))  # stage deps
     shutil.copy(REPO / ".gitignore", repo)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "ROMEFLOW_CACHE": str(tmp_path / "cache"), "DVC_NO_ANALYTICS": "1",
