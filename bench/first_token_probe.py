@@ -19,7 +19,7 @@ import torch
 import romeflow.protect as protect_module
 import romeflow.rome as rome_module
 from romeflow.bench import counterfact_record_values, score_counterfact
-from romeflow.datasets import load_counterfact, load_known_facts, mine_token_neighbors
+from romeflow.datasets import records_with_token_neighbors
 from romeflow.editors import RomeEditor
 from romeflow.models import cache_dir, load_model
 from romeflow.params import load_params
@@ -49,10 +49,9 @@ def main() -> None:
     p = load_params(args.params)
     root = Path(args.params).resolve().parent
     lm = load_model(p.model)
-    known = load_known_facts(root / p.bench.token_neighbors_facts) if p.bench.token_neighbors_facts else []
-    records = mine_token_neighbors(load_counterfact(root / p.bench.counterfact_records), lm.tokenizer,
-                                   p.bench.token_neighbors_k, known)
-    records = [r for r in records if r.token_neighbors][args.start:args.start + args.n]
+    facts = root / p.bench.token_neighbors_facts if p.bench.token_neighbors_facts else None
+    records = records_with_token_neighbors(root / p.bench.counterfact_records, lm.tokenizer,
+                                           p.bench.token_neighbors_k, facts)[args.start:args.start + args.n]
     stats = get_stats(lm, [p.rome.layer], p.stats.corpus_source(), p.stats.tokens, cache_dir(None), p.stats.seq_len)
     editor = RomeEditor(lm, rank_one(p.rome), lambda layer: stats[layer].second_moment)
     values = []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from romeflow.datasets import load_counterfact, load_known_facts, mine_token_neighbors
+from romeflow.datasets import records_with_token_neighbors
 from romeflow.models import cache_dir, load_model
 from romeflow.params import load_params
 from romeflow.protect import bare_keys
@@ -38,10 +38,9 @@ def main() -> None:
     p = load_params(args.params)
     root = Path(args.params).resolve().parent
     lm = load_model(p.model)
-    known = load_known_facts(root / p.bench.token_neighbors_facts) if p.bench.token_neighbors_facts else []
-    records = mine_token_neighbors(load_counterfact(root / p.bench.counterfact_records), lm.tokenizer,
-                                   p.bench.token_neighbors_k, known)
-    records = [r for r in records if r.token_neighbors][:args.n]
+    facts = root / p.bench.token_neighbors_facts if p.bench.token_neighbors_facts else None
+    records = records_with_token_neighbors(root / p.bench.counterfact_records, lm.tokenizer,
+                                           p.bench.token_neighbors_k, facts)[:args.n]
     stats = get_stats(lm, layers, p.stats.corpus_source(), p.stats.tokens, cache_dir(None), p.stats.seq_len)
     prefixes = context_prefixes(lm, p.rome)
     print("| layer | neighbours | mean ρ | median ρ | share with ρ > 0.5 |\n|---|---|---|---|---|")

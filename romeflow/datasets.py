@@ -230,3 +230,11 @@ def load_zsre(path: str | Path) -> list[ZsreRecord]:
             field = f"'{e.args[0]}'" if isinstance(e, KeyError) else str(e)
             raise DatasetError(f"{path}: record {i}: missing or invalid field {field}") from e
     return records
+
+
+def records_with_token_neighbors(records_path: str | Path, tokenizer, k: int,
+                                 facts_path: str | Path | None = None) -> list[CounterfactRecord]:
+    """The COUNTERFACT records of a file that have token-sharing neighbours (mined with ``tokenizer``, at
+    most k each, from the file itself and the known facts of ``facts_path``), in file order."""
+    known = load_known_facts(facts_path) if facts_path else []
+    return [r for r in mine_token_neighbors(load_counterfact(records_path), tokenizer, k, known) if r.token_neighbors]

@@ -306,7 +306,7 @@ def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str]
     clamp_norm_factor · ‖W k*‖ after each Adam step. Returns (v* (d_out,), NLL per step).
 
     family: (s_i, ρ_i) pairs: other subjects, asked the edit's relation (p_i), and the share ρ_i of δ
-    that the insert will add at their key (ρ_i = vᵀk_i / vᵀk* for the update u vᵀ; ``Rome.leaks``). The
+    that the insert will add at their key (ρ_i = vᵀk_i / vᵀk* for the update u vᵀ; ``Rome.family_leaks``). The
     last term makes δ one that moves the subject and not, at their leak, its family.
 
     The rewrite prompts and p' run as one batch. Their tokens before the last subject token do not
