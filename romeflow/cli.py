@@ -571,8 +571,11 @@ def bench_counterfact(ctx, records_path, n, start, methods, out, model_spec, ref
 @click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")
 @click.option("--shard", default=None, metavar="K/N",
               help="Do only records (and compositions) K, K+N, … (1-based) so N processes share one run folder.")
+@click.option("--variant", "variants", multiple=True, metavar="NAME:key=value[:key=value]",
+              help="An extra joint solve with other stack settings (ridge, null_space, protect), e.g. "
+                   "ns:null_space=0.01 (repeatable).")
 @click.pass_context
-def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shard):
+def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shard, variants):
     """Edits at scale: one delta per record, the first k composed with each stack method, scored.
 
     ES/PS/NS/NS_tok of the k edited records on the composed model, neighbourhood success and kept
@@ -602,6 +605,13 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
     for m in names:
         if m not in METHODS:
             raise click.BadParameter(f"unknown stack method '{m}' (known: {', '.join(METHODS)})", param_hint="--methods")
+    joints = {"joint": settings.stack} if "joint" in names else {}
+    for spec in variants:
+        name, stack_params = settings.stack_variant(spec)
+        if name in joints or name in names:
+            raise click.BadParameter(f"'{name}' is given twice", param_hint="--variant")
+        joints[name] = stack_params
+        names.append(name)
     out = Path(out)
     check_writable(out, "--out", folder=True)
     root = _params_path(ctx).parent
@@ -621,14 +631,13 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
     _check_layers(ctx, spec, [(f"{settings.path}: rome.layer", settings.rome.layer)])
     lm = _load(ctx, spec)
     stats = _stats_for(ctx, lm, settings, [settings.rome.layer], ())
-    p = settings.stack
-    joint = {"ridge": p.ridge, "null_space": p.null_space, "protect": p.protect}
-    solvers = {m: (JointSolve(lambda layer: stats[layer].second_moment, p.ridge, p.null_space, p.protect)
-                   if m == "joint" else None) for m in names}
+    joint = {m: {"ridge": p.ridge, "null_space": p.null_space, "protect": p.protect} for m, p in joints.items()}
+    solvers = {m: (JointSolve(lambda layer: stats[layer].second_moment, joints[m].ridge, joints[m].null_space,
+                              joints[m].protect) if m in joints else None) for m in names}
     from .bench import run_settings
 
     run_cfg = run_settings("stack", {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,
-                           {"rome": settings.rome.to_dict(), **{m: (joint if m == "joint" else {}) for m in names}},
+                           {"rome": settings.rome.to_dict(), **{m: joint.get(m, {}) for m in names}},
                            None, None, {"k": settings.bench.token_neighbors_k, "facts": facts})
     run_cfg["others"] = [r.case_id for r in held]
     run_cfg["heldout"] = {"path": str(settings.stack.heldout), "sha256": sha256_file(heldout),

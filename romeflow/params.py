@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -69,6 +70,9 @@ class StackParams:
     ridge: float = 0.0  # joint: 0 exact; > 0 least squares (relative to the mean diagonal of Kᵀ C⁻¹ K)
     null_space: float = 0.0  # joint: preserve C's eigen-directions with eigenvalue >= this x the largest (0: off)
     protect: bool = True  # joint: hold each edit's protected keys fixed too
+
+
+JOINT_FIELDS = ("ridge", "null_space", "protect")  # what a `bench stack --variant` of the joint solve may change
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,31 @@ class Params:
         if errors:
             raise ConfigError(f"--variant {spec!r}: rome.{errors[0][0]}: {errors[0][1]}")
         return name, p
+
+    def stack_variant(self, spec: str) -> tuple[str, StackParams]:
+        """``bench stack --variant NAME:key=value:...``: a joint solve with those ``stack:`` fields changed
+        (ridge, null_space, protect), checked by the stack rules."""
+        name, _, rest = spec.partition(":")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or name in ("sum", "joint", "unedited"):
+            raise ConfigError(f"--variant {spec!r}: the name must be new, lower-case letters, digits, '_' or '-'")
+        changes: dict = {}
+        for item in filter(None, rest.split(":")):
+            key, eq, text = item.partition("=")
+            if not eq or key not in JOINT_FIELDS:
+                raise ConfigError(f"--variant {spec!r}: '{item}' is not key=value with one of {', '.join(JOINT_FIELDS)}")
+            try:
+                changes[key] = {"true": True, "false": False}[text.lower()] if key == "protect" else float(text)
+            except (KeyError, ValueError):
+                raise ConfigError(f"--variant {spec!r}: {key}: expected a "
+                                  f"{'boolean' if key == 'protect' else 'number'}, got {text!r}") from None
+        for key, v in changes.items():
+            if key != "protect" and not math.isfinite(v):
+                raise ConfigError(f"--variant {spec!r}: stack.{key}: must be a finite number, got {v}")
+        d = {**_plain(self.stack), **changes, "method": "joint"}
+        errors = validate_with(_section_validator("stack"), d)
+        if errors:
+            raise ConfigError(f"--variant {spec!r}: stack.{errors[0][0]}: {errors[0][1]}")
+        return name, _build(StackParams, d)
 
     def with_trace(self, options: dict[str, str], **values) -> "Params":
         """``trace:`` with command-line values (None = keep), validated by the same rules;

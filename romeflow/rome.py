@@ -15,6 +15,7 @@ and on W's device. Every tensor made here is made on the device of the tensor it
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
 import time
 from pathlib import Path
@@ -403,6 +404,58 @@ class Solver:
         return self.solve64(k).to(k.device, torch.float32)
 
 
+class MemoSolver:
+    """A Solver that remembers its answers by the keys' content: one edit's insert is re-run for each α
+    of the family term (``Rome.insert``) and solves for the same few keys every time."""
+
+    def __init__(self, base: Solver):
+        self.base, self._memo = base, {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def solve64(self, k: torch.Tensor) -> torch.Tensor:
+        k64 = k.detach().to(self.base.device, torch.float64).contiguous()
+        tag = (tuple(k64.shape), hashlib.sha1(k64.cpu().numpy().tobytes()).digest())
+        if tag not in self._memo:
+            self._memo[tag] = self.base.solve64(k64)
+        return self._memo[tag]
+
+    def __call__(self, k: torch.Tensor) -> torch.Tensor:
+        return self.solve64(k).to(k.device, torch.float32)
+
+
+class WoodburySolver:
+    """Solves (C + α B Bᵀ) x = k from C's Solver, by the Woodbury identity:
+
+        (C + α B Bᵀ)⁻¹ = C⁻¹ − C⁻¹B (I/α + Bᵀ C⁻¹ B)⁻¹ Bᵀ C⁻¹
+
+    B (d_in, f) with f ≪ d_in: one f × f factorisation instead of a d_in × d_in one, and C⁻¹B
+    (``c_inv_b``, computed once) is shared by every α tried for the same B. float64.
+    """
+
+    def __init__(self, base: "Solver | MemoSolver", b: torch.Tensor, alpha: float, c_inv_b: torch.Tensor | None = None):
+        self.base = base
+        self.b = b.to(base.device, torch.float64)  # (d_in, f)
+        self.c_inv_b = base.solve64(self.b) if c_inv_b is None else c_inv_b  # (d_in, f)
+        inner = torch.eye(self.b.shape[1], dtype=torch.float64, device=base.device) / alpha + self.b.T @ self.c_inv_b
+        self.inner = torch.linalg.cholesky(inner)  # (f, f) lower-triangular; positive definite for α > 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def solve64(self, k: torch.Tensor) -> torch.Tensor:  # (d_in,) or (d_in, n) -> (C + αBBᵀ)⁻¹ k, float64
+        y = self.base.solve64(k)
+        y2 = y.reshape(y.shape[0], -1)  # (d_in, n)
+        correction = self.c_inv_b @ torch.cholesky_solve(self.b.T @ y2, self.inner)  # (d_in, n)
+        return (y2 - correction).reshape(y.shape)
+
+    def __call__(self, k: torch.Tensor) -> torch.Tensor:  # float32, on k's device
+        return self.solve64(k).to(k.device, torch.float32)
+
+
 class InsertError(ValueError):
     """Keys the insert cannot separate (a protected key that is, for C, the edited key itself).
 
@@ -624,7 +677,7 @@ class Rome:
         self._solvers: dict[int, Solver] = {}
         self._names: NameIndex | None = None
         self._keys: dict[tuple[int, str, bool], torch.Tensor] = {}  # (layer, subject, averaged) -> (d_in,)
-        self._family_solvers: dict[tuple[int, str, float], Solver] = {}  # (layer, subject, α): the edit's own
+        self._family_solvers: dict[tuple[int, str, float], WoodburySolver] = {}  # (layer, subject, α): the edit's own
         self.values = values
 
     @property
@@ -679,23 +732,25 @@ class Rome:
         siblings = [" ".join(article + [w, last]) for w in picked]
         return names + [s for s in siblings if s != subject and s not in names]
 
-    def family_moment(self, layer: int, subject: str) -> torch.Tensor | None:
-        """(tr C / tr F) F, F = mean k kᵀ over the bare keys of the subject's family (``family``), float64
-        (d_in, d_in): the family's second moment scaled to C's size; None when it has no family."""
+    def family_factor(self, layer: int, subject: str) -> torch.Tensor | None:
+        """B (d_in, f), float64, with B Bᵀ = F̃ = (tr C / tr F) F, F = mean k kᵀ over the bare keys of the
+        subject's family (``family``): the family's second moment scaled to C's size; None when it has
+        no family."""
         names = self.family(subject)
         if not names:
             return None
         device = self.solver(layer).device  # where the family's solver will run
         keys = self.bare_keys(layer, names).to(device, torch.float64)  # (f, d_in)
-        c = self._second_moment(layer).to(device, torch.float64)
-        f = keys.T @ keys / len(names)  # (d_in, d_in)
-        return (c.diagonal().sum() / f.diagonal().sum()) * f
+        trace_c = self._second_moment(layer).to(device, torch.float64).diagonal().sum()
+        trace_f = (keys * keys).sum() / len(names)  # tr F = mean ‖k‖²
+        return keys.T * (trace_c / trace_f / len(names)).sqrt()  # (d_in, f)
 
-    def family_solver(self, layer: int, family: torch.Tensor, alpha: float) -> Solver:
-        """C⁻¹ of C + α F̃ (F̃ = ``family_moment``): the update then also keeps off the directions the
-        family's keys share (a least-squares form of protecting them all; α → ∞: equality on their span)."""
-        c = self._second_moment(layer).to(family.device, torch.float64)
-        return Solver(c + alpha * family)  # (on the family moment's device: the layer solver's)
+    def family_solver(self, layer: int, family: torch.Tensor, alpha: float, c_inv_b: torch.Tensor | None = None,
+                      base: "Solver | MemoSolver | None" = None) -> "WoodburySolver":
+        """(C + α F̃)⁻¹, F̃ = B Bᵀ (``family_factor``): the update then also keeps off the directions the
+        family's keys share (a least-squares form of protecting them all; α → ∞: equality on their span).
+        ``base``: C⁻¹ (default: the layer's solver)."""
+        return WoodburySolver(base or self.solver(layer), family, alpha, c_inv_b)
 
     def protected_keys(self, request: EditRequest, layer: int, k_star: torch.Tensor,
                        solve: Solver | None = None) -> tuple[list[str], torch.Tensor]:
@@ -754,7 +809,7 @@ class Rome:
         ``hold`` (h, d_in): keys of earlier edits at this layer whose values the insert must not move
         (Δ k_i = 0, so Ŵ k_i stays v_i): sequential edits do not undo each other."""
         layer = self.params.layer if layer is None else layer
-        self._family_solvers = {}  # one edit's (d_in × d_in factorisations are large)
+        self._family_solvers = {}  # one edit's (each holds C⁻¹B, d_in × f)
         clock = time.perf_counter
         with flush_denormals():
             t0 = clock()
@@ -815,17 +870,21 @@ class Rome:
                 u, v = self.with_prompt_key(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
             return u, v, names, protected_keys, held
 
-        u, v, names, protected_keys, held = solve_with(self.solver(layer))
-        family = self.family_moment(layer, request.subject) if p.protect_weight > 0 else None
+        base = MemoSolver(self.solver(layer))  # every α solves for the same keys again (C⁻¹ k)
+        u, v, names, protected_keys, held = solve_with(base)
+        family = self.family_factor(layer, request.subject) if p.protect_weight > 0 else None
         if family is None:
             return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}, protected_keys, held
-        second_moment = self._second_moment(layer)
+        second_moment = self._second_moment(layer).to(family.device, torch.float64)  # (converted once, not per α)
         energy = text_energy(second_moment, u, v)
+        c_inv_b = None  # C⁻¹B, shared by every α
         for i in range(FAMILY_HALVINGS + 1):
             alpha = p.protect_weight / 2 ** i
             solve = self._family_solvers.get((layer, request.subject, alpha))
             if solve is None:  # kept for this edit: family_leaks and the insert itself ask for the same
-                solve = self._family_solvers[(layer, request.subject, alpha)] = self.family_solver(layer, family, alpha)
+                solve = self._family_solvers[(layer, request.subject, alpha)] = \
+                    self.family_solver(layer, family, alpha, c_inv_b, base)
+            c_inv_b = solve.c_inv_b
             u1, v1, names1, keys1, held1 = solve_with(solve)
             ratio = text_energy(second_moment, u1, v1) / energy
             if ratio <= p.protect_max_energy:

@@ -470,6 +470,18 @@ CASES = [
     ("cli-bench-stack-heldout-missing", both(write("r.json", "[]"), params_edit("  heldout: data/heldout.txt",
                                                                                 "  heldout: data/none.txt")),
      ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run"), ["params.yaml: stack.heldout:", "none.txt not found"]),
+    ("cli-bench-stack-variant-key", write("r.json", "[]"),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run", "--variant", "ns:window=3"),
+     ["--variant 'ns:window=3'", "not key=value with one of ridge, null_space, protect"]),
+    ("cli-bench-stack-variant-range", write("r.json", "[]"),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run", "--variant", "ns:null_space=2"),
+     ["--variant 'ns:null_space=2'", "stack.null_space"]),
+    ("cli-bench-stack-variant-nan", write("r.json", "[]"),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run", "--variant", "r:ridge=nan"),
+     ["--variant 'r:ridge=nan'", "stack.ridge: must be a finite number"]),
+    ("cli-bench-stack-variant-name", write("r.json", "[]"),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run", "--variant", "joint:protect=false"),
+     ["--variant 'joint:protect=false'", "the name must be new"]),
     ("cli-verify-atol-negative", None, ("verify", "a", "--atol", "-1"), ["Invalid value for '--atol'"]),
 
     # ---- faults ---------------------------------------------------------------------------------

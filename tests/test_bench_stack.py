@@ -108,6 +108,21 @@ def test_bench_stack_refuses_other_settings_in_the_same_folder(project):
     assert r.exit_code != 0 and "different 'others'" in r.output
 
 
+def test_bench_stack_variant_is_a_joint_solve_with_other_stack_settings(project):
+    out = project / "run3"
+    r = run(project, "bench", "stack", "--records", str(project / "cf.json"), "--n", "3", "--k", "1,3", "--others", "1",
+            "--methods", "joint", "--variant", "ns:null_space=0.01", "--variant", "open:protect=false", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["methods"]["ns"] == {"ridge": 0.0, "null_space": 0.01, "protect": True}
+    assert report["settings"]["methods"]["open"]["protect"] is False
+    rows = {(x["method"], x["k"]): x for x in report["rows"]}
+    assert set(report["limits"]) == {"joint", "ns", "open"}
+    assert all("error" not in rows[(m, 3)] for m in ("joint", "ns", "open"))
+    # the projection changes the composed model; the same solve without it is the plain joint row
+    assert rows[("ns", 3)]["perplexity"] != rows[("joint", 3)]["perplexity"]
+
+
 @pytest.mark.parametrize("args, message", [
     (("--k", "a,b"), "--k"), (("--methods", "sum,product"), "unknown stack method 'product'"),
     (("--n", "0"), "--n"), (("--n", "50"), "fewer than 50"), (("--others", "-1"), "--others")])

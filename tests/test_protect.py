@@ -389,3 +389,39 @@ def test_family_kl_keeps_the_family_prompts_at_their_leak_of_delta(tiny_lm, seco
         return total / len(kin)
 
     assert family_kl(v_fast) < family_kl(v_plain)
+
+
+@pytest.mark.parametrize("f", [1, 5, 40])
+def test_woodbury_solver_is_the_dense_solve_of_c_plus_alpha_b_bt(f):
+    """The family term's (C + α B Bᵀ)⁻¹ by the Woodbury identity equals factorising the sum itself."""
+    from romeflow.rome import WoodburySolver
+
+    g = torch.Generator().manual_seed(f)
+    c = spd(24, seed=f).double()
+    b = torch.randn(24, f, generator=g, dtype=torch.float64)
+    base = Solver(c)
+    shared = None
+    for alpha in (1.0, 0.25, 1e-3):  # the halvings share C⁻¹B
+        solver = WoodburySolver(base, b, alpha, shared)
+        shared = solver.c_inv_b
+        dense = Solver(c + alpha * b @ b.T)
+        k = torch.randn(24, 3, generator=g, dtype=torch.float64)
+        assert rel(solver.solve64(k), dense.solve64(k)) < 1e-10
+        assert rel(solver.solve64(k[:, 0]), dense.solve64(k[:, 0])) < 1e-10
+        assert solver(k.float()).dtype == torch.float32
+
+
+def test_memo_solver_answers_repeated_keys_once_and_like_the_solver():
+    from romeflow.rome import MemoSolver
+
+    c = spd(16, seed=3).double()
+    base = Solver(c)
+    calls = []
+    real = base.solve64
+    base.solve64 = lambda k: calls.append(1) or real(k)
+    memo = MemoSolver(base)
+    k = torch.randn(16, 2, dtype=torch.float64)
+    first = memo.solve64(k)
+    assert torch.equal(memo.solve64(k.clone()), first) and len(calls) == 1  # by content, not identity
+    assert rel(memo.solve64(k + 1e-9), real(k + 1e-9)) < 1e-12 and len(calls) == 2
+    assert rel(first, torch.linalg.solve(c, k)) < 1e-10
