@@ -19,13 +19,14 @@ from click.testing import CliRunner
 
 from romeflow.cli import main
 from romeflow.params import ConfigError, load_params
-from romeflow.deltas import DeltaError, EditedModel, load_delta, save_delta
+from romeflow.deltas import DeltaError, EditedModel, JointSolve, load_delta, save_delta
 from romeflow.evaluation import evaluate_manifest, text_predictions
 from romeflow.history import diff_reports, metric_rows, read_reports
 from romeflow.manifests import load_manifest
 from romeflow.models import load_model
 from romeflow.registry import edit_manifest_list, read_manifests, register, unregister
 from romeflow.schemas import validate
+from romeflow.statistics import load_stats
 from romeflow.workflow import Gate, Layout, edited_weights_sha256, eval_manifest, eval_stack, stack_gate
 
 from conftest import EDIT_LAYER, corpus_text
@@ -588,6 +589,26 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
         edited.reset()
     assert stack["composed"]["weights_sha256"] != stack_before["composed"]["weights_sha256"]
     assert repro()[0] == set()
+
+    # stack.method: joint: only the stack re-runs; after a revert it is the joint solve of the remaining
+    # deltas exactly (a fresh solve without the reverted manifest)
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("  window: 64\n", "  window: 64\n  method: joint\n", 1))
+    assert repro()[0] == {"stack"}
+    assert json.loads((repo / "reports" / "stack.json").read_text())["composed"]["method"] == "joint"
+    romeflow("revert", "c")
+    assert repro()[0] == {"stack"}
+    stack = json.loads((repo / "reports" / "stack.json").read_text())
+    assert stack["composed"]["manifests"] == ["a"] and stack["composed"]["method"] == "joint"
+    fresh = JointSolve(lambda layer: load_stats(repo / "stats" / f"layer{layer}.safetensors").second_moment)
+    remaining = [load_delta(repo / "deltas" / "a.safetensors")]
+    edited.compose(remaining, fresh)
+    try:
+        assert edited_weights_sha256(lm, remaining) == stack["composed"]["weights_sha256"]
+    finally:
+        edited.reset()
+    assert repro()[0] == set()
+    params.write_text(params.read_text().replace("  method: joint\n", "", 1))  # (sum again, for what follows)
 
     # a manifest tuned to fail the gate: the repro fails with one line, and its report is written
     romeflow("add", str(repo / "edits" / "bad.yaml"))
