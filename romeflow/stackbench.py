@@ -259,12 +259,14 @@ def plot(report: dict, path: Path) -> None:
               ("perplexity_increase_pct", "perplexity increase (%)")]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     ks = sorted({r["k"] for r in report["rows"]})
+    palette = [c for i, c in enumerate(plt.get_cmap("tab20").colors) if i % 2 == 0 and i != 14]  # no gray:
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(report["limits"])}  # that is the unedited model
     for ax, (key, title) in zip(axes.flat, panels):
         for method in ["unedited", *report["limits"]]:
             pts = [(r["k"], r[key] if key == "perplexity_increase_pct" else r[key]["value"])
                    for r in report["rows"] if r["method"] == method and "error" not in r and r.get(key) is not None]
             if pts:
-                style = {"color": "gray", "linestyle": "--"} if method == "unedited" else {}
+                style = {"color": "gray", "linestyle": "--"} if method == "unedited" else {"color": colour[method]}
                 ax.plot(*zip(*pts), marker="o", label=method, **style)
         ax.set_xscale("log")
         ax.set_xticks(ks, [str(k) for k in ks])
