@@ -67,6 +67,7 @@ class StackParams:
     heldout: str = "data/heldout.txt"
     window: int = 256  # tokens per perplexity window
     method: str = "sum"  # sum: base + Σ deltas; joint: one update re-solved from every delta's (k*, v*) pairs
+    # (the project's params.yaml ships joint with ridge 0.3, chosen at scale: docs/scale.md)
     ridge: float = 0.0  # joint: 0 exact; > 0 least squares (relative to the mean diagonal of Kᵀ C⁻¹ K)
     null_space: float = 0.0  # joint: preserve C's eigen-directions with eigenvalue >= this x the largest (0: off)
     protect: bool = True  # joint: hold each edit's protected keys fixed too
