@@ -391,10 +391,11 @@ class Solver:
         if info.item() != 0:
             raise ValueError("the key second moment C is not positive definite: compute it over more tokens")
         self.factor = factor  # (d_in, d_in) lower-triangular L with C = L Lᵀ
+        self.where = factor.device  # where the solves run
 
     @property
     def device(self) -> torch.device:
-        return self.factor.device
+        return self.where
 
     def solve64(self, k: torch.Tensor) -> torch.Tensor:  # (d_in,) or (d_in, n) -> C⁻¹ k, float64
         k64 = k.to(self.factor.device, torch.float64)
@@ -404,16 +405,12 @@ class Solver:
         return self.solve64(k).to(k.device, torch.float32)
 
 
-class MemoSolver:
+class MemoSolver(Solver):
     """A Solver that remembers its answers by the keys' content: one edit's insert is re-run for each α
     of the family term (``Rome.insert``) and solves for the same few keys every time."""
 
-    def __init__(self, base: Solver):
-        self.base, self._memo = base, {}
-
-    @property
-    def device(self) -> torch.device:
-        return self.base.device
+    def __init__(self, base: Solver):  # (no factorisation of its own: the solves are the base's)
+        self.base, self._memo, self.where = base, {}, base.device
 
     def solve64(self, k: torch.Tensor) -> torch.Tensor:
         k64 = k.detach().to(self.base.device, torch.float64).contiguous()
@@ -422,11 +419,8 @@ class MemoSolver:
             self._memo[tag] = self.base.solve64(k64)
         return self._memo[tag]
 
-    def __call__(self, k: torch.Tensor) -> torch.Tensor:
-        return self.solve64(k).to(k.device, torch.float32)
 
-
-class WoodburySolver:
+class WoodburySolver(Solver):
     """Solves (C + α B Bᵀ) x = k from C's Solver, by the Woodbury identity:
 
         (C + α B Bᵀ)⁻¹ = C⁻¹ − C⁻¹B (I/α + Bᵀ C⁻¹ B)⁻¹ Bᵀ C⁻¹
@@ -441,19 +435,13 @@ class WoodburySolver:
         self.c_inv_b = base.solve64(self.b) if c_inv_b is None else c_inv_b  # (d_in, f)
         inner = torch.eye(self.b.shape[1], dtype=torch.float64, device=base.device) / alpha + self.b.T @ self.c_inv_b
         self.inner = torch.linalg.cholesky(inner)  # (f, f) lower-triangular; positive definite for α > 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.base.device
+        self.where = base.device
 
     def solve64(self, k: torch.Tensor) -> torch.Tensor:  # (d_in,) or (d_in, n) -> (C + αBBᵀ)⁻¹ k, float64
         y = self.base.solve64(k)
         y2 = y.reshape(y.shape[0], -1)  # (d_in, n)
         correction = self.c_inv_b @ torch.cholesky_solve(self.b.T @ y2, self.inner)  # (d_in, n)
         return (y2 - correction).reshape(y.shape)
-
-    def __call__(self, k: torch.Tensor) -> torch.Tensor:  # float32, on k's device
-        return self.solve64(k).to(k.device, torch.float32)
 
 
 class InsertError(ValueError):
