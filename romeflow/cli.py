@@ -23,7 +23,7 @@ from .manifests import Manifest, ManifestError, check_conflicts, load_manifest
 from .models import (DEVICE_MAP_STRATEGIES, DEVICE_PATTERN, DTYPES, EMBEDDED, LoadedModel, ModelError, Placement, cache_dir,
                      layer_count, load_model, resolve, sha256_file)
 from .names import BadName
-from .params import ConfigError, Params, check_layers, load_params
+from .params import JOINT_FIELDS, ConfigError, Params, check_layers, load_params
 from .registry import check_name, register, unregister
 from .protect import check_sources
 from .rome import RomeParams
@@ -631,7 +631,7 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
     _check_layers(ctx, spec, [(f"{settings.path}: rome.layer", settings.rome.layer)])
     lm = _load(ctx, spec)
     stats = _stats_for(ctx, lm, settings, [settings.rome.layer], ())
-    joint = {m: {"ridge": p.ridge, "null_space": p.null_space, "protect": p.protect} for m, p in joints.items()}
+    joint = {m: {f: getattr(p, f) for f in JOINT_FIELDS} for m, p in joints.items()}
     solvers = {m: (JointSolve(lambda layer: stats[layer].second_moment, joints[m].ridge, joints[m].null_space,
                               joints[m].protect) if m in joints else None) for m in names}
     from .bench import run_settings

@@ -9,6 +9,7 @@ the same kind of factors a delta file stores. FT's change is dense and has no su
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -261,26 +262,40 @@ def timed_edit(editor: Editor, request: EditRequest) -> tuple[WeightEdit, float]
 METHODS = ("rome", "rome-r1", "ft", "ftl", "kn")  # rome-r1: ROME with no protected keys (the rank-one insert)
 
 
+def parse_variant(spec: str, base, section: str, allowed: tuple[str, ...] | None = None,
+                  reserved: tuple[str, ...] = ()) -> tuple[str, dict]:
+    """'NAME:key=value:key=value' -> (NAME, {field: value}) for the fields of the dataclass ``base``
+    (only ``allowed`` ones, when given), each parsed as the type of base's value: tuple values are
+    joined by '+', booleans are true/false, numbers must be finite. ``section``: the params.yaml
+    section named in messages; ``reserved``: names a variant may not take."""
+    name, _, rest = spec.partition(":")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or name in reserved:
+        raise ValueError(f"--variant {spec!r}: the name must be new, lower-case letters, digits, '_' or '-'")
+    types = {f.name: type(getattr(base, f.name)) for f in fields(base) if allowed is None or f.name in allowed}
+    wanted = f"one of {', '.join(allowed)}" if allowed is not None else f"a {section} hyper-parameter"
+    changes = {}
+    for item in filter(None, rest.split(":")):
+        key, eq, text = item.partition("=")
+        if not eq or key not in types:
+            raise ValueError(f"--variant {spec!r}: '{item}' is not key=value with {wanted}")
+        kind = types[key]
+        try:
+            value = (tuple(text.split("+")) if kind is tuple else
+                     {"true": True, "false": False}[text.lower()] if kind is bool else kind(text))
+        except (KeyError, ValueError):
+            raise ValueError(f"--variant {spec!r}: {key}: expected a {kind.__name__}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"--variant {spec!r}: {section}.{key}: must be a finite number, got {value}")
+        changes[key] = value
+    return name, changes
+
+
 def rome_variant(spec: str, base: RomeParams) -> tuple[str, RomeParams]:
     """'NAME:key=value:key=value' -> (NAME, base with those ROME hyper-parameters changed).
 
     A benchmark's extra ROME methods, e.g. 'l4:layer=4' or 'p30:protect=30:protect_weight=1'; tuple
     values are joined by '+' ('protect_sources=wikipedia+data/known_1000.json')."""
-    name, _, rest = spec.partition(":")
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or name in METHODS or name == "unedited":
-        raise ValueError(f"--variant {spec!r}: the name must be new, lower-case letters, digits, '_' or '-'")
-    types = {f.name: type(getattr(base, f.name)) for f in fields(RomeParams)}
-    changes = {}
-    for item in filter(None, rest.split(":")):
-        key, eq, text = item.partition("=")
-        if not eq or key not in types:
-            raise ValueError(f"--variant {spec!r}: '{item}' is not key=value with a rome hyper-parameter")
-        kind = types[key]
-        try:
-            changes[key] = (tuple(text.split("+")) if kind is tuple else
-                            {"true": True, "false": False}[text.lower()] if kind is bool else kind(text))
-        except (KeyError, ValueError):
-            raise ValueError(f"--variant {spec!r}: {key}: expected a {kind.__name__}, got {text!r}") from None
+    name, changes = parse_variant(spec, base, "rome", reserved=METHODS + ("unedited",))
     return name, replace(base, **changes)
 
 

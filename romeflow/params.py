@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -164,22 +163,12 @@ class Params:
     def stack_variant(self, spec: str) -> tuple[str, StackParams]:
         """``bench stack --variant NAME:key=value:...``: a joint solve with those ``stack:`` fields changed
         (ridge, null_space, protect), checked by the stack rules."""
-        name, _, rest = spec.partition(":")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or name in ("sum", "joint", "unedited"):
-            raise ConfigError(f"--variant {spec!r}: the name must be new, lower-case letters, digits, '_' or '-'")
-        changes: dict = {}
-        for item in filter(None, rest.split(":")):
-            key, eq, text = item.partition("=")
-            if not eq or key not in JOINT_FIELDS:
-                raise ConfigError(f"--variant {spec!r}: '{item}' is not key=value with one of {', '.join(JOINT_FIELDS)}")
-            try:
-                changes[key] = {"true": True, "false": False}[text.lower()] if key == "protect" else float(text)
-            except (KeyError, ValueError):
-                raise ConfigError(f"--variant {spec!r}: {key}: expected a "
-                                  f"{'boolean' if key == 'protect' else 'number'}, got {text!r}") from None
-        for key, v in changes.items():
-            if key != "protect" and not math.isfinite(v):
-                raise ConfigError(f"--variant {spec!r}: stack.{key}: must be a finite number, got {v}")
+        from .editors import parse_variant
+
+        try:
+            name, changes = parse_variant(spec, self.stack, "stack", JOINT_FIELDS, ("sum", "joint", "unedited"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         d = {**_plain(self.stack), **changes, "method": "joint"}
         errors = validate_with(_section_validator("stack"), d)
         if errors:

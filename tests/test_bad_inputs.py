@@ -330,6 +330,9 @@ CASES = [
     ("cli-bench-variant-range", write("r.json", "[]"),
      ("bench", "zsre", "--records", "r.json", "--methods", "rome", "--variant", "v1:protect=-1"),
      ["--variant 'v1:protect=-1': rome.protect: must be >= 0, got -1"]),
+    ("cli-bench-variant-nan", write("r.json", "[]"),  # was accepted: lr = nan reached the editor
+     ("bench", "zsre", "--records", "r.json", "--methods", "rome", "--variant", "v1:lr=nan"),
+     ["--variant 'v1:lr=nan': rome.lr: must be a finite number, got nan"]),
     ("cli-bench-variant-key", write("r.json", "[]"),
      ("bench", "zsre", "--records", "r.json", "--methods", "rome", "--variant", "v1:nosuch=1"),
      ["--variant 'v1:nosuch=1': 'nosuch=1' is not key=value with a rome hyper-parameter"]),
