@@ -346,7 +346,8 @@ def _joint_solve(ctx, lm: LoadedModel, settings: Params, layout: Layout, deltas:
                 raise DeltaError(f"{d.path}: stats: computed with other statistics of layer {s['layer']} "
                                  f"({s['sha256'][:12]}, now {stats[s['layer']].sha256[:12]}); recompute it")
     p = settings.stack
-    return JointSolve(lambda layer: stats[layer].second_moment, p.ridge, p.null_space, p.protect)
+    return JointSolve(lambda layer: stats[layer].second_moment, p.ridge, p.null_space, p.protect, p.margin, p.rounds,
+                      p.prefixes)
 
 
 @main.command()
@@ -572,7 +573,7 @@ def bench_counterfact(ctx, records_path, n, start, methods, out, model_spec, ref
 @click.option("--shard", default=None, metavar="K/N",
               help="Do only records (and compositions) K, K+N, … (1-based) so N processes share one run folder.")
 @click.option("--variant", "variants", multiple=True, metavar="NAME:key=value[:key=value]",
-              help="An extra joint solve with other stack settings (ridge, null_space, protect), e.g. "
+              help="An extra joint solve with other stack settings (ridge, null_space, protect, margin, rounds, prefixes), e.g. "
                    "ns:null_space=0.01 (repeatable).")
 @click.pass_context
 def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shard, variants):
@@ -631,9 +632,13 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
     _check_layers(ctx, spec, [(f"{settings.path}: rome.layer", settings.rome.layer)])
     lm = _load(ctx, spec)
     stats = _stats_for(ctx, lm, settings, [settings.rome.layer], ())
-    joint = {m: {f: getattr(p, f) for f in JOINT_FIELDS} for m, p in joints.items()}
+    # (the calibration's fields only when it is on: folders of runs without it stay valid)
+    joint = {m: {f: getattr(p, f) for f in JOINT_FIELDS if p.margin > 0 or f not in ("margin", "rounds", "prefixes")}
+             for m, p in joints.items()}
     solvers = {m: (JointSolve(lambda layer: stats[layer].second_moment, joints[m].ridge, joints[m].null_space,
-                              joints[m].protect) if m in joints else None) for m in names}
+                              joints[m].protect, joints[m].margin, joints[m].rounds, joints[m].prefixes)
+                   if m in joints else None)
+               for m in names}
     from .bench import run_settings
 
     run_cfg = run_settings("stack", {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,

@@ -35,8 +35,9 @@ from .evaluation import edit_probabilities
 from .io import atomic_path
 from .manifests import Manifest
 from .models import LoadedModel, ModelError, edited_module_name, read_weight, weight_shape, write_weight
-from .rome import (EditResult, InsertError, RankOneUpdate, Rome, RomeParams, Solver, add_rank_one, joint_insert,
-                   null_space_basis, projected_solver)
+from .prompts import fill
+from .rome import (EditResult, InsertError, RankOneUpdate, Rome, RomeParams, Solver, add_rank_one, joint_insert, margins,
+                   next_token, null_space_basis, projected_solver)
 from .schemas import validate
 from .statistics import Stats
 
@@ -295,6 +296,7 @@ class EditedModel:
     def __init__(self, lm: LoadedModel):
         self.lm = lm
         self.deltas: list[Delta] = []
+        self.scales: torch.Tensor | None = None  # each edit's share of its change, when the stack is calibrated
         self._base: dict[str, torch.Tensor] = {}
 
     def compose(self, deltas: list[Delta], joint: "JointSolve | None" = None) -> None:
@@ -309,15 +311,58 @@ class EditedModel:
             for up in d.updates:
                 if up.module not in self._base:  # untouched so far, so still the base weight
                     self._base[up.module] = read_weight(self.lm.model, up.module)
-        for name, w in self._base.items():
-            write_weight(self.lm.model, name, w)
-        updates = [up for d in deltas for up in d.updates] if joint is None else joint.updates(deltas, self._base)
-        for up in updates:
-            add_rank_one(self.lm.model, up.module, up.u, up.v)
+        self.scales = None
+        if joint is None:
+            updates = [up for d in deltas for up in d.updates]
+        elif joint.margin > 0 and deltas:
+            self.scales = self.calibrate(deltas, joint)
+            updates = joint.updates(deltas, self._base, self.scales)
+        else:
+            updates = joint.updates(deltas, self._base)
+        self._write(updates)
         self.deltas = list(deltas)
 
     def reset(self) -> None:
         self.compose([])
+
+    def _write(self, updates: list[RankOneUpdate]) -> None:
+        """Base weights, then the updates on top."""
+        for name, w in self._base.items():
+            write_weight(self.lm.model, name, w)
+        for up in updates:
+            add_rank_one(self.lm.model, up.module, up.u, up.v)
+
+    def calibrate(self, deltas: list[Delta], joint: "JointSolve") -> torch.Tensor:
+        """Each edit's share s_j of its change (stack.margin): the least, to 2^-rounds, at which its
+        rewrite prompt prefers the new object over the old one by ``joint.margin`` on the composed
+        model itself (mean per-token log-probability, as ES; with ``joint.prefixes``, the mean margin
+        of the prompt alone and after that many of v*'s context prefixes). All edits bisect at once: each round
+        solves the stack with the midpoints, scores every rewrite prompt in one batched pass, and
+        halves each edit's interval. An edit that does not hold even whole keeps s_j = 1.
+
+        v* overshoots (a median margin of ~9 nats on its own prompt), and the excess is damage
+        that adds up over a stack; in the stack, cross-talk and the ridge also move each edit's
+        margin, which is why the shares are found there and not per delta (docs/scale.md)."""
+        pairs = edits(deltas)
+        canon = [d.meta["manifest"]["canonical"]["edits"][i] for d, i in pairs]
+        rewrites = [fill(e["relation"], e["subject"]) for e in canon]
+        self._write([])  # the base model: the old object of an edit that names none is its answer
+        olds = [e.get("target_true") or next_token(self.lm, p) for e, p in zip(canon, rewrites)]
+        asked = [calibration_prompts(d, p, joint.prefixes) for (d, _), p in zip(pairs, rewrites)]  # per edit
+        prompts = [q for qs in asked for q in qs]
+        targets = [e["target"] for e, qs in zip(canon, asked) for _ in qs]
+        old_of = [o for o, qs in zip(olds, asked) for _ in qs]
+        owner = torch.tensor([j for j, qs in enumerate(asked) for _ in qs])  # (prompts,) the edit of each prompt
+        count = torch.bincount(owner, minlength=len(pairs)).double()  # (n,)
+        lo, hi = torch.zeros(len(pairs), dtype=torch.float64), torch.ones(len(pairs), dtype=torch.float64)
+        for _ in range(joint.rounds):
+            mid = (lo + hi) / 2
+            self._write(joint.updates(deltas, self._base, mid))
+            m = margins(self.lm, prompts, targets, old_of).double()  # (prompts,)
+            mean = torch.zeros(len(pairs), dtype=torch.float64).index_add(0, owner, m) / count  # (n,)
+            held = mean >= joint.margin
+            hi, lo = torch.where(held, mid, hi), torch.where(held, lo, mid)
+        return hi
 
 
 def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict[int, Stats],
@@ -371,7 +416,7 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
                    "d_in": r.update.v.shape[0], "d_out": r.update.u.shape[0],
                    **({"rank": r.update.u.shape[1]} if r.update.u.dim() == 2 else {}), "steps": len(r.nll_trace) - 1,
                    "final_nll": r.nll_trace[-1], "before": b, "after": a, "protected": list(r.protected),
-                   **({"held": r.held} if r.held else {})}
+                   **({"held": r.held} if r.held else {}), **({"scale": r.scale} if r.scale != 1.0 else {})}
                   for i, (r, b, a) in enumerate(zip(results, before, after))],
     }
     if onto:
@@ -393,6 +438,22 @@ def require_pairs(delta: Delta, why: str = "stack.method: joint") -> None:
                          f"romeflow stored them); {why} needs them: recompute it with `romeflow apply` or `dvc repro`")
 
 
+def calibration_prompts(delta: Delta, rewrite: str, prefixes: int) -> list[str]:
+    """The prompts whose mean margin calibrates an edit: its rewrite prompt, and after ``prefixes`` of
+    the delta's own context prefixes (those v* was optimised over), evenly spaced over the list."""
+    own = [p for p in delta.meta.get("context_prefixes", []) if p]
+    if prefixes <= 0 or not own:
+        return [rewrite]
+    n = min(prefixes, len(own))
+    picks = sorted({round(i * (len(own) - 1) / max(n - 1, 1)) for i in range(n)})
+    return [rewrite] + [own[i] + rewrite for i in picks]
+
+
+def edits(deltas: list[Delta]) -> list[tuple[Delta, int]]:
+    """Every edit of a stack, in order: (delta, index of the edit in it)."""
+    return [(d, i) for d in deltas for i in range(len(d.updates))]
+
+
 class JointSolve:
     """The composed update of a stack, recomputed from all its deltas' (k*, v*) pairs in one call of
     ``rome.joint_insert`` per edited module (docs/method.md, "The joint stack solve").
@@ -404,8 +465,10 @@ class JointSolve:
     """
 
     def __init__(self, second_moment: Callable[[int], torch.Tensor], ridge: float = 0.0, null_space: float = 0.0,
-                 protect: bool = True):
+                 protect: bool = True, margin: float = 0.0, rounds: int = 7, prefixes: int = 0):
         self.second_moment, self.ridge, self.null_space, self.protect = second_moment, ridge, null_space, protect
+        # the calibration (EditedModel.calibrate); margin 0: off
+        self.margin, self.rounds, self.prefixes = margin, rounds, prefixes
         self._solvers: dict[int, tuple[Solver, torch.Tensor | None]] = {}
 
     def solver(self, layer: int) -> tuple[Solver, torch.Tensor | None]:
@@ -431,13 +494,19 @@ class JointSolve:
         keep = [r for r in range(kv.protected.shape[0]) if names[r // 2] not in edited]
         return kv.protected[keep] if keep else None
 
-    def updates(self, deltas: list[Delta], base: dict[str, torch.Tensor]) -> list[RankOneUpdate]:
-        """One rank-≤n update per module, from the base weights (module -> (d_out, d_in))."""
+    def updates(self, deltas: list[Delta], base: dict[str, torch.Tensor],
+                scales: torch.Tensor | None = None) -> list[RankOneUpdate]:
+        """One rank-≤n update per module, from the base weights (module -> (d_out, d_in)).
+
+        scales: one per edit of the stack, in the order of ``edits(deltas)``: edit j asks for
+        W k_j + s_j (v_j − W k_j) (the calibration of ``EditedModel.compose``); None: all 1."""
         self.check(deltas)
         by_module: dict[str, list[tuple[Delta, int, KeyValue]]] = {}
-        for d in deltas:
-            for i, kv in enumerate(d.pairs):
-                by_module.setdefault(kv.module, []).append((d, i, kv))
+        share: dict[str, list[float]] = {}
+        for j, (d, i) in enumerate(edits(deltas)):
+            kv = d.pairs[i]
+            by_module.setdefault(kv.module, []).append((d, i, kv))
+            share.setdefault(kv.module, []).append(1.0 if scales is None else float(scales[j]))
         out = []
         for module, items in by_module.items():
             layer = items[0][2].layer
@@ -449,7 +518,8 @@ class JointSolve:
             held = [h for h in held if h is not None]
             protected = torch.cat(held) if held else None
             try:
-                u, v = joint_insert(solve, base[module], keys, values, protected, self.ridge, basis)
+                u, v = joint_insert(solve, base[module], keys, values, protected, self.ridge, basis,
+                                    scales=None if scales is None else torch.tensor(share[module], dtype=torch.float64))
             except InsertError as e:
                 if e.index is None or e.index >= len(items):
                     raise DeltaError(f"stack.method: joint: {module}: {e}; set stack.ridge > 0 for a "

@@ -68,7 +68,8 @@ class RomeEditor:
         add_rank_one(self.lm.model, up.module, up.u, up.v)
         return WeightEdit(originals, [up], {"steps": len(result.nll_trace), "final_nll": result.nll_trace[-1],
                                             "protected": result.protected,
-                                            "family": result.family})
+                                            "family": result.family,
+                                            **({"scale": result.scale} if result.scale != 1.0 else {})})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,9 +70,12 @@ class StackParams:
     ridge: float = 0.0  # joint: 0 exact; > 0 least squares (relative to the mean diagonal of Kᵀ C⁻¹ K)
     null_space: float = 0.0  # joint: preserve C's eigen-directions with eigenvalue >= this x the largest (0: off)
     protect: bool = True  # joint: hold each edit's protected keys fixed too
+    margin: float = 0.0  # joint: each edit kept at the least share of its change that holds this margin (0: off)
+    rounds: int = 7  # joint: bisection rounds for those shares (resolution 2⁻ⁿ)
+    prefixes: int = 0  # joint: the margin is the mean over the rewrite prompt and after this many v* prefixes
 
 
-JOINT_FIELDS = ("ridge", "null_space", "protect")  # what a `bench stack --variant` of the joint solve may change
+JOINT_FIELDS = ("ridge", "null_space", "protect", "margin", "rounds", "prefixes")  # what a `bench stack --variant` of the joint solve may change
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ from typing import Callable
 import torch
 
 from .models import (LoadedModel, cache_kwargs, edited_module, edited_module_name, final_hidden, keys_at, logits_at,
-                     module_device, new_cache, writable_weight)
-from .prompts import encode, fill, flush_denormals, mean_per_pair, pad, subject_last_index, teacher_forced
+                     module_device, new_cache, read_weight, writable_weight, write_weight)
+from .prompts import (encode, fill, flush_denormals, mean_per_pair, pad, subject_last_index, target_logprobs,
+                      teacher_forced)
 from .protect import NameIndex, bare_keys, choose_protected, leak, reference_names, residual_share
 
 
@@ -59,6 +60,10 @@ class RomeParams:
     protect_max_energy: float = 2.0  # the family term may raise tr(ΔCΔᵀ) at most this many times (α halved until)
     family_kl: float = 0.0  # v*: weight of the KL term on family members' prompts, each given its leak of δ (0: off)
     family_kl_prompts: int = 8  # ... over this many family members, the leakiest under the insert
+    # The update's size (docs/scale.md): v* overshoots (a median margin of ~9 nats on its own prompt), and
+    # the excess is damage that accumulates in a stack.
+    shrink_margin: float = 0.0  # scale δ down to the least share at which the prompt keeps this margin (0: off)
+    shrink_steps: int = 5  # bisection steps for that share (resolution 2⁻ⁿ)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RomeParams":
@@ -73,7 +78,12 @@ class RomeParams:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """As params.yaml writes it; the shrink's fields only when it is on, so that run folders and
+        deltas written before it existed still match an unchanged configuration."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if not self.shrink_margin:
+            del d["shrink_margin"], d["shrink_steps"]
+        return d
 
 
 def rank_one(params: RomeParams) -> RomeParams:
@@ -118,6 +128,7 @@ class EditResult:
     protected_keys: torch.Tensor | None = None  # (m, d_in) those subjects' keys (two each), None when m = 0
     held: int = 0  # keys of earlier edits (this manifest's, or the stack's it was applied onto) held fixed
     family: dict = field(default_factory=dict)  # the family term used: {alpha, energy_ratio[, kl_prompts]}
+    scale: float = 1.0  # the share of δ kept (``shrink_margin``); v_star is W k* + scale · δ
 
 
 # --------------------------------------------------------------------------------------------------
@@ -585,7 +596,8 @@ def _check_separable(solve: Solver, keys: torch.Tensor, min_residual: float) -> 
 
 def joint_insert(solve: Solver, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  protected: torch.Tensor | None = None, ridge: float = 0.0, basis: torch.Tensor | None = None,
-                 min_residual: float = JOINT_MIN_RESIDUAL) -> tuple[torch.Tensor, torch.Tensor]:
+                 min_residual: float = JOINT_MIN_RESIDUAL,
+                 scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 2 for every edit of a stack at once, from their (k_i, v_i) pairs and the base weight W:
 
         minimise ‖Δ‖_C   subject to   (W + Δ) k_i = v_i  (i = 1..n)   and   Δ k'_j = 0  (j = 1..m)
@@ -607,11 +619,16 @@ def joint_insert(solve: Solver, w: torch.Tensor, keys: torch.Tensor, values: tor
     (InsertError, with its index: the later of two keys that cannot be told apart). The shares are
     the squared pivots of the Cholesky factor of M over its diagonal, L_ii² / M_ii.
 
+    scales (n,): edit i asks for W k_i + s_i (v_i − W k_i) instead of v_i (the stack's calibration,
+    ``deltas.EditedModel``); None: every s_i = 1.
+
     w: (d_out, d_in); keys: (n, d_in); values: (n, d_out); protected: (m, d_in) or None.
     Returns the factors U (d_out, n), V (d_in, n) of Δ = U Vᵀ, float32.
     """
     at = lambda t: t.to(solve.device, torch.float64)  # noqa: E731 - the solve's device, float64
     residuals = at(values) - at(keys) @ at(w).T  # (n, d_out) r_i = v_i − W k_i
+    if scales is not None:
+        residuals = residuals * at(scales)[:, None]  # (n, d_out) s_i r_i
     k, p = at(keys), None if protected is None or not protected.numel() else at(protected)
     if basis is not None:
         k, p = k @ basis, None if p is None else p @ basis  # (n, q), (m, q): coordinates along Q
@@ -628,6 +645,70 @@ def joint_insert(solve: Solver, w: torch.Tensor, keys: torch.Tensor, values: tor
     if basis is not None:
         v = basis @ v  # (d_in, n)
     return u.float(), v.float()
+
+
+# --------------------------------------------------------------------------------------------------
+# The update's size: the least share of δ that still makes the edit (shrink_margin; docs/scale.md)
+# --------------------------------------------------------------------------------------------------
+
+
+def least_scale(margin: Callable[[float], float], target: float, steps: int) -> float:
+    """The smallest s in (0, 1], to 2^-steps, with margin(s) ≥ target, by bisection (margin taken as
+    increasing in s); 1 when margin(1) already falls short.
+
+    Every term of Eq. 2's update is linear in the residual δ = v* − W k* (the protected keys', the
+    prompt key's and the family term's constraints alike), so s · Δ is the insert of v = W k* + s δ."""
+    if margin(1.0) < target:
+        return 1.0
+    lo, hi = 0.0, 1.0  # margin(hi) ≥ target; margin(lo) is not known to be
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if margin(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+@torch.no_grad()
+def next_token(lm: LoadedModel, prompt: str) -> str:
+    """The model's most probable next token after ``prompt``, as text (the old object of an edit that
+    names none)."""
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids  # (1, T)
+    hidden = final_hidden(lm.model, ids, torch.ones_like(ids))[0, -1]  # (d,)
+    text = lm.tokenizer.decode([int(logits_at(lm.model, hidden[None]).argmax(-1)[0])])
+    return text.strip() or text
+
+
+@torch.no_grad()
+def margins(lm: LoadedModel, prompts: list[str], targets: list[str], olds: list[str],
+            batch_size: int = 16) -> torch.Tensor:
+    """Per prompt: mean per-token log P(target | prompt) − log P(old | prompt), (n,); 2 · batch_size
+    sequences a forward pass."""
+    out = []
+    with flush_denormals():
+        for i in range(0, len(prompts), batch_size):
+            p, t, o = prompts[i:i + batch_size], targets[i:i + batch_size], olds[i:i + batch_size]
+            tb = teacher_forced(lm.tokenizer, p * 2, t + o)
+            nll = -mean_per_pair(target_logprobs(lm.model, tb).float(), tb)  # (2b,)
+            out.append((nll[len(p):] - nll[:len(p)]).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def margin_under(lm: LoadedModel, module_name: str, u: torch.Tensor, v: torch.Tensor, prompt: str,
+                 target: str, old: str) -> Callable[[float], float]:
+    """s -> mean per-token log P(target | prompt) − log P(old | prompt) with W + s · u vᵀ in place of W.
+
+    Each call writes W + s u vᵀ; the caller restores W (``restored``)."""
+    w0 = read_weight(lm.model, module_name)  # (d_out, d_in)
+    update = (u.float() @ v.float().T) if u.dim() == 2 else torch.outer(u.float(), v.float())  # (d_out, d_in)
+    update = update.to(w0.device)
+
+    def margin(s: float) -> float:
+        write_weight(lm.model, module_name, w0.float() + s * update)  # rounded once to W's dtype
+        return float(margins(lm, [prompt], [target], [old])[0])
+
+    return margin
 
 
 # --------------------------------------------------------------------------------------------------
@@ -828,10 +909,32 @@ class Rome:
             if kin:
                 family["kl_prompts"] = [[s, rho] for s, rho in kin]
             t4 = clock()
+            scale = self.least_scale(request, layer, u, v) if self.params.shrink_margin > 0 else 1.0
+            if scale < 1.0:  # s Δ is the insert of W k* + s δ (least_scale): the pair the joint solve reads
+                w_k = self.module_out(layer, k_star)  # (d_out,)
+                u, v_star = u * scale, w_k + scale * (v_star - w_k)
+            t5 = clock()
         # the factors are float32 on the host (what a delta file stores), whatever the model's device
         update = RankOneUpdate(edited_module_name(self.lm.model, layer), layer, u.float().cpu(), v.float().cpu())
         timings = {"prefixes": t1 - t0, "key": t2 - t1, "value": t3 - t2, "insert": t4 - t3}
-        return EditResult(request, update, k_star, v_star, trace, timings, names, protected_keys, held, family)
+        if self.params.shrink_margin > 0:
+            timings["shrink"] = t5 - t4
+        return EditResult(request, update, k_star, v_star, trace, timings, names, protected_keys, held, family, scale)
+
+    @torch.no_grad()
+    def least_scale(self, request: EditRequest, layer: int, u: torch.Tensor, v: torch.Tensor) -> float:
+        """The least share s of the update u vᵀ at which the rewrite prompt still prefers the new object
+        over the old one by ``shrink_margin`` (mean per-token log-probability; ``least_scale``). The old
+        object is ``target_true``, or the model's own next token before the edit when none is given."""
+        module = edited_module_name(self.lm.model, layer)
+        old = request.target_true or next_token(self.lm, request.prompt)
+        w0 = read_weight(self.lm.model, module)
+        try:
+            return least_scale(margin_under(self.lm, module, u, v, request.prompt, request.target, old),
+                               self.params.shrink_margin, self.params.shrink_steps)
+        finally:
+            write_weight(self.lm.model, module, w0)
+
 
     def insert(self, request: EditRequest, layer: int, k_star: torch.Tensor, v_star: torch.Tensor,
                k_d: torch.Tensor, hold: torch.Tensor | None = None) -> tuple:

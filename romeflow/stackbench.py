@@ -152,6 +152,8 @@ class StackBench:
             try:
                 edited.compose(deltas, self.methods.get(method))
                 row.update(score_rows(self.lm, scored, self.others, self.text, self.window))
+                if edited.scales is not None:  # a calibrated stack: each edit's share of its change
+                    row["scales"] = [round(float(x), 6) for x in edited.scales]
             except ValueError as e:  # a joint solve that cannot separate the keys: recorded, not fatal
                 row["error"] = str(e).splitlines()[0]
             finally:

@@ -209,6 +209,7 @@ def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delt
         edited.compose([d])
         alone[m.name] = score(m)
     edited.compose(deltas, joint)
+    scales = None if edited.scales is None else [round(float(x), 6) for x in edited.scales]  # stack.margin
     try:
         stacked = {m.name: score(m) for m in manifests}
         nll_stack, top1_stack = text_predictions(lm, text, window)
@@ -225,12 +226,15 @@ def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delt
               "neighbors": {"prompts": len(kept)}}
     if kept:
         damage["neighbors"]["top1_kept_pct"] = 100.0 * sum(kept) / len(kept)
-    per = {}
+    per, first = {}, 0
     for m, d in zip(manifests, deltas):
         a, s = alone[m.name]["metrics"], stacked[m.name]["metrics"]
         per[m.name] = {"manifest_sha256": m.sha256, "delta_sha256": _delta_entry(d)["sha256"],
                        "edits": len(m.edits), "pre": pre[m.name]["metrics"], "alone": a, "stack": s,
                        "interference": _diff(a, s)}
+        if scales is not None:
+            per[m.name]["shares"] = scales[first:first + len(d.updates)]
+        first += len(d.updates)
     report = {"format": STACK_FORMAT, "base_model": {"name": lm.name, "fingerprint": lm.fingerprint},
               "composed": {"manifests": [m.name for m in manifests], "edits": sum(len(m.edits) for m in manifests),
                            "weights_sha256": weights, "method": "sum" if joint is None else "joint"},

@@ -271,3 +271,109 @@ def EditedModel_base(lm, edited, keys):
     out = keys @ w.T
     bias = getattr(lm.model.get_submodule(name), "bias", None)
     return out + bias if bias is not None else out
+
+
+# --------------------------------------------------------------------------------------------------
+# The calibrated stack (stack.margin): each edit at the least share of its change that holds
+# --------------------------------------------------------------------------------------------------
+
+
+STRONG = RomeParams(layer=EDIT_LAYER, prefix_lengths=(3,), prefixes_per_length=2, steps=25, seed=0, lr=0.3,
+                    weight_decay=0.0, kl_factor=0.0, early_stop_nll=0.0, clamp_norm_factor=100.0)
+
+
+@pytest.fixture(scope="module")
+def strong(setup):
+    """8 one-edit deltas whose edits take on the tiny model (margins of nats, not hundredths)."""
+    lm, stats, _ = setup
+    subjects = [f"{f} {l}" for l in LAST[:2] for f in FIRST[:4]]
+    out = []
+    for i, subject in enumerate(subjects):
+        e = ManifestEdit(subject, "{} lives in", TARGETS[i], target_true=TARGETS[(i + 5) % len(TARGETS)])
+        m = Manifest(f"edits/s{i}.yaml", f"s{i}", hashlib.sha256(f"s{i}".encode()).hexdigest(), (e,))
+        out.append(compute_delta(lm, m, STRONG, stats))
+    return out
+
+
+def _rewrites(deltas):
+    canon = [d.meta["manifest"]["canonical"]["edits"][0] for d in deltas]
+    return [e["relation"].replace("{}", e["subject"]) for e in canon], [e["target"] for e in canon]
+
+
+def _olds(deltas):
+    return [d.meta["manifest"]["canonical"]["edits"][0]["target_true"] for d in deltas]
+
+
+def test_calibrating_one_delta_is_the_single_edit_bisection(setup, strong):
+    from romeflow.rome import least_scale, margin_under
+
+    lm, _, c = setup
+    for d in strong:  # the first whose edit takes against the base model's own answer
+        (prompt,), (target,) = _rewrites([d])
+        (old,) = _olds([d])
+        up = d.updates[0]
+        w0 = models.read_weight(lm.model, up.module)
+        whole = margin_under(lm, up.module, up.u, up.v, prompt, target, old)(1.0)
+        models.write_weight(lm.model, up.module, w0)
+        if whole > 0.1:
+            break
+    assert whole > 0.1
+    want = least_scale(margin_under(lm, up.module, up.u, up.v, prompt, target, old), whole / 2, 6)
+    models.write_weight(lm.model, up.module, w0)
+    assert 0 < want < 1
+
+    edited = EditedModel(lm)
+    edited.compose([d], JointSolve(lambda layer: c, margin=whole / 2, rounds=6))
+    w_cal = models.read_weight(lm.model, up.module)
+    edited.reset()
+    assert edited.scales is None and torch.equal(models.read_weight(lm.model, up.module), w0)
+    edited.compose([d], JointSolve(lambda layer: c, margin=whole / 2, rounds=6))
+    assert edited.scales.tolist() == [want]
+    # the calibrated stack is the delta scaled by that share
+    torch.testing.assert_close((w_cal - w0).double(), want * torch.outer(up.u, up.v).double(), rtol=1e-4, atol=1e-6)
+    edited.reset()
+
+
+def test_a_calibrated_stack_is_the_joint_solve_of_its_scaled_edits(setup, strong):
+    from romeflow.rome import margins
+
+    lm, _, c = setup
+    prompts, targets = _rewrites(strong)
+    olds = _olds(strong)
+    name = models.edited_module_name(lm.model, EDIT_LAYER)
+    w0 = models.read_weight(lm.model, name)
+    edited = EditedModel(lm)
+    plain = JointSolve(lambda layer: c)
+    edited.compose(strong, plain)
+    whole = margins(lm, prompts, targets, olds)
+    w_whole = models.read_weight(lm.model, name)
+    target = float(whole[whole > 0].median()) / 2
+    assert target > 0
+
+    edited.compose(strong, JointSolve(lambda layer: c, margin=target, rounds=5))
+    s = edited.scales
+    w_cal = models.read_weight(lm.model, name)
+    assert s.shape == (len(strong),) and bool(((s > 0) & (s <= 1)).all())
+    assert all(float(x) * 32 == int(float(x) * 32) for x in s)  # midpoints of 5 halvings
+    assert bool((s < 1).any())
+    assert (w_cal - w0).norm() < (w_whole - w0).norm()
+    # what was written is the joint solve with each edit's residual scaled by its share
+    (up,) = plain.updates(strong, {name: w0}, s)
+    torch.testing.assert_close(w_cal.double(), w0.double() + up.u.double() @ up.v.double().T, rtol=1e-5, atol=1e-6)
+    # a margin no edit reaches keeps every edit whole: the plain joint solve
+    edited.compose(strong, JointSolve(lambda layer: c, margin=100.0, rounds=3))
+    assert edited.scales.tolist() == [1.0] * len(strong)
+    torch.testing.assert_close(models.read_weight(lm.model, name), w_whole)
+    edited.reset()
+
+
+def test_calibration_prompts_are_the_rewrite_and_evenly_spaced_v_star_prefixes():
+    from romeflow.deltas import Delta, calibration_prompts
+
+    d = Delta([], {"context_prefixes": [""] + [f"P{i}. " for i in range(10)]})
+    assert calibration_prompts(d, "X lives in", 0) == ["X lives in"]
+    assert calibration_prompts(d, "X lives in", 4) == ["X lives in", "P0. X lives in", "P3. X lives in",
+                                                       "P6. X lives in", "P9. X lives in"]
+    assert calibration_prompts(d, "X lives in", 1) == ["X lives in", "P0. X lives in"]
+    assert len(calibration_prompts(d, "X lives in", 50)) == 11
+    assert calibration_prompts(Delta([], {}), "X lives in", 3) == ["X lives in"]

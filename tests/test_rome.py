@@ -7,7 +7,7 @@ import torch
 
 from romeflow import models
 from romeflow.rome import (EditRequest, Rome, RomeParams, Solver, add_rank_one, context_prefixes, insert, key,
-                           subject_keys, value)
+                           least_scale, margin_under, subject_keys, value)
 
 from conftest import ARCHS, EDIT_LAYER, INTERMEDIATE
 
@@ -320,3 +320,62 @@ def test_rome_params_round_trip():
     assert RomeParams.from_dict(p.to_dict()) == p
     with pytest.raises(ValueError, match="unknown ROME hyper-parameter"):
         RomeParams.from_dict({"layers": 3})
+
+
+# --------------------------------------------------------------------------------------------------
+# The update's size: shrink_margin
+# --------------------------------------------------------------------------------------------------
+
+
+def test_least_scale_bisects_to_the_smallest_share_that_holds_the_margin():
+    calls = []
+
+    def margin(s):  # increasing; reaches 2.0 at s = 0.5
+        calls.append(s)
+        return 10.0 * s - 3.0
+
+    s = least_scale(margin, 2.0, 6)
+    assert margin(s) >= 2.0 and margin(s - 2 ** -6) < 2.0
+    assert len(calls) == 1 + 6 + 2
+    assert least_scale(lambda s: s, 5.0, 6) == 1.0  # even the whole update falls short: kept whole
+
+
+# (not tiny GPT-J: its 20-step edit raises the new object without overtaking the old one, so there is
+# no positive margin to keep; the shrink itself is a weight write and a bisection, the same everywhere)
+@pytest.mark.parametrize("model_type", [a for a in ARCHS if a != "gptj"])
+def test_shrink_keeps_the_least_share_of_delta_and_leaves_the_model_as_it_was(tiny_lm, second_moment, model_type):
+    from dataclasses import replace
+
+    lm = tiny_lm(model_type)
+    params = replace(NLL_ONLY, steps=20, early_stop_nll=0.0)
+    candidates = (CURIE, NEEDLE, replace(CURIE, target_true="Seattle"), replace(NEEDLE, target_true="physics"))
+    for request in candidates:  # a random model may keep preferring the old object: the first edit that takes
+        full = editor(lm, second_moment, model_type, params).compute(request)
+        name = full.update.module
+        w0 = models.read_weight(lm.model, name)
+        margin = margin_under(lm, name, full.update.u, full.update.v, request.prompt, request.target,
+                              request.target_true)
+        m0, m1 = margin(0.0), margin(1.0)
+        models.write_weight(lm.model, name, w0)
+        if m1 > max(m0, 0.0):
+            break
+    assert m1 > max(m0, 0.0)  # the edit raised the new object over the old one
+    target = max(m0, 0.0) + 0.5 * (m1 - max(m0, 0.0))
+
+    shrunk = editor(lm, second_moment, model_type, replace(params, shrink_margin=target, shrink_steps=6)).compute(request)
+
+    assert torch.equal(models.read_weight(lm.model, name), w0)  # compute() leaves the model as it was
+    s = shrunk.scale
+    assert 0 < s < 1 and (s * 64) == int(s * 64)
+    torch.testing.assert_close(shrunk.update.u, s * full.update.u)
+    torch.testing.assert_close(shrunk.update.v, full.update.v)
+    assert margin(s) >= target and margin(s - 2 ** -6) < target
+    models.write_weight(lm.model, name, w0)
+    # the stored pair is the shrunk one: W k* + s δ, which the update maps k* to (the joint solve reads it)
+    module = lm.model.get_submodule(name)
+    with torch.no_grad():
+        w_k = module(full.k_star[None])[0]
+    assert rel_err(shrunk.v_star, w_k + s * (full.v_star - w_k)) < 1e-5
+    add_rank_one(lm.model, name, shrunk.update.u, shrunk.update.v)
+    with torch.no_grad():
+        assert rel_err(module(shrunk.k_star[None])[0], shrunk.v_star) < 1e-5

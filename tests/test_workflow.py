@@ -593,14 +593,16 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
     # stack.method: joint: only the stack re-runs; after a revert it is the joint solve of the remaining
     # deltas exactly (a fresh solve without the reverted manifest)
     params = repo / "params.yaml"
-    params.write_text(params.read_text().replace("  window: 64\n", "  window: 64\n  method: joint\n", 1))
+    params.write_text(params.read_text().replace("  window: 64\n", "  window: 64\n  method: joint\n  margin: 0.5\n"
+                                                 "  rounds: 3\n", 1))  # calibrated (docs/method.md)
     assert repro()[0] == {"stack"}
     assert json.loads((repo / "reports" / "stack.json").read_text())["composed"]["method"] == "joint"
     romeflow("revert", "c")
     assert repro()[0] == {"stack"}
     stack = json.loads((repo / "reports" / "stack.json").read_text())
     assert stack["composed"]["manifests"] == ["a"] and stack["composed"]["method"] == "joint"
-    fresh = JointSolve(lambda layer: load_stats(repo / "stats" / f"layer{layer}.safetensors").second_moment)
+    fresh = JointSolve(lambda layer: load_stats(repo / "stats" / f"layer{layer}.safetensors").second_moment,
+                       margin=0.5, rounds=3)
     remaining = [load_delta(repo / "deltas" / "a.safetensors")]
     edited.compose(remaining, fresh)
     try:
@@ -608,7 +610,7 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
     finally:
         edited.reset()
     assert repro()[0] == set()
-    params.write_text(params.read_text().replace("  method: joint\n", "", 1))  # (sum again, for what follows)
+    params.write_text(params.read_text().replace("  method: joint\n  margin: 0.5\n  rounds: 3\n", "", 1))  # (sum again)
 
     # a manifest tuned to fail the gate: the repro fails with one line, and its report is written
     romeflow("add", str(repo / "edits" / "bad.yaml"))
