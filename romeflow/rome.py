@@ -699,7 +699,7 @@ def margin_under(lm: LoadedModel, module_name: str, u: torch.Tensor, v: torch.Te
                  target: str, old: str) -> Callable[[float], float]:
     """s -> mean per-token log P(target | prompt) − log P(old | prompt) with W + s · u vᵀ in place of W.
 
-    Each call writes W + s u vᵀ; the caller restores W (``restored``)."""
+    Each call writes W + s u vᵀ; the caller restores W."""
     w0 = read_weight(lm.model, module_name)  # (d_out, d_in)
     update = (u.float() @ v.float().T) if u.dim() == 2 else torch.outer(u.float(), v.float())  # (d_out, d_in)
     update = update.to(w0.device)
