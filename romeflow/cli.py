@@ -23,7 +23,7 @@ from .manifests import Manifest, ManifestError, check_conflicts, load_manifest
 from .models import (DEVICE_MAP_STRATEGIES, DEVICE_PATTERN, DTYPES, EMBEDDED, LoadedModel, ModelError, Placement, cache_dir,
                      layer_count, load_model, resolve, sha256_file)
 from .names import BadName
-from .params import JOINT_FIELDS, ConfigError, Params, check_layers, load_params
+from .params import ConfigError, Params, check_layers, load_params
 from .registry import check_name, register, unregister
 from .protect import check_sources
 from .rome import RomeParams
@@ -345,9 +345,7 @@ def _joint_solve(ctx, lm: LoadedModel, settings: Params, layout: Layout, deltas:
             if s["layer"] in stats and stats[s["layer"]].sha256 != s["sha256"]:
                 raise DeltaError(f"{d.path}: stats: computed with other statistics of layer {s['layer']} "
                                  f"({s['sha256'][:12]}, now {stats[s['layer']].sha256[:12]}); recompute it")
-    p = settings.stack
-    return JointSolve(lambda layer: stats[layer].second_moment, p.ridge, p.null_space, p.protect, p.margin, p.rounds,
-                      p.prefixes)
+    return JointSolve.from_params(lambda layer: stats[layer].second_moment, settings.stack)
 
 
 @main.command()
@@ -632,12 +630,8 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
     _check_layers(ctx, spec, [(f"{settings.path}: rome.layer", settings.rome.layer)])
     lm = _load(ctx, spec)
     stats = _stats_for(ctx, lm, settings, [settings.rome.layer], ())
-    # (the calibration's fields only when it is on: folders of runs without it stay valid)
-    joint = {m: {f: getattr(p, f) for f in JOINT_FIELDS if p.margin > 0 or f not in ("margin", "rounds", "prefixes")}
-             for m, p in joints.items()}
-    solvers = {m: (JointSolve(lambda layer: stats[layer].second_moment, joints[m].ridge, joints[m].null_space,
-                              joints[m].protect, joints[m].margin, joints[m].rounds, joints[m].prefixes)
-                   if m in joints else None)
+    joint = {m: p.joint_settings() for m, p in joints.items()}
+    solvers = {m: (JointSolve.from_params(lambda layer: stats[layer].second_moment, joints[m]) if m in joints else None)
                for m in names}
     from .bench import run_settings
 

@@ -471,6 +471,11 @@ class JointSolve:
         self.margin, self.rounds, self.prefixes = margin, rounds, prefixes
         self._solvers: dict[int, tuple[Solver, torch.Tensor | None]] = {}
 
+    @classmethod
+    def from_params(cls, second_moment: Callable[[int], torch.Tensor], p) -> "JointSolve":
+        """From params.yaml's ``stack:`` (a ``params.StackParams``)."""
+        return cls(second_moment, p.ridge, p.null_space, p.protect, p.margin, p.rounds, p.prefixes)
+
     def solver(self, layer: int) -> tuple[Solver, torch.Tensor | None]:
         if layer not in self._solvers:
             c = self.second_moment(layer)

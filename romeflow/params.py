@@ -66,7 +66,7 @@ class StackParams:
     heldout: str = "data/heldout.txt"
     window: int = 256  # tokens per perplexity window
     method: str = "sum"  # sum: base + Σ deltas; joint: one update re-solved from every delta's (k*, v*) pairs
-    # (the project's params.yaml ships joint with ridge 0.3, chosen at scale: docs/scale.md)
+    # (the project's params.yaml ships joint with ridge 0.05 and margin 3, chosen at scale: docs/scale.md)
     ridge: float = 0.0  # joint: 0 exact; > 0 least squares (relative to the mean diagonal of Kᵀ C⁻¹ K)
     null_space: float = 0.0  # joint: preserve C's eigen-directions with eigenvalue >= this x the largest (0: off)
     protect: bool = True  # joint: hold each edit's protected keys fixed too
@@ -74,8 +74,14 @@ class StackParams:
     rounds: int = 7  # joint: bisection rounds for those shares (resolution 2⁻ⁿ)
     prefixes: int = 0  # joint: the margin is the mean over the rewrite prompt and after this many v* prefixes
 
+    def joint_settings(self) -> dict:
+        """What a joint solve depends on (a bench run's record of it); the calibration's fields only
+        when it is on, so that run folders written before it existed still match."""
+        return {f: getattr(self, f) for f in JOINT_FIELDS if self.margin > 0 or f not in CALIBRATION_FIELDS}
 
-JOINT_FIELDS = ("ridge", "null_space", "protect", "margin", "rounds", "prefixes")  # what a `bench stack --variant` of the joint solve may change
+
+CALIBRATION_FIELDS = ("margin", "rounds", "prefixes")  # stack.margin's (EditedModel.calibrate)
+JOINT_FIELDS = ("ridge", "null_space", "protect") + CALIBRATION_FIELDS  # what a `bench stack --variant` may change
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,7 @@ class Params:
 
     def stack_variant(self, spec: str) -> tuple[str, StackParams]:
         """``bench stack --variant NAME:key=value:...``: a joint solve with those ``stack:`` fields changed
-        (ridge, null_space, protect), checked by the stack rules."""
+        (``JOINT_FIELDS``), checked by the stack rules."""
         from .editors import parse_variant
 
         try:
