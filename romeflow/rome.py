@@ -57,6 +57,9 @@ class RomeParams:
     protect_weight: float = 0.0  # α: C + α·(tr C / tr F)·F, F the second moment of the subject's family (0: off)
     protect_siblings: int = 0  # family members made up: other reference names' first words + the last word
     prompt_key: bool = False  # the edit's change also at the rewrite prompt's own key (still rank one)
+    prefix_keys: bool = False  # ... and at each context prefix's key, not only at their mean k* (still rank one)
+    family_centroid: bool = False  # hold the mean key of the subject's family fixed (one more protected key)
+    value_in_place: bool = False  # v*: δ optimised with the insert's own update δ vᵀ at every token (not at k* only)
     protect_max_energy: float = 2.0  # the family term may raise tr(ΔCΔᵀ) at most this many times (α halved until)
     family_kl: float = 0.0  # v*: weight of the KL term on family members' prompts, each given its leak of δ (0: off)
     family_kl_prompts: int = 8  # ... over this many family members, the leakiest under the insert
@@ -78,19 +81,22 @@ class RomeParams:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        """As params.yaml writes it; the shrink's fields only when it is on, so that run folders and
-        deltas written before it existed still match an unchanged configuration."""
+        """As params.yaml writes it; the shrink's fields and the later insert options only when on, so that run
+        folders and deltas written before they existed still match an unchanged configuration."""
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         if not self.shrink_margin:
             del d["shrink_margin"], d["shrink_steps"]
+        for optional in ("prefix_keys", "family_centroid", "value_in_place"):
+            if not d[optional]:
+                del d[optional]
         return d
 
 
 def rank_one(params: RomeParams) -> RomeParams:
     """The same hyper-parameters with the plain rank-one insert of Eq. 2: no mined protected keys, no
     family term, no prompt key (a manifest's own protect list and neighbours still hold)."""
-    return replace(params, protect=0, protect_weight=0.0, protect_siblings=0, prompt_key=False, protect_max_energy=2.0,
-                   family_kl=0.0)
+    return replace(params, protect=0, protect_weight=0.0, protect_siblings=0, prompt_key=False, prefix_keys=False,
+                   family_centroid=False, value_in_place=False, protect_max_energy=2.0, family_kl=0.0)
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,17 @@ def _add_at(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: 
     return hook
 
 
+def _add_update(delta: torch.Tensor, direction: torch.Tensor):
+    """A forward hook applying the rank-one update δ vᵀ itself: the module output (B, T, d_out) gets
+    (vᵀk_t) δ at every position t, k_t the module's input there — what Ŵ = W + δ vᵀ computes."""
+
+    def hook(_module, inputs, output):
+        share = inputs[0].float() @ direction.to(output.device, torch.float32)  # (B, T)
+        return (output.float() + share[..., None] * delta.to(output.device)).to(output.dtype)
+
+    return hook
+
+
 @dataclass
 class _Forward:
     """A batch of prompts, run with δ hooked in at each prompt's last subject token."""
@@ -307,7 +324,8 @@ def _value_batch(tok, request: EditRequest, prefixes: list[str], essence_prompt:
 
 
 def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
-          params: RomeParams, family: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, list[float]]:
+          params: RomeParams, family: tuple[tuple[str, float], ...] = (),
+          direction: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
     """Eq. 4: v* = W k* + δ, with δ minimising
 
         L(δ) = mean_j NLL(o* | x_j + p)  +  kl_factor · KL(P_δ[· | p'] ‖ P[· | p'])  +  wd · (‖δ‖/‖W k*‖)²
@@ -321,15 +339,23 @@ def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str]
     that the insert will add at their key (ρ_i = vᵀk_i / vᵀk* for the update u vᵀ; ``Rome.family_leaks``). The
     last term makes δ one that moves the subject and not, at their leak, its family.
 
+    direction: the insert's v (d_in,), scaled so that vᵀk* = 1 (``value_in_place``). δ is then not added
+    at the last subject token only, but applied as the update δ vᵀ itself, at every token of every
+    prompt (``_add_update``): L is the loss of the edited model Ŵ = W + δ vᵀ. An insert that keeps its
+    update off the subject's family moves other tokens' keys differently from k*'s; δ is chosen for
+    the update that will be written, not for a stand-in.
+
     The rewrite prompts and p' run as one batch. Their tokens before the last subject token do not
-    depend on δ: they run once, into a KV cache, and each step runs only the rest (``_cached_forward``).
+    depend on δ: they run once, into a KV cache, and each step runs only the rest (``_cached_forward``;
+    not with ``direction``: the update then changes every token).
     """
-    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=True, family=family)
+    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=direction is None, family=family,
+                  direction=direction)
 
 
 def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
-           params: RomeParams, cache_prefix: bool,
-           family: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, list[float]]:
+           params: RomeParams, cache_prefix: bool, family: tuple[tuple[str, float], ...] = (),
+           direction: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
     """``value``; cache_prefix=False runs every token at every step (the reference the tests compare with)."""
     tok, model = lm.tokenizer, lm.model
     module = edited_module(model, layer)
@@ -357,7 +383,8 @@ def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str
     opt = torch.optim.Adam([delta], lr=params.lr)
     trace: list[float] = []  # NLL of δ before each update, and of the δ returned
     for step in range(params.steps + 1):
-        handle = module.register_forward_hook(_add_at(delta, *forward.delta_at, scale))
+        hook = _add_at(delta, *forward.delta_at, scale) if direction is None else _add_update(delta, direction)
+        handle = module.register_forward_hook(hook)
         try:
             edited = logprobs()  # (m + 1 + f, vocab)
         finally:
@@ -747,6 +774,8 @@ class Rome:
         self._names: NameIndex | None = None
         self._keys: dict[tuple[int, str, bool], torch.Tensor] = {}  # (layer, subject, averaged) -> (d_in,)
         self._family_solvers: dict[tuple[int, str, float], WoodburySolver] = {}  # (layer, subject, α): the edit's own
+        self._context: dict[tuple[int, str, str], torch.Tensor] = {}  # (layer, subject, relation) -> context keys
+        self._centroid_held = False
         self.values = values
 
     @property
@@ -879,6 +908,8 @@ class Rome:
         (Δ k_i = 0, so Ŵ k_i stays v_i): sequential edits do not undo each other."""
         layer = self.params.layer if layer is None else layer
         self._family_solvers = {}  # one edit's (each holds C⁻¹B, d_in × f)
+        self._context = {}  # one edit's context keys (``context_keys``)
+        self._centroid_held = False  # whether the last insert held the family's mean key (``with_centroid``)
         clock = time.perf_counter
         with flush_denormals():
             t0 = clock()
@@ -891,13 +922,16 @@ class Rome:
             k_d = k_star if self.params.symmetric_keys else subject_keys(self.lm, layer, ["{}"], request.subject)[0]
             t2 = clock()
             kin = self.family_leaks(request, layer, k_star, k_d, hold) if self.params.family_kl > 0 else ()
-            value_key = self._value_key(request, layer, kin)
-            if kin and self.values is not None:  # v* with the family term: cached under its own key
+            direction = self.insert_direction(request, layer, k_star, k_d, hold) if self.params.value_in_place \
+                else None
+            value_key = self._value_key(request, layer, kin, direction)
+            if (kin or direction is not None) and self.values is not None:  # such a v* has its own cache key
                 cached = self.values.get(value_key)
-            elif kin:
+            elif kin or direction is not None:
                 cached = None
             if cached is None:
-                v_star, trace = value(self.lm, layer, request, prefixes, k_star, self.params, kin)  # (d_out,)
+                v_star, trace = value(self.lm, layer, request, prefixes, k_star, self.params, kin,
+                                      direction)  # (d_out,)
                 if self.values is not None:
                     self.values[value_key] = (k_star, v_star, trace)
             else:
@@ -955,17 +989,20 @@ class Rome:
             protected = self.held_separable(solve, k_star, protected_keys, hold)
             held = 0 if protected is None else protected.shape[0] - (0 if protected_keys is None
                                                                       else protected_keys.shape[0])
+            if p.family_centroid:  # held for this insert only: the delta stores the subjects' own keys
+                protected = self.with_centroid(request, layer, solve, k_star, protected)
             u, v = insert(solve, k_star, v_star, k_d, self.module_out(layer, k_d), protected,
                           p.protect_ridge, p.protect_min_residual)
-            if p.prompt_key:
-                u, v = self.with_prompt_key(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
+            if p.prompt_key or p.prefix_keys:
+                u, v = self.with_context_keys(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
             return u, v, names, protected_keys, held
 
         base = MemoSolver(self.solver(layer))  # every α solves for the same keys again (C⁻¹ k)
         u, v, names, protected_keys, held = solve_with(base)
+        base_centroid = self._centroid_held
         family = self.family_factor(layer, request.subject) if p.protect_weight > 0 else None
         if family is None:
-            return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}, protected_keys, held
+            return u, v, names, self._family_info(0.0, 1.0), protected_keys, held
         second_moment = self._second_moment(layer).to(family.device, torch.float64)  # (converted once, not per α)
         energy = text_energy(second_moment, u, v)
         c_inv_b = None  # C⁻¹B, shared by every α
@@ -979,8 +1016,38 @@ class Rome:
             u1, v1, names1, keys1, held1 = solve_with(solve)
             ratio = text_energy(second_moment, u1, v1) / energy
             if ratio <= p.protect_max_energy:
-                return u1, v1, names1, {"alpha": alpha, "energy_ratio": ratio}, keys1, held1
-        return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0}, protected_keys, held
+                return u1, v1, names1, self._family_info(alpha, ratio), keys1, held1
+        self._centroid_held = base_centroid  # (the verdict of the update returned)
+        return u, v, names, self._family_info(0.0, 1.0), protected_keys, held
+
+    def _family_info(self, alpha: float, ratio: float) -> dict:
+        """What the edit's metadata records of the family's treatment: the family term's α and energy ratio,
+        and (with ``family_centroid``) whether the family's mean key was held."""
+        info = {"alpha": alpha, "energy_ratio": ratio}
+        if self.params.family_centroid:
+            info["centroid"] = self._centroid_held
+        return info
+
+    def with_centroid(self, request: EditRequest, layer: int, solve: Solver, k_star: torch.Tensor,
+                      protected: torch.Tensor | None) -> torch.Tensor | None:
+        """``protected`` with the family's mean key appended: k̄ = mean of the bare keys of ``family``
+        (reference names and made-up siblings; not the subject itself), held fixed, Δ k̄ = 0.
+
+        At an early layer the key at a subject's last token is mostly that token's: most of k* lies
+        along k̄, and a rank-one update moves every member of the family by ~⅔ of the edit
+        (docs/specificity.md). With k̄ held, a member k_j = k̄ + e_j only moves by vᵀe_j. Skipped (the
+        keys as given) when the subject has no family, or when k̄ would leave less than
+        ``protect_min_residual`` of k* to edit."""
+        self._centroid_held = False
+        names = [s for s in self.family(request.subject) if s != request.subject]
+        if not names:
+            return protected
+        centroid = self.bare_keys(layer, names).mean(0, keepdim=True).to(k_star.device)  # (1, d_in)
+        keys = centroid if protected is None else torch.cat([protected, centroid])
+        if residual_share(solve, k_star, keys) < self.params.protect_min_residual:
+            return protected
+        self._centroid_held = True
+        return keys
 
     @torch.no_grad()
     def family_leaks(self, request: EditRequest, layer: int, k_star: torch.Tensor,
@@ -995,52 +1062,95 @@ class Rome:
         names = [s for s in self.family(request.subject) if s not in request.protect and s != request.subject]
         if not names:
             return ()
-        v = self.insert(request, layer, k_star, self.module_out(layer, k_d) + 1.0, k_d, hold)[1]
-        v = v.reshape(v.shape[0], -1)[:, 0]  # (d_in,) the edit's own direction
+        v = self.insert_direction(request, layer, k_star, k_d, hold)  # (d_in,) vᵀk_d = 1
         keys = bare_keys(self.lm, layer, names, template=request.relation)  # (f, d_in)
-        rho = (keys @ v) / (k_d @ v)  # (f,)
+        rho = keys @ v  # (f,)
         top = rho.abs().argsort(descending=True)[:self.params.family_kl_prompts].tolist()
         return tuple((names[i], float(rho[i])) for i in top)
+
+    @torch.no_grad()
+    def insert_direction(self, request: EditRequest, layer: int, k_star: torch.Tensor, k_d: torch.Tensor,
+                         hold: torch.Tensor | None = None) -> torch.Tensor:
+        """The insert's direction v (d_in,), scaled so that vᵀk_d = 1: the update is δ vᵀ (Δ k_d = δ)
+        whatever v* is, so it is known before v* is optimised. The insert is run with a stand-in v*.
+        (With the paper's asymmetric keys and the prompt key, the column of the bare prompt's change.)"""
+        v = self.insert(request, layer, k_star, self.module_out(layer, k_d) + 1.0, k_d, hold)[1]
+        v = v.reshape(v.shape[0], -1)[:, 0]  # (d_in,)
+        return v / (v @ k_d)
 
     def module_out(self, layer: int, k: torch.Tensor) -> torch.Tensor:
         """W k for one key (d_in,) -> (d_out,) float32, by the edited module itself (``module_output``)."""
         return module_output(edited_module(self.lm.model, layer), k[None])[0]
 
-    def with_prompt_key(self, request: EditRequest, layer: int, solve: Solver, k_star: torch.Tensor,
-                        v_star: torch.Tensor, k_d: torch.Tensor, protected: torch.Tensor | None,
-                        rank_one: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The insert with a second constraint at the rewrite prompt's own key k_p (the key at its last
-        subject token, which k* only approximates): Δ k_p = v* − W k*, the change δ that v* was optimised
-        with at every prompt's subject token. With symmetric keys both constraints ask for the same
-        change, so the update stays rank one: u = δ, v = C⁻¹K M⁻¹ (e₀ + e₁) with vᵀk* = vᵀk_p = 1 and
-        vᵀk_j = 0 for the protected keys. (Asking Ŵ k_p = v* instead would make Δ (k_p − k*) = −W (k_p − k*):
-        the layer's response along the difference of two near-identical keys wiped out.)
-        The rank-one update is kept when k_p is too close to k* to separate."""
+    def context_keys(self, request: EditRequest, layer: int) -> torch.Tensor:
+        """The keys the context-key constraints write the edit's change at (n, d_in): with ``prefix_keys``
+        the key of each context prefix + subject (k* is their mean, Eq. 3; row 0, the bare subject, is the
+        paper's k_d), then, with ``prompt_key``, the rewrite prompt's own key (when its template does not
+        start with the subject: then it is row 0 already). Cached for the edit's insert."""
+        cache_key = (layer, request.subject, request.relation)
+        if cache_key not in self._context:
+            keys = []
+            if self.params.prefix_keys:
+                keys.append(subject_keys(self.lm, layer, [x + "{}" for x in self.prefixes], request.subject))
+            if self.params.prompt_key and not (self.params.prefix_keys and request.relation.startswith("{}")):
+                keys.append(subject_keys(self.lm, layer, [request.relation], request.subject))
+            self._context[cache_key] = torch.cat(keys)
+        return self._context[cache_key]
+
+    def with_context_keys(self, request: EditRequest, layer: int, solve: Solver, k_star: torch.Tensor,
+                          v_star: torch.Tensor, k_d: torch.Tensor, protected: torch.Tensor | None,
+                          rank_one: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The insert with the edit's change δ = v* − W k* (what v* was optimised with, at every prompt's
+        subject token) written at more of the subject's own keys than k*:
+
+        - ``prompt_key``: the rewrite prompt's key k_p (at its last subject token), which k* only
+          approximates: Δ k* = δ and Δ k_p = δ;
+        - ``prefix_keys``: each context prefix's key k_i instead of only their mean k*: Δ k_i = δ for
+          every i (which implies Δ k* = δ). A paraphrase puts the subject after other text; its key is
+          one more such k. Where the family term takes the family's share of δ away, these constraints
+          keep the paraphrases' share (docs/specificity.md).
+
+        With symmetric keys every constraint asks for the same δ, so the update stays rank one:
+        u = δ, v = C⁻¹K M⁻¹ 1 with vᵀk_i = 1 and vᵀk_j = 0 for the protected keys. (Asking Ŵ k_p = v*
+        instead would make Δ (k_p − k*) = −W (k_p − k*): the layer's response along the difference of
+        two near-identical keys wiped out.) Without symmetric keys the bare prompt's key keeps the
+        paper's Ŵ k_d = v*: a rank-2 update. The update without these constraints (``rank_one``) is kept
+        when they cannot be separated (for C, the prompt's key is k* already)."""
         module = edited_module(self.lm.model, layer)
-        k_p = subject_keys(self.lm, layer, [request.relation], request.subject)[0]  # (d_in,)
-        if residual_share(solve, k_p, k_star[None]) < self.params.protect_min_residual:
-            return rank_one  # the prompt's key is (for C) k* already
+        p = self.params
+        extra = self.context_keys(request, layer)  # (n, d_in)
         delta = v_star - module_output(module, k_star[None])[0]  # (d_out,) δ
-        keys, con = torch.stack([k_star, k_p]), torch.stack([k_d, k_p])
-        residuals = torch.stack([v_star - module_output(module, k_d[None])[0], delta])  # (2, d_out)
+        r_d = v_star - module_output(module, k_d[None])[0]  # (d_out,) the edit's own residual at k_d
+        if p.prefix_keys:  # the prefix keys replace their mean; row 0 is the bare prompt's key k_d
+            keys, residuals = extra, torch.stack([r_d] + [delta] * (extra.shape[0] - 1))
+            con = keys
+        else:
+            if residual_share(solve, extra[0], k_star[None]) < p.protect_min_residual:
+                return rank_one  # the prompt's key is (for C) k* already
+            keys, con = torch.stack([k_star, extra[0]]), torch.stack([k_d, extra[0]])
+            residuals = torch.stack([r_d, delta])  # (2, d_out)
         try:
-            u, v = insert_many(solve, keys, residuals, con, protected, self.params.protect_ridge,
-                               self.params.protect_min_residual)
+            u, v = insert_many(solve, keys, residuals, con, protected, p.protect_ridge,
+                               0.0 if p.prefix_keys else p.protect_min_residual)
         except InsertError:
             return rank_one
-        if self.params.symmetric_keys:  # the two columns of U are the same δ: one rank-one update
+        if p.symmetric_keys:  # every column of U is the same δ: one rank-one update
             return u[:, 0], v.sum(1)
-        return u, v
+        return torch.stack([u[:, 0], u[:, 1]], 1), torch.stack([v[:, 0], v[:, 1:].sum(1)], 1)
 
-    def _value_key(self, request: EditRequest, layer: int, family: tuple = ()) -> tuple:
+    def _value_key(self, request: EditRequest, layer: int, family: tuple = (),
+                   direction: torch.Tensor | None = None) -> tuple:
         """What (k*, v*) depend on: the model's current weights aside, the edit and the v* hyper-parameters
-        (and, with the family KL term, its weight and the family prompts with their leaks)."""
+        (and, with the family KL term, its weight and the family prompts with their leaks; with
+        ``value_in_place``, the insert's direction, by content)."""
         p = self.params
         out = (self.lm.fingerprint, layer, request.subject, request.relation, request.target, p.prefix_lengths,
                p.prefixes_per_length, p.prefix_starts, p.seed, p.lr, p.steps, p.early_stop_nll, p.weight_decay,
                p.kl_factor, p.clamp_norm_factor, p.essence_prompt)
         if p.family_kl > 0 and family:
             out += (p.family_kl, tuple((s, round(rho, 6)) for s, rho in family))
+        if direction is not None:
+            out += ("in_place", hashlib.sha1(direction.detach().float().cpu().numpy().tobytes()).hexdigest())
         return out
 
     def apply(self, requests: list[EditRequest], layers: list[int | None] | None = None,

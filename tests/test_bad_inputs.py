@@ -325,6 +325,8 @@ CASES = [
      ["params.yaml: rome.shrink_margin: must be >= 0, got -1"]),
     ("params-shrink-steps", params_edit("  lr: 0.1", "  lr: 0.1\n  shrink_steps: 0"), APPLY,
      ["params.yaml: rome.shrink_steps: must be >= 1, got 0"]),
+    ("params-prefix-keys-type", params_edit("  lr: 0.1", "  lr: 0.1\n  prefix_keys: 2"), APPLY,
+     ["params.yaml: rome.prefix_keys: must be true or false, got 2"]),
     ("params-damage-tokens", params_append("bench:\n  damage: {tokens: -5}\n"), ("status",),
      ["params.yaml: bench.damage.tokens: must be >= 0, got -5"]),
     ("params-damage-text", params_append("bench:\n  damage: {text: 7}\n"), ("status",),

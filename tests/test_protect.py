@@ -311,6 +311,83 @@ def test_prompt_key_gives_the_prompts_own_key_the_edits_change(tiny_lm, second_m
     assert torch.equal(models.weight_out_in(lm.model, name), base)
 
 
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_prefix_keys_give_every_context_key_the_edits_change(tiny_lm, second_moment, model_type):
+    """prefix_keys: Ŵ k_i = W k_i + δ at every context prefix's key (and the prompt's), so Ŵ k* = v* too
+    (k* is their mean), with the protected subjects' keys held fixed, in one rank-one update."""
+    from romeflow.rome import subject_keys
+
+    lm = tiny_lm(model_type)
+    stats = second_moment(model_type)
+    request = replace(CURIE, relation="In Paris, {} worked in the field of")
+    params = replace(PARAMS, prefix_keys=True, prompt_key=True, protect_min_residual=1e-3, protect_ridge=1e-9)
+    rome = Rome(lm, params, lambda layer: stats[layer])
+    name = models.edited_module_name(lm.model, EDIT_LAYER)
+    result = rome.compute(request)
+    assert result.update.u.dim() == 1  # rank one
+    context = torch.cat([subject_keys(lm, EDIT_LAYER, [x + "{}" for x in rome.prefixes], request.subject),
+                         subject_keys(lm, EDIT_LAYER, [request.relation], request.subject)])  # (P + 1, d_in)
+    held = torch.cat([rome.held_keys(EDIT_LAYER, s) for s in result.protected]).double()
+    w = models.weight_out_in(lm.model, name).detach().double()  # (d_out, d_in); compared in float64
+    w_hat = w + torch.outer(result.update.u, result.update.v).double()
+    context, k_star = context.double(), result.k_star.double()
+    delta = result.v_star.double() - w @ k_star  # δ = v* − W k*
+    assert rel(w_hat @ k_star, result.v_star) < 1e-5
+    for k in context:
+        assert rel(w_hat @ k, w @ k + delta) < 1e-5
+    for k in held:
+        assert rel(w_hat @ k, w @ k) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_family_centroid_holds_the_familys_mean_key(tiny_lm, second_moment, model_type, monkeypatch):
+    """family_centroid: Ŵ k̄ = W k̄ for the mean bare key of the subject's family, with Ŵ k* = v*; the
+    delta's protected keys stay the protected subjects' own (two a subject)."""
+    lm = tiny_lm(model_type)
+    stats = second_moment(model_type)
+    family = ["Jacques Curie", "Eve Curie", "Irene Curie"]
+    params = replace(PARAMS, family_centroid=True, prefix_keys=True, protect_min_residual=1e-3, protect_ridge=1e-9)
+    rome = Rome(lm, params, lambda layer: stats[layer])
+    monkeypatch.setattr(rome, "family", lambda subject: family + [subject])  # the subject itself is left out
+    name = models.edited_module_name(lm.model, EDIT_LAYER)
+    result = rome.compute(CURIE)
+    assert result.family["centroid"] is True
+    assert result.protected_keys.shape[0] == 2 * len(result.protected)
+    centroid = rome.bare_keys(EDIT_LAYER, family).mean(0).double()
+    w = models.weight_out_in(lm.model, name).detach().double()
+    w_hat = w + torch.outer(result.update.u, result.update.v).double()
+    assert rel(w_hat @ result.k_star.double(), result.v_star) < 1e-5
+    assert rel(w_hat @ centroid, w @ centroid) < 1e-5
+    for k in result.protected_keys.double():
+        assert rel(w_hat @ k, w @ k) < 1e-5
+    # without a family there is nothing to hold
+    monkeypatch.setattr(rome, "family", lambda subject: [])
+    assert rome.compute(CURIE).family["centroid"] is False
+
+
+def test_prefix_keys_without_symmetric_keys_keep_the_papers_constraint_at_the_bare_key(tiny_lm, second_moment):
+    """With the paper's asymmetric keys, the bare prompt's key k_d maps to v* and every other context key
+    gets δ = v* − W k*: a rank-2 update."""
+    from romeflow.rome import subject_keys
+
+    lm = tiny_lm("gemma3_text")
+    stats = second_moment("gemma3_text")
+    request = replace(CURIE, protect=())
+    params = replace(PARAMS, prefix_keys=True, symmetric_keys=False, protect_ridge=1e-9)
+    rome = Rome(lm, params, lambda layer: stats[layer])
+    name = models.edited_module_name(lm.model, EDIT_LAYER)
+    result = rome.compute(request)
+    u, v = result.update.u.double(), result.update.v.double()
+    assert u.shape[1] == v.shape[1] == 2
+    context = subject_keys(lm, EDIT_LAYER, [x + "{}" for x in rome.prefixes], request.subject).double()
+    w = models.weight_out_in(lm.model, name).detach().double()
+    w_hat = w + u @ v.T
+    delta = result.v_star.double() - w @ result.k_star.double()
+    assert rel(w_hat @ context[0], result.v_star) < 1e-5  # row 0: the bare prompt, the paper's k_d
+    for k in context[1:]:
+        assert rel(w_hat @ k, w @ k + delta) < 1e-5
+
+
 def test_one_word_subjects_get_no_made_up_siblings_and_the_family_term_is_bounded(tiny_lm, second_moment):
     lm = tiny_lm("gpt2")
     stats = second_moment("gpt2")

@@ -218,6 +218,31 @@ def test_value_lowers_the_target_nll(tiny_lm, model_type):
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
+def test_value_in_place_scores_the_update_that_is_written(tiny_lm, second_moment, model_type):
+    """value_in_place: δ is optimised under the insert's own update, so the last NLL of its trace is the
+    edited model's mean target NLL on the rewrite prompts once the delta is written."""
+    from dataclasses import replace
+
+    from romeflow.prompts import fill, mean_per_pair, target_logprobs, teacher_forced
+
+    lm = tiny_lm(model_type)
+    params = replace(NLL_ONLY, value_in_place=True, prefix_keys=True)
+    rome = editor(lm, second_moment, model_type, params)
+    result = rome.compute(CURIE)
+    k_d = result.k_star
+    direction = rome.insert_direction(CURIE, EDIT_LAYER, result.k_star, k_d)
+    assert rel_err(result.update.v / (result.update.v @ k_d), direction) < 1e-5  # the same direction
+    prompts = [fill(x + CURIE.relation, CURIE.subject) for x in rome.prefixes]
+    tb = teacher_forced(lm.tokenizer, prompts, [CURIE.target] * len(prompts))
+    name = models.edited_module_name(lm.model, EDIT_LAYER)
+    add_rank_one(lm.model, name, result.update.u, result.update.v)
+    with torch.no_grad():
+        nll = -mean_per_pair(target_logprobs(lm.model, tb), tb).mean()
+    assert abs(float(nll) - result.nll_trace[-1]) < 1e-3 * max(1.0, result.nll_trace[-1])
+    assert result.nll_trace[-1] < result.nll_trace[0]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
 def test_value_first_step_goes_downhill_with_default_loss(tiny_lm, model_type):
     lm = tiny_lm(model_type)
     params = RomeParams(**{**PARAMS.__dict__, "steps": 1})
