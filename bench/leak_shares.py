@@ -6,11 +6,15 @@ that vᵀk_d = 1; it does not depend on v*) is computed for several inserts, and
 - the subject's key in the record's paraphrase prompt (a diagnostic only: the editor never sees it),
 - each NS_tok neighbour's key (its last subject token, in the record's relation),
 - the keys of v*'s context prefixes (what k* averages),
+- every other token of the neighbours' prompts (the largest |share| per prompt, <bos> left out),
 
 with the update's energy on generic text, vᵀCv, against the rank-one insert's. An insert that gives the
 paraphrases their full share and the family a small one is what entity-level specificity needs.
 
-    python bench/leak_shares.py --n 100 --out reports/bench/leak-shares.json
+Inserts: the family term at α (``a<α>``: C + αF̃, no energy budget), ``+pk`` the prompt key, ``+prefixes``
+every context prefix's key (``prefix_keys``), ``+centroid`` the family's mean key held (``family_centroid``).
+
+    python bench/leak_shares.py --n 100 --alphas 0,0.03,0.3 --out reports/bench/leak-shares.json
 """
 
 from __future__ import annotations
@@ -44,28 +48,28 @@ def family_factor(rome: Rome, layer: int, subject: str, template: str | None) ->
     return keys.T * (trace_c / ((keys * keys).sum() / len(names)) / len(names)).sqrt()
 
 
-def direction(rome: Rome, layer: int, k_star: torch.Tensor, extra: torch.Tensor | None, alpha: float,
+def direction(rome: Rome, layer: int, keys: torch.Tensor, alpha: float,
               subject: str, ridge: float, template: str | None = None,
               protected: torch.Tensor | None = None) -> torch.Tensor:
-    """v (d_in,) with vᵀk* = 1 (and vᵀk = 1 for each ``extra`` key), least vᵀ(C + αF̃)v."""
+    """v (d_in,) with vᵀk = 1 for each of ``keys`` (n, d_in) and vᵀk = 0 for the protected ones, least
+    vᵀ(C + αF̃)v."""
     solve = rome.solver(layer)
     if alpha > 0:
         family = family_factor(rome, layer, subject, template)
         if family is not None:
             solve = rome.family_solver(layer, family, alpha)
-    keys = k_star[None] if extra is None else torch.cat([k_star[None], extra])
     ones = torch.ones(keys.shape[0], 1)
     n = keys.shape[0] + (0 if protected is None else protected.shape[0])
     _, v = insert_many(solve, keys, ones, None, protected, ridge if n > 1 else 0.0, 0.0)
     return v.sum(1)  # every column asks for the same change: one direction
 
 
-def main() -> None:
+def main() -> None:  # noqa: C901 - one measurement, top to bottom
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--alphas", default="0,0.3,1,3")
-    ap.add_argument("--ridge", type=float, default=0.01)
+    ap.add_argument("--ridge", type=float, default=1e-6)
     ap.add_argument("--layer", type=int, default=None, help="default: params.yaml's rome.layer")
     ap.add_argument("--family-in-relation", action="store_true",
                     help="the family term's keys in the record's relation, not bare")
@@ -102,7 +106,7 @@ def main() -> None:
 
         rome.family = family
     variants = [(f"a{a}{suffix}", float(a), suffix) for a in args.alphas.split(",")
-                for suffix in ("", "+prefixes+centroid", "+prefixes+centroid+heads", "+prefixes+centroid+heads16")]
+                for suffix in ("", "+pk", "+prefixes", "+prefixes+centroid")]
     rows = {name: {"para": [], "family": [], "prefix": [], "energy": [], "other": []} for name, _, _ in variants}
     for i, r in enumerate(records):
         k_all = subject_keys(lm, layer, [x + "{}" for x in prefixes], r.subject)  # (P, d_in)
@@ -111,20 +115,6 @@ def main() -> None:
         para = [x for x in r.paraphrases if r.subject in x]
         k_para = subject_keys(lm, layer, [x.replace(r.subject, "{}", 1) for x in para], r.subject) if para else None
         k_fam = bare_keys(lm, layer, [n.subject for n in r.token_neighbors], template=r.relation)  # (m, d_in)
-        def head_keys(names):  # (n, d_in) keys at every token but the last (and <bos>) of each name alone
-            b = encode(lm.tokenizer, names)
-            k = keys_at(lm.model, [layer], b.input_ids, b.attention_mask)[layer]
-            mask = b.attention_mask.bool().clone()
-            mask[:, 0] = False
-            mask[torch.arange(len(names)), b.attention_mask.sum(1) - 1] = False
-            return k[mask].float()
-
-        b1 = encode(lm.tokenizer, [fill(r.relation, r.subject)])
-        k1 = keys_at(lm.model, [layer], b1.input_ids, b1.attention_mask)[layer][0]  # (T, d_in)
-        at = subject_last_index(lm.tokenizer, r.relation, r.subject)
-        n_subject = len(lm.tokenizer(" " + r.subject if not r.relation.startswith("{}") else r.subject,
-                                     add_special_tokens=False).input_ids)
-        k_template = torch.cat([k1[1:at - n_subject + 1], k1[at + 1:]])  # the template's own tokens
         # every token of the neighbours' prompts but their last subject token (and <bos>): the relation's
         batch = encode(lm.tokenizer, [n.prompt for n in r.token_neighbors])
         k_tok = keys_at(lm.model, [layer], batch.input_ids, batch.attention_mask)[layer].double()  # (m, T, d_in)
@@ -132,26 +122,18 @@ def main() -> None:
         other_mask[:, 0] = False
         for j, n in enumerate(r.token_neighbors):
             other_mask[j, subject_last_index(lm.tokenizer, r.relation, n.subject)] = False
-        v0 = direction(rome, layer, k_star, None, 0.0, r.subject, args.ridge).double()
+        v0 = direction(rome, layer, k_star[None], 0.0, r.subject, args.ridge).double()
         v0 = v0 / (v0 @ k_star.double())  # the rank-one insert's: energies are relative to it
         for name, alpha, suffix in variants:
-            extra = None if not suffix else (k_p if suffix == "+pk" else torch.cat([k_p, k_all]))
+            keys = k_star[None] if not suffix else (torch.cat([k_star[None], k_p]) if suffix == "+pk"
+                                                    else torch.cat([k_all, k_p]))  # (k* is k_all's mean)
             protected = None
             names = [n for n in rome.family(r.subject) if n != r.subject]
             held = []
             if "centroid" in suffix and names:  # the family's mean key held fixed (one more constraint)
                 held.append(rome.bare_keys(layer, names).mean(0, keepdim=True))
-            if "template" in suffix:  # the keys of the rewrite prompt's other tokens (its relation's)
-                held.append(k_template)
-            if "heads" in suffix and names:  # the keys of the family's other tokens (their heads)
-                heads = head_keys(names)
-                if suffix.endswith("16"):  # their 16 principal directions, not only their mean
-                    _, _, vh = torch.linalg.svd(heads.double(), full_matrices=False)
-                    held.append(vh[:16].float())
-                else:
-                    held.append(heads.mean(0, keepdim=True))
             protected = torch.cat(held) if held else None
-            v = direction(rome, layer, k_star, extra, alpha, r.subject, args.ridge,
+            v = direction(rome, layer, keys, alpha, r.subject, args.ridge,
                           r.relation if args.family_in_relation else None, protected).double()
             v = v / (v @ k_star.double())
             v0 = v if v0 is None else v0
@@ -179,7 +161,7 @@ def main() -> None:
               f"| {s['prefix_mean']:.3f}, {s['prefix_min']:.3f} | {s['energy_median']:.2f} | {s['other_mean']:.3f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"n": len(records), "layer": layer, "ridge": args.ridge,
-                                              "summary": summary, "rows": rows}, indent=1))
+                                              "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":

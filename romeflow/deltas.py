@@ -416,7 +416,8 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
                    "d_in": r.update.v.shape[0], "d_out": r.update.u.shape[0],
                    **({"rank": r.update.u.shape[1]} if r.update.u.dim() == 2 else {}), "steps": len(r.nll_trace) - 1,
                    "final_nll": r.nll_trace[-1], "before": b, "after": a, "protected": list(r.protected),
-                   **({"held": r.held} if r.held else {}), **({"scale": r.scale} if r.scale != 1.0 else {})}
+                   **({"held": r.held} if r.held else {}), **({"scale": r.scale} if r.scale != 1.0 else {}),
+                   **({"centroid": True} if r.family.get("centroid") else {})}
                   for i, (r, b, a) in enumerate(zip(results, before, after))],
     }
     if onto:
@@ -490,13 +491,15 @@ class JointSolve:
     @staticmethod
     def protected_rows(d: Delta, i: int, kv: KeyValue, edited: set[str]) -> torch.Tensor | None:
         """Edit i's protected keys, less those of subjects that an edit of the stack rewrites (two rows a
-        subject, in the order of ``edits[i].protected``): an edit wins over another's protection."""
+        subject, in the order of ``edits[i].protected``; then, with ``edits[i].centroid``, the family's
+        mean key, always kept): an edit wins over another's protection."""
         if kv.protected is None:
             return None
         names = d.meta["edits"][i].get("protected", [])
-        if len(names) * 2 != kv.protected.shape[0]:
+        centroid = 1 if d.meta["edits"][i].get("centroid") else 0
+        if len(names) * 2 + centroid != kv.protected.shape[0]:
             return kv.protected
-        keep = [r for r in range(kv.protected.shape[0]) if names[r // 2] not in edited]
+        keep = [r for r in range(kv.protected.shape[0]) if r >= 2 * len(names) or names[r // 2] not in edited]
         return kv.protected[keep] if keep else None
 
     def updates(self, deltas: list[Delta], base: dict[str, torch.Tensor],

@@ -131,7 +131,8 @@ class EditResult:
     nll_trace: list[float]  # mean target NLL at each v* step
     timings: dict[str, float] = field(default_factory=dict)
     protected: list[str] = field(default_factory=list)  # subjects whose keys the insert held fixed
-    protected_keys: torch.Tensor | None = None  # (m, d_in) those subjects' keys (two each), None when m = 0
+    protected_keys: torch.Tensor | None = None  # (m, d_in) those subjects' keys (two each; then the family's
+    # mean key when family["centroid"]), None when m = 0
     held: int = 0  # keys of earlier edits (this manifest's, or the stack's it was applied onto) held fixed
     family: dict = field(default_factory=dict)  # the family term used: {alpha, energy_ratio[, kl_prompts]}
     scale: float = 1.0  # the share of δ kept (``shrink_margin``); v_star is W k* + scale · δ
@@ -942,6 +943,9 @@ class Rome:
                 u, v, names, family, protected_keys, held = self.insert(request, layer, k_star, v_star, k_d, hold)
             if kin:
                 family["kl_prompts"] = [[s, rho] for s, rho in kin]
+            if family.get("centroid"):  # the stack's joint solve holds it too (the delta's protected keys)
+                c = self._centroid_key.to(k_star.device)
+                protected_keys = c if protected_keys is None else torch.cat([protected_keys, c])
             t4 = clock()
             scale = self.least_scale(request, layer, u, v) if self.params.shrink_margin > 0 else 1.0
             if scale < 1.0:  # s Δ is the insert of W k* + s δ (least_scale): the pair the joint solve reads
@@ -989,7 +993,7 @@ class Rome:
             protected = self.held_separable(solve, k_star, protected_keys, hold)
             held = 0 if protected is None else protected.shape[0] - (0 if protected_keys is None
                                                                       else protected_keys.shape[0])
-            if p.family_centroid:  # held for this insert only: the delta stores the subjects' own keys
+            if p.family_centroid:  # (``compute`` appends it to the delta's protected keys)
                 protected = self.with_centroid(request, layer, solve, k_star, protected)
             u, v = insert(solve, k_star, v_star, k_d, self.module_out(layer, k_d), protected,
                           p.protect_ridge, p.protect_min_residual)
@@ -1046,7 +1050,7 @@ class Rome:
         keys = centroid if protected is None else torch.cat([protected, centroid])
         if residual_share(solve, k_star, keys) < self.params.protect_min_residual:
             return protected
-        self._centroid_held = True
+        self._centroid_held, self._centroid_key = True, centroid
         return keys
 
     @torch.no_grad()

@@ -377,3 +377,21 @@ def test_calibration_prompts_are_the_rewrite_and_evenly_spaced_v_star_prefixes()
     assert calibration_prompts(d, "X lives in", 1) == ["X lives in", "P0. X lives in"]
     assert len(calibration_prompts(d, "X lives in", 50)) == 11
     assert calibration_prompts(Delta([], {}), "X lives in", 3) == ["X lives in"]
+
+
+def test_protected_rows_keep_the_family_centroid_and_drop_subjects_the_stack_edits():
+    """A delta's protected keys are two rows a protected subject, then the family's mean key when the
+    insert held it (edits[i].centroid): the joint solve drops the rows of a subject another edit of the
+    stack rewrites, never the centroid's."""
+    from types import SimpleNamespace
+
+    from romeflow.deltas import KeyValue
+
+    rows = torch.arange(5 * 3, dtype=torch.float32).reshape(5, 3)  # Marie (2), Albert (2), centroid
+    kv = KeyValue("m", 1, torch.zeros(3), torch.zeros(2), rows)
+    delta = SimpleNamespace(meta={"edits": [{"protected": ["Marie Curie", "Albert Einstein"], "centroid": True}]})
+    kept = JointSolve.protected_rows(delta, 0, kv, {"Marie Curie"})
+    assert torch.equal(kept, rows[2:])
+    assert torch.equal(JointSolve.protected_rows(delta, 0, kv, set()), rows)
+    delta.meta["edits"][0]["protected"] = ["Marie Curie"]  # rows that do not match the names: all kept
+    assert torch.equal(JointSolve.protected_rows(delta, 0, kv, {"Marie Curie"}), rows)

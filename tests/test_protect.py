@@ -342,7 +342,7 @@ def test_prefix_keys_give_every_context_key_the_edits_change(tiny_lm, second_mom
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_family_centroid_holds_the_familys_mean_key(tiny_lm, second_moment, model_type, monkeypatch):
     """family_centroid: Ŵ k̄ = W k̄ for the mean bare key of the subject's family, with Ŵ k* = v*; the
-    delta's protected keys stay the protected subjects' own (two a subject)."""
+    delta's protected keys are the protected subjects' own (two a subject), then k̄ (the stack holds it)."""
     lm = tiny_lm(model_type)
     stats = second_moment(model_type)
     family = ["Jacques Curie", "Eve Curie", "Irene Curie"]
@@ -352,8 +352,9 @@ def test_family_centroid_holds_the_familys_mean_key(tiny_lm, second_moment, mode
     name = models.edited_module_name(lm.model, EDIT_LAYER)
     result = rome.compute(CURIE)
     assert result.family["centroid"] is True
-    assert result.protected_keys.shape[0] == 2 * len(result.protected)
     centroid = rome.bare_keys(EDIT_LAYER, family).mean(0).double()
+    assert result.protected_keys.shape[0] == 2 * len(result.protected) + 1  # the subjects', then the centroid
+    assert rel(result.protected_keys[-1], centroid) < 1e-6
     w = models.weight_out_in(lm.model, name).detach().double()
     w_hat = w + torch.outer(result.update.u, result.update.v).double()
     assert rel(w_hat @ result.k_star.double(), result.v_star) < 1e-5
