@@ -776,7 +776,6 @@ class Rome:
         self._keys: dict[tuple[int, str, bool], torch.Tensor] = {}  # (layer, subject, averaged) -> (d_in,)
         self._family_solvers: dict[tuple[int, str, float], WoodburySolver] = {}  # (layer, subject, α): the edit's own
         self._context: dict[tuple[int, str, str], torch.Tensor] = {}  # (layer, subject, relation) -> context keys
-        self._centroid_held = False
         self.values = values
 
     @property
@@ -910,7 +909,6 @@ class Rome:
         layer = self.params.layer if layer is None else layer
         self._family_solvers = {}  # one edit's (each holds C⁻¹B, d_in × f)
         self._context = {}  # one edit's context keys (``context_keys``)
-        self._centroid_held = False  # whether the last insert held the family's mean key (``with_centroid``)
         clock = time.perf_counter
         with flush_denormals():
             t0 = clock()
@@ -922,9 +920,12 @@ class Rome:
                 else key(self.lm, layer, request.subject, prefixes)  # (d_in,)
             k_d = k_star if self.params.symmetric_keys else subject_keys(self.lm, layer, ["{}"], request.subject)[0]
             t2 = clock()
-            kin = self.family_leaks(request, layer, k_star, k_d, hold) if self.params.family_kl > 0 else ()
-            direction = self.insert_direction(request, layer, k_star, k_d, hold) if self.params.value_in_place \
-                else None
+            # the insert's direction (d_in,), known before v*: for the family KL term and the in-place v*
+            direction = self.insert_direction(request, layer, k_star, k_d, hold) \
+                if self.params.family_kl > 0 or self.params.value_in_place else None
+            kin = self.family_leaks(request, layer, direction) if self.params.family_kl > 0 else ()
+            if not self.params.value_in_place:
+                direction = None
             value_key = self._value_key(request, layer, kin, direction)
             if (kin or direction is not None) and self.values is not None:  # such a v* has its own cache key
                 cached = self.values.get(value_key)
@@ -943,9 +944,6 @@ class Rome:
                 u, v, names, family, protected_keys, held = self.insert(request, layer, k_star, v_star, k_d, hold)
             if kin:
                 family["kl_prompts"] = [[s, rho] for s, rho in kin]
-            if family.get("centroid"):  # the stack's joint solve holds it too (the delta's protected keys)
-                c = self._centroid_key.to(k_star.device)
-                protected_keys = c if protected_keys is None else torch.cat([protected_keys, c])
             t4 = clock()
             scale = self.least_scale(request, layer, u, v) if self.params.shrink_margin > 0 else 1.0
             if scale < 1.0:  # s Δ is the insert of W k* + s δ (least_scale): the pair the joint solve reads
@@ -993,20 +991,22 @@ class Rome:
             protected = self.held_separable(solve, k_star, protected_keys, hold)
             held = 0 if protected is None else protected.shape[0] - (0 if protected_keys is None
                                                                       else protected_keys.shape[0])
-            if p.family_centroid:  # (``compute`` appends it to the delta's protected keys)
-                protected = self.with_centroid(request, layer, solve, k_star, protected)
+            centroid = self.centroid(request, layer, solve, k_star, protected) if p.family_centroid else None
+            if centroid is not None:  # held here, and by the stack's joint solve (the delta's last protected key)
+                protected = centroid if protected is None else torch.cat([protected, centroid])
+                protected_keys = centroid if protected_keys is None else torch.cat([protected_keys, centroid])
             u, v = insert(solve, k_star, v_star, k_d, self.module_out(layer, k_d), protected,
                           p.protect_ridge, p.protect_min_residual)
             if p.prompt_key or p.prefix_keys:
                 u, v = self.with_context_keys(request, layer, solve, k_star, v_star, k_d, protected, (u, v))
-            return u, v, names, protected_keys, held
+            info = {} if not p.family_centroid else {"centroid": centroid is not None}
+            return u, v, names, protected_keys, held, info
 
         base = MemoSolver(self.solver(layer))  # every α solves for the same keys again (C⁻¹ k)
-        u, v, names, protected_keys, held = solve_with(base)
-        base_centroid = self._centroid_held
+        u, v, names, protected_keys, held, info = solve_with(base)
         family = self.family_factor(layer, request.subject) if p.protect_weight > 0 else None
         if family is None:
-            return u, v, names, self._family_info(0.0, 1.0), protected_keys, held
+            return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0, **info}, protected_keys, held
         second_moment = self._second_moment(layer).to(family.device, torch.float64)  # (converted once, not per α)
         energy = text_energy(second_moment, u, v)
         c_inv_b = None  # C⁻¹B, shared by every α
@@ -1017,58 +1017,44 @@ class Rome:
                 solve = self._family_solvers[(layer, request.subject, alpha)] = \
                     self.family_solver(layer, family, alpha, c_inv_b, base)
             c_inv_b = solve.c_inv_b
-            u1, v1, names1, keys1, held1 = solve_with(solve)
+            u1, v1, names1, keys1, held1, info1 = solve_with(solve)
             ratio = text_energy(second_moment, u1, v1) / energy
             if ratio <= p.protect_max_energy:
-                return u1, v1, names1, self._family_info(alpha, ratio), keys1, held1
-        self._centroid_held = base_centroid  # (the verdict of the update returned)
-        return u, v, names, self._family_info(0.0, 1.0), protected_keys, held
+                return u1, v1, names1, {"alpha": alpha, "energy_ratio": ratio, **info1}, keys1, held1
+        return u, v, names, {"alpha": 0.0, "energy_ratio": 1.0, **info}, protected_keys, held
 
-    def _family_info(self, alpha: float, ratio: float) -> dict:
-        """What the edit's metadata records of the family's treatment: the family term's α and energy ratio,
-        and (with ``family_centroid``) whether the family's mean key was held."""
-        info = {"alpha": alpha, "energy_ratio": ratio}
-        if self.params.family_centroid:
-            info["centroid"] = self._centroid_held
-        return info
-
-    def with_centroid(self, request: EditRequest, layer: int, solve: Solver, k_star: torch.Tensor,
-                      protected: torch.Tensor | None) -> torch.Tensor | None:
-        """``protected`` with the family's mean key appended: k̄ = mean of the bare keys of ``family``
-        (reference names and made-up siblings; not the subject itself), held fixed, Δ k̄ = 0.
+    def centroid(self, request: EditRequest, layer: int, solve: Solver, k_star: torch.Tensor,
+                 protected: torch.Tensor | None) -> torch.Tensor | None:
+        """The family's mean key k̄ (1, d_in) for the insert to hold fixed (Δ k̄ = 0): the mean of the bare
+        keys of ``family`` (reference names and made-up siblings; not the subject itself).
 
         At an early layer the key at a subject's last token is mostly that token's: most of k* lies
         along k̄, and a rank-one update moves every member of the family by ~⅔ of the edit
-        (docs/specificity.md). With k̄ held, a member k_j = k̄ + e_j only moves by vᵀe_j. Skipped (the
-        keys as given) when the subject has no family, or when k̄ would leave less than
+        (docs/specificity.md). With k̄ held, a member k_j = k̄ + e_j only moves by vᵀe_j. None when the
+        subject has no family, or when k̄, with the ``protected`` keys (m, d_in), would leave less than
         ``protect_min_residual`` of k* to edit."""
-        self._centroid_held = False
         names = [s for s in self.family(request.subject) if s != request.subject]
         if not names:
-            return protected
+            return None
         centroid = self.bare_keys(layer, names).mean(0, keepdim=True).to(k_star.device)  # (1, d_in)
         keys = centroid if protected is None else torch.cat([protected, centroid])
-        if residual_share(solve, k_star, keys) < self.params.protect_min_residual:
-            return protected
-        self._centroid_held, self._centroid_key = True, centroid
-        return keys
+        return centroid if residual_share(solve, k_star, keys) >= self.params.protect_min_residual else None
 
     @torch.no_grad()
-    def family_leaks(self, request: EditRequest, layer: int, k_star: torch.Tensor,
-                     k_d: torch.Tensor, hold: torch.Tensor | None = None) -> tuple[tuple[str, float], ...]:
+    def family_leaks(self, request: EditRequest, layer: int,
+                     direction: torch.Tensor) -> tuple[tuple[str, float], ...]:
         """The family members (``family``, less the request's ``protect`` list) whose relation prompts the
         insert will move most, with the share of δ it adds at their key: ((s_i, ρ_i), ...), at most
         ``family_kl_prompts``, largest |ρ_i| first.
 
-        ρ_i = vᵀk_i / vᵀk_d for the insert's update u vᵀ, k_i the key at s_i's last token in the edit's
-        relation. v does not depend on v* (only u does), so it is known before v* is optimised: the
-        insert is run here with a stand-in v*."""
+        ρ_i = vᵀk_i for the insert's direction v (d_in,), scaled so that vᵀk_d = 1 (``insert_direction``:
+        v does not depend on v*, so it is known before v* is optimised), k_i the key at s_i's last token
+        in the edit's relation."""
         names = [s for s in self.family(request.subject) if s not in request.protect and s != request.subject]
         if not names:
             return ()
-        v = self.insert_direction(request, layer, k_star, k_d, hold)  # (d_in,) vᵀk_d = 1
         keys = bare_keys(self.lm, layer, names, template=request.relation)  # (f, d_in)
-        rho = keys @ v  # (f,)
+        rho = keys @ direction  # (f,) direction: ``insert_direction``, vᵀk_d = 1
         top = rho.abs().argsort(descending=True)[:self.params.family_kl_prompts].tolist()
         return tuple((names[i], float(rho[i])) for i in top)
 
@@ -1126,8 +1112,8 @@ class Rome:
         delta = v_star - module_output(module, k_star[None])[0]  # (d_out,) δ
         r_d = v_star - module_output(module, k_d[None])[0]  # (d_out,) the edit's own residual at k_d
         if p.prefix_keys:  # the prefix keys replace their mean; row 0 is the bare prompt's key k_d
-            keys, residuals = extra, torch.stack([r_d] + [delta] * (extra.shape[0] - 1))
-            con = keys
+            keys, con = extra, None  # (n, d_in), constrained where they point
+            residuals = torch.stack([r_d] + [delta] * (extra.shape[0] - 1))  # (n, d_out)
         else:
             if residual_share(solve, extra[0], k_star[None]) < p.protect_min_residual:
                 return rank_one  # the prompt's key is (for C) k* already
@@ -1140,7 +1126,7 @@ class Rome:
             return rank_one
         if p.symmetric_keys:  # every column of U is the same δ: one rank-one update
             return u[:, 0], v.sum(1)
-        return torch.stack([u[:, 0], u[:, 1]], 1), torch.stack([v[:, 0], v[:, 1:].sum(1)], 1)
+        return u[:, :2], torch.stack([v[:, 0], v[:, 1:].sum(1)], 1)  # (d_out, 2), (d_in, 2): k_d's, the rest's
 
     def _value_key(self, request: EditRequest, layer: int, family: tuple = (),
                    direction: torch.Tensor | None = None) -> tuple:

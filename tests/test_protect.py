@@ -433,7 +433,7 @@ def test_family_kl_keeps_the_family_prompts_at_their_leak_of_delta(tiny_lm, seco
     params = replace(PARAMS, steps=12, protect_siblings=6, protect_weight=0.0, family_kl=50.0, family_kl_prompts=3)
     rome = Rome(lm, params, lambda layer: stats[layer])
     k_star = key(lm, EDIT_LAYER, CURIE.subject, rome.prefixes)
-    kin = rome.family_leaks(CURIE, EDIT_LAYER, k_star, k_star)
+    kin = rome.family_leaks(CURIE, EDIT_LAYER, rome.insert_direction(CURIE, EDIT_LAYER, k_star, k_star))
     assert 0 < len(kin) <= 3 and all(s != CURIE.subject for s, _ in kin)
     assert [abs(r) for _, r in kin] == sorted((abs(r) for _, r in kin), reverse=True)
     result = rome.compute(CURIE)  # the leaks are those of the update it returns
