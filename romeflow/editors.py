@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .hooks import on_input, run_with_hooks
 from .models import (LoadedModel, cache_kwargs, edited_module, edited_module_name, final_hidden, logits_at, new_cache,
                      num_layers, weight_out_in)
 from .prompts import continuation, encode, flush_denormals, mean_per_pair, target_logprobs, teacher_forced
@@ -160,14 +161,11 @@ def last_token_keys(lm: LoadedModel, prompt: str, layers: list[int]) -> dict[int
     """The MLP keys (W_proj inputs) at the prompt's last token, for each layer: {layer: (d_in,)}."""
     ids = encode(lm.tokenizer, [prompt]).input_ids  # (1, T)
     keys: dict[int, torch.Tensor] = {}
-    hooks = [edited_module(lm.model, layer).register_forward_pre_hook(
-        lambda _m, args, layer=layer: keys.__setitem__(layer, args[0][0, -1].detach().clone())) for layer in layers]
-    try:
-        with torch.no_grad():
-            final_hidden(lm.model, ids, torch.ones_like(ids))
-    finally:
-        for h in hooks:
-            h.remove()
+    record = [on_input(edited_module(lm.model, layer),
+                       lambda _m, args, layer=layer: keys.__setitem__(layer, args[0][0, -1].detach().clone()))
+              for layer in layers]
+    with torch.no_grad(), run_with_hooks(lm.model, record):
+        final_hidden(lm.model, ids, torch.ones_like(ids))
     return keys
 
 
@@ -200,16 +198,13 @@ def neuron_attributions(lm: LoadedModel, prompt: str, token_id: int, layers: lis
         def swap(_m, args, scaled=scaled):
             return (scaled[:, None, :].to(args[0].dtype),) + tuple(args[1:])  # (m, 1, d_in)
 
-        hook = edited_module(model, layer).register_forward_pre_hook(swap)
-        try:
+        with run_with_hooks(model, [on_input(edited_module(model, layer), swap)]):
             hidden = backbone(input_ids=last, attention_mask=torch.ones((steps, T), dtype=torch.long),
                               position_ids=torch.full((steps, 1), T - 1),
                               use_cache=prefix_cache is not None,
                               **cache_kwargs(backbone, copy.deepcopy(prefix_cache))).last_hidden_state
             prob = logits_at(model, hidden[:, -1]).softmax(-1)[:, token_id]  # (m,)
             (grad,) = torch.autograd.grad(prob.sum(), [scaled])  # (m, d_in)
-        finally:
-            hook.remove()
         out.append(a * grad.mean(0))
     return torch.stack(out)
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .hooks import on_input, run_with_hooks, stop_after
 from .io import atomic_folder
 
 # --------------------------------------------------------------------------------------------------
@@ -545,10 +546,6 @@ def load_model(spec: str = DEFAULT_MODEL, cache: str | os.PathLike | None = None
 # --------------------------------------------------------------------------------------------------
 
 
-class _StopForward(Exception):
-    pass
-
-
 @torch.no_grad()
 def keys_at(model: nn.Module, layers: list[int], input_ids: torch.Tensor,
             attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -566,16 +563,7 @@ def keys_at(model: nn.Module, layers: list[int], input_ids: torch.Tensor,
             found[layer] = inputs[0].detach()
         return hook
 
-    def stop(_module, _inputs, _output):
-        raise _StopForward
-
-    handles = [edited_module(model, l).register_forward_pre_hook(record(l)) for l in layers]
-    handles.append(blocks(model)[max(layers)].register_forward_hook(stop))
-    try:
+    hooks = [on_input(edited_module_name(model, l), record(l)) for l in layers]
+    with run_with_hooks(model, hooks + [stop_after(blocks(model)[max(layers)])]):
         model(input_ids=input_ids, attention_mask=attention_mask)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
     return found

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .hooks import on_output, run_with_hooks
 from .models import LoadedModel, blocks, block_submodule, final_hidden, input_device, logits_at, num_layers
 from .prompts import continuation, flush_denormals
 
@@ -197,7 +198,7 @@ def run(lm: LoadedModel, ids: torch.Tensor, target_id: int, noise: Noise | None 
     With ``record``, also returns every state {(kind, layer): (B, T, d)} as the model computed it.
     """
     model = lm.model
-    handles, recorded = [], {}
+    recorded = {}
     grouped: dict[tuple[str, int], list[Patch]] = {}
     for p in patches:
         grouped.setdefault((p.kind, p.layer), []).append(p)
@@ -224,19 +225,13 @@ def run(lm: LoadedModel, ids: torch.Tensor, target_id: int, noise: Noise | None 
             recorded[key] = _first(output).detach()
         return hook
 
-    try:
-        if noise is not None:
-            handles.append(model.get_submodule(lm.arch.embed).register_forward_hook(add_noise))
-        for (kind, layer), ps in grouped.items():
-            handles.append(state_module(model, kind, layer).register_forward_hook(patcher(ps)))
-        if record:  # registered after the patchers: records the patched values
-            for kind in KINDS:
-                for layer in range(num_layers(model)):
-                    handles.append(state_module(model, kind, layer).register_forward_hook(recorder((kind, layer))))
+    hooks = [on_output(lm.arch.embed, add_noise)] if noise is not None else []
+    hooks += [on_output(state_module(model, kind, layer), patcher(ps)) for (kind, layer), ps in grouped.items()]
+    if record:  # registered after the patchers: records the patched values
+        hooks += [on_output(state_module(model, kind, layer), recorder((kind, layer)))
+                  for kind in KINDS for layer in range(num_layers(model))]
+    with run_with_hooks(model, hooks):
         probs = next_token_probs(lm, ids)[:, target_id].cpu()  # (B,) on the host, whatever the model's device
-    finally:
-        for h in handles:
-            h.remove()
     return probs, recorded
 
 
