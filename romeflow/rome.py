@@ -68,8 +68,6 @@ class RomeParams:
     # the excess is damage that accumulates in a stack.
     shrink_margin: float = 0.0  # scale δ down to the least share at which the prompt keeps this margin (0: off)
     shrink_steps: int = 5  # bisection steps for that share (resolution 2⁻ⁿ)
-    shrink_family: int = 0  # ... then raised toward 1 while this many family prompts keep their own answers (0: off)
-    shrink_family_rise: float = 0.0  # ... and their log-odds of the new object rise by at most this (nats; 0: no cap)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RomeParams":
@@ -89,10 +87,6 @@ class RomeParams:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         if not self.shrink_margin:
             del d["shrink_margin"], d["shrink_steps"]
-        if not self.shrink_family:
-            del d["shrink_family"]
-        if not self.shrink_family_rise:
-            del d["shrink_family_rise"]
         for optional in ("prefix_keys", "family_centroid", "value_in_place"):
             if not d[optional]:
                 del d[optional]
@@ -727,45 +721,20 @@ def margins(lm: LoadedModel, prompts: list[str], targets: list[str], olds: list[
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def margins_under(lm: LoadedModel, module_name: str, u: torch.Tensor, v: torch.Tensor, prompts: list[str],
-                  targets: list[str], olds: list[str]) -> Callable[[float], torch.Tensor]:
-    """s -> per prompt, mean per-token log P(target | prompt) − log P(old | prompt), (n,), with W + s · u vᵀ
-    in place of W.
+def margin_under(lm: LoadedModel, module_name: str, u: torch.Tensor, v: torch.Tensor, prompt: str,
+                 target: str, old: str) -> Callable[[float], float]:
+    """s -> mean per-token log P(target | prompt) − log P(old | prompt) with W + s · u vᵀ in place of W.
 
     Each call writes W + s u vᵀ; the caller restores W."""
     w0 = read_weight(lm.model, module_name)  # (d_out, d_in)
     update = (u.float() @ v.float().T) if u.dim() == 2 else torch.outer(u.float(), v.float())  # (d_out, d_in)
     update = update.to(w0.device)
 
-    def margin(s: float) -> torch.Tensor:
+    def margin(s: float) -> float:
         write_weight(lm.model, module_name, w0.float() + s * update)  # rounded once to W's dtype
-        return margins(lm, prompts, targets, olds)
+        return float(margins(lm, [prompt], [target], [old])[0])
 
     return margin
-
-
-def margin_under(lm: LoadedModel, module_name: str, u: torch.Tensor, v: torch.Tensor, prompt: str,
-                 target: str, old: str) -> Callable[[float], float]:
-    """``margins_under`` for one prompt: s -> its margin."""
-    margin = margins_under(lm, module_name, u, v, [prompt], [target], [old])
-    return lambda s: float(margin(s)[0])
-
-
-def largest_scale(kept: Callable[[float], bool], floor: float, steps: int) -> float:
-    """The largest s in [floor, 1], to 2^-steps of the interval, with kept(s) (taken as true below some
-    share and false above it); floor when kept(floor) is already false."""
-    if kept(1.0):
-        return 1.0
-    if not kept(floor):
-        return floor
-    lo, hi = floor, 1.0  # kept(lo), not kept(hi)
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        if kept(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 # --------------------------------------------------------------------------------------------------
@@ -975,8 +944,6 @@ class Rome:
                 family["kl_prompts"] = [[s, rho] for s, rho in kin]
             t4 = clock()
             scale = self.least_scale(request, layer, u, v) if self.params.shrink_margin > 0 else 1.0
-            if scale < 1.0 and self.params.shrink_family > 0:
-                scale = self.family_scale(request, layer, u, v, scale)
             if scale < 1.0:  # s Δ is the insert of W k* + s δ (least_scale): the pair the joint solve reads
                 w_k = self.module_out(layer, k_star)  # (d_out,)
                 u, v_star = u * scale, w_k + scale * (v_star - w_k)
@@ -999,39 +966,6 @@ class Rome:
         try:
             return least_scale(margin_under(self.lm, module, u, v, request.prompt, request.target, old),
                                self.params.shrink_margin, self.params.shrink_steps)
-        finally:
-            write_weight(self.lm.model, module, w0)
-
-    @torch.no_grad()
-    def family_scale(self, request: EditRequest, layer: int, u: torch.Tensor, v: torch.Tensor, floor: float) -> float:
-        """The largest share s ≥ ``floor`` (the shrink's least share) of the update u vᵀ at which none of
-        the family's relation prompts that it moves most (``shrink_family`` of them, ‖u vᵀ k_j‖ at the
-        member's last token) comes to prefer the new object over its own answer before the edit (the
-        model's next token; mean per-token log-probability, as NS), nor, with ``shrink_family_rise`` κ,
-        raises its log-odds of the new object by more than κ. A family the update leaves alone
-        gets the whole of δ back, and with it the paraphrases the shrink costs; one it moves keeps
-        the least share."""
-        names = [s for s in self.family(request.subject) if s not in request.protect and s != request.subject]
-        if not names:
-            return 1.0
-        keys = bare_keys(self.lm, layer, names, template=request.relation).to(v.device, v.dtype)  # (f, d_in)
-        coef = keys @ (v if v.dim() == 2 else v[:, None])  # (f, r): vᵀ k_j
-        u2 = u if u.dim() == 2 else u[:, None]  # (d_out, r)
-        moved = (coef @ u2.T).norm(dim=1)  # (f,) ‖u vᵀ k_j‖
-        top = moved.argsort(descending=True)[:self.params.shrink_family].tolist()
-        prompts = [fill(request.relation, names[i]) for i in top]
-        olds = [next_token(self.lm, prompt) for prompt in prompts]
-        module = edited_module_name(self.lm.model, layer)
-        w0 = read_weight(self.lm.model, module)
-        try:
-            margin = margins_under(self.lm, module, u, v, prompts, [request.target] * len(prompts), olds)
-            m0 = margin(0.0)  # (n,)
-            before = m0 < 0  # members that prefer their own answer before the edit
-            if not before.any():
-                return 1.0
-            rise = self.params.shrink_family_rise
-            cap = torch.minimum(torch.zeros_like(m0), m0 + rise) if rise > 0 else torch.zeros_like(m0)
-            return largest_scale(lambda s: bool((margin(s) < cap)[before].all()), floor, self.params.shrink_steps)
         finally:
             write_weight(self.lm.model, module, w0)
 

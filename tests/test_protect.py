@@ -16,8 +16,7 @@ from romeflow.manifests import ManifestError, load_manifest
 from romeflow.metrics import score_ci
 from romeflow.prompts import subject_last_index
 from romeflow.protect import NameIndex, bare_keys, choose_protected, leak, reference_names, residual_share
-from romeflow.rome import (EditRequest, InsertError, Rome, RomeParams, Solver, insert, insert_many, largest_scale,
-                          text_energy)
+from romeflow.rome import EditRequest, InsertError, Rome, RomeParams, Solver, insert, insert_many, text_energy
 
 from conftest import ARCHS, EDIT_LAYER
 
@@ -505,72 +504,3 @@ def test_memo_solver_answers_repeated_keys_once_and_like_the_solver():
     assert rel(memo.solve64(k + 1e-9), real(k + 1e-9)) < 1e-12 and len(calls) == 2
     assert rel(first, torch.linalg.solve(c, k)) < 1e-10
 
-
-def test_largest_scale_bisects_to_the_largest_share_that_keeps():
-    calls = []
-
-    def kept(s):  # true up to 0.7
-        calls.append(s)
-        return s <= 0.7
-
-    s = largest_scale(kept, 0.25, 6)
-    assert kept(s) and not kept(s + 0.75 / 2 ** 6) and s >= 0.25
-    assert len(calls) == 2 + 6 + 2
-    assert largest_scale(lambda s: True, 0.25, 6) == 1.0  # nothing flips: the whole update
-    assert largest_scale(lambda s: s < 0.1, 0.25, 6) == 0.25  # already flipped at the floor: the floor
-
-
-@pytest.mark.parametrize("rise", [0.0, 0.05])
-@pytest.mark.parametrize("model_type", ARCHS)
-def test_shrink_family_raises_the_share_only_while_the_family_keeps_its_answers(tiny_lm, second_moment, model_type,
-                                                                                 rise, monkeypatch):
-    """shrink_family: the least share (shrink_margin) raised to the largest share at which each checked family
-    prompt that preferred its own answer before the edit still does (and, with shrink_family_rise, whose log-odds
-    of the new object rose by at most that); the model is left as it was."""
-    from romeflow.rome import margins_under, next_token
-    from romeflow.prompts import fill
-
-    lm = tiny_lm(model_type)
-    stats = second_moment(model_type)
-    family = ["The Pierre Curie", "Jacques Curie", "Eve Curie", "Irene Curie"]
-    base = replace(PARAMS, steps=20, early_stop_nll=0.0, protect_min_residual=1e-3)
-    request = replace(CURIE, protect=())
-    rome = Rome(lm, base, lambda layer: stats[layer])
-    monkeypatch.setattr(rome, "family", lambda subject: family)
-    name = models.edited_module_name(lm.model, EDIT_LAYER)
-    w0 = models.read_weight(lm.model, name)
-    full = rome.compute(request)
-    m0, m1 = (full_margin := margins_under(lm, name, full.update.u, full.update.v, [request.prompt],
-                                           [request.target], [request.target_true]))(0.0)[0], full_margin(1.0)[0]
-    models.write_weight(lm.model, name, w0)
-    target = float(max(m0, 0.0) + 0.2 * (m1 - max(m0, 0.0)))
-    shrunk = replace(base, shrink_margin=target, shrink_steps=6)
-    floor = Rome(lm, shrunk, lambda layer: stats[layer])
-    monkeypatch.setattr(floor, "family", lambda subject: family)
-    least = floor.compute(request).scale
-    fam = Rome(lm, replace(shrunk, shrink_family=3, shrink_family_rise=rise), lambda layer: stats[layer])
-    monkeypatch.setattr(fam, "family", lambda subject: family)
-    result = fam.compute(request)
-    assert torch.equal(models.read_weight(lm.model, name), w0)  # compute() leaves the model as it was
-    s = result.scale
-    assert least <= s <= 1.0
-    torch.testing.assert_close(result.update.u, s * full.update.u)
-    # the definition, checked on the whole family (the three most moved are among it)
-    prompts = [fill(request.relation, f) for f in family]
-    olds = [next_token(lm, p) for p in prompts]
-    margin = margins_under(lm, name, full.update.u, full.update.v, prompts, [request.target] * len(prompts), olds)
-    m0 = margin(0.0)
-    before = m0 < 0
-    cap = torch.minimum(torch.zeros_like(m0), m0 + rise) if rise else torch.zeros_like(m0)
-    u, v = full.update.u, full.update.v
-    keys = bare_keys(lm, EDIT_LAYER, family, template=request.relation)
-    moved = (torch.outer(keys @ v, u)).norm(dim=1)
-    checked = torch.zeros(len(family), dtype=torch.bool)
-    checked[moved.argsort(descending=True)[:3]] = True
-    watch = before & checked
-    if s > least:  # raised: the checked members still keep their answers
-        assert bool((margin(s) < cap)[watch].all())
-    if s < 1.0:  # and no further: one more step of the bisection flips one (or the floor already did)
-        step = (1.0 - least) / 2 ** 6
-        assert s == least or bool((margin(min(1.0, s + step)) >= cap)[watch].any())
-    models.write_weight(lm.model, name, w0)
