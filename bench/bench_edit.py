@@ -23,12 +23,12 @@ import torch
 from dataclasses import replace
 
 from romeflow.config import load_settings
-from romeflow.editors import rome_variant
-from romeflow.deltas import compute_delta, save_delta
-from romeflow.manifests import load_manifest
-from romeflow.models import cache_dir, load_model
-from romeflow.rome import Rome
-from romeflow.statistics import get_stats
+from romeflow.engine.editors import rome_variant
+from romeflow.pipeline.deltas import compute_delta, save_delta
+from romeflow.pipeline.manifests import load_manifest
+from romeflow.engine.models import cache_dir, load_model
+from romeflow.engine.rome import Rome
+from romeflow.engine.statistics import get_stats
 
 
 def main() -> None:

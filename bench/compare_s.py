@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from romeflow.bench import Run, counterfact_record_values
+from romeflow.evaluation.bench import Run, counterfact_record_values
 
 COMPOSITES = {"S": ("ES", "PS", "NS"), "S+": ("ES", "PS", "NS", "NS_tok")}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from romeflow.bench import counterfact_record_values
+from romeflow.evaluation.bench import counterfact_record_values
 
 
 def per_record(folder: Path, method: str, k: int, metric: str) -> dict[int, float]:

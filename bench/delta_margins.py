@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from romeflow.datasets import load_counterfact
-from romeflow.deltas import load_delta
-from romeflow.models import load_model, read_weight, write_weight
-from romeflow.rome import margin_under
+from romeflow.evaluation.datasets import load_counterfact
+from romeflow.pipeline.deltas import load_delta
+from romeflow.engine.models import load_model, read_weight, write_weight
+from romeflow.engine.rome import margin_under
 
 SHARES = [i / 10 for i in range(1, 11)]
 

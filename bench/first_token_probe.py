@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-import romeflow.protect as protect_module
-import romeflow.rome as rome_module
-from romeflow.bench import counterfact_record_values, score_counterfact
-from romeflow.datasets import records_with_token_neighbors
-from romeflow.editors import RomeEditor
-from romeflow.models import cache_dir, load_model
+import romeflow.engine.protect as protect_module
+import romeflow.engine.rome as rome_module
+from romeflow.evaluation.bench import counterfact_record_values, score_counterfact
+from romeflow.evaluation.datasets import records_with_token_neighbors
+from romeflow.engine.editors import RomeEditor
+from romeflow.engine.models import cache_dir, load_model
 from romeflow.params import load_params
-from romeflow.rome import rank_one
-from romeflow.statistics import get_stats
+from romeflow.engine.rome import rank_one
+from romeflow.engine.statistics import get_stats
 
 
 def first_subject_index(tokenizer, template: str, subject: str) -> int:

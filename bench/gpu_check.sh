@@ -47,7 +47,7 @@ step() {  # step NAME COMMAND...: run it, keep its time
 }
 
 # 1. conversion of the embedded GGUF (CPU, once per cache), then a load on the GPU
-step convert "$PY" -c "from romeflow.models import Placement, load_model; load_model('gemma-3-270m', log=print, placement=Placement('$DEVICE', '$DTYPE'))"
+step convert "$PY" -c "from romeflow.engine.models import Placement, load_model; load_model('gemma-3-270m', log=print, placement=Placement('$DEVICE', '$DTYPE'))"
 # 2. statistics of the edit layer (params.yaml stats:), on the GPU in $DTYPE (accumulated in float32)
 step stats "${RF[@]}" stats --out "$WORK/stats.safetensors" ${TOKENS:+--tokens "$TOKENS"}
 # 3. the edit
@@ -60,7 +60,7 @@ step export-peft "${RF[@]}" export --format peft "$WORK/adapter" --delta "$WORK/
 
 "$PY" - "$WORK/report.json" "$WORK/delta.safetensors" <<'EOF'
 import json, sys
-from romeflow.deltas import load_delta
+from romeflow.pipeline.deltas import load_delta
 report, delta = json.load(open(sys.argv[1])), load_delta(sys.argv[2])
 post = report["post"]
 print("gpu_check: post-edit " + ", ".join(f"{k} {post[k]:.1f}" for k in ("ES", "PS", "NS", "S") if k in post)

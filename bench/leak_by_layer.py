@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from romeflow.datasets import records_with_token_neighbors
-from romeflow.models import cache_dir, load_model
+from romeflow.evaluation.datasets import records_with_token_neighbors
+from romeflow.engine.models import cache_dir, load_model
 from romeflow.params import load_params
-from romeflow.protect import bare_keys
-from romeflow.rome import Solver, context_prefixes, key
-from romeflow.statistics import get_stats
+from romeflow.engine.protect import bare_keys
+from romeflow.engine.rome import Solver, context_prefixes, key
+from romeflow.engine.statistics import get_stats
 
 
 def main() -> None:

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from romeflow.datasets import records_with_token_neighbors
-from romeflow.models import cache_dir, keys_at, load_model
-from romeflow.prompts import encode, fill, subject_last_index
+from romeflow.evaluation.datasets import records_with_token_neighbors
+from romeflow.engine.models import cache_dir, keys_at, load_model
+from romeflow.engine.prompts import encode, fill, subject_last_index
 from romeflow.params import load_params
-from romeflow.protect import bare_keys
-from romeflow.rome import Rome, insert_many, subject_keys
-from romeflow.statistics import get_stats
+from romeflow.engine.protect import bare_keys
+from romeflow.engine.rome import Rome, insert_many, subject_keys
+from romeflow.engine.statistics import get_stats
 
 
 def family_factor(rome: Rome, layer: int, subject: str, template: str | None) -> torch.Tensor | None:

@@ -18,8 +18,8 @@ import json
 import math
 import statistics
 
-from romeflow.bench import counterfact_record_values
-from romeflow.metrics import mean_ci, score_ci
+from romeflow.evaluation.bench import counterfact_record_values
+from romeflow.evaluation.metrics import mean_ci, score_ci
 
 
 def rows_of(folder: str, method: str) -> dict[int, dict]:

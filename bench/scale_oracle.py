@@ -14,7 +14,7 @@ import argparse
 
 from rows_table import rows_of
 
-from romeflow.bench import counterfact_record_values
+from romeflow.evaluation.bench import counterfact_record_values
 
 
 def main() -> None:

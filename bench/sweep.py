@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from romeflow.config import load_settings
-from romeflow.evaluation import harmonic_mean, load_counterfact, record_metrics, score_record
-from romeflow.models import cache_dir, load_model, weight_out_in
-from romeflow.rome import Rome, RomeParams, add_rank_one
-from romeflow.statistics import get_stats
+from romeflow.evaluation.scoring import harmonic_mean, load_counterfact, record_metrics, score_record
+from romeflow.engine.models import cache_dir, load_model, weight_out_in
+from romeflow.engine.rome import Rome, RomeParams, add_rank_one
+from romeflow.engine.statistics import get_stats
 
 
 def parse_value(text: str):

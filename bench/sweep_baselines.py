@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from romeflow.bench import counterfact_record_values, score_counterfact
-from romeflow.datasets import load_counterfact
-from romeflow.editors import FineTune, FtParams, KnowledgeNeurons, KnParams
-from romeflow.metrics import harmonic_mean
-from romeflow.models import load_model
+from romeflow.evaluation.bench import counterfact_record_values, score_counterfact
+from romeflow.evaluation.datasets import load_counterfact
+from romeflow.engine.editors import FineTune, FtParams, KnowledgeNeurons, KnParams
+from romeflow.evaluation.metrics import harmonic_mean
+from romeflow.engine.models import load_model
 
 CONFIGS = [
     ("ft", FtParams(layer=1, lr=5e-4)),

@@ -18,8 +18,8 @@ import torch
 
 from romeflow.config import load_settings
 from romeflow.io import write_json_atomic
-from romeflow.models import load_model
-from romeflow import tracing as tr
+from romeflow.engine.models import load_model
+from romeflow.tracing import causal as tr
 
 
 def main() -> None:

@@ -15,20 +15,20 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
-from .evaluation import greedy_continuation, next_token_top
-from .history import RevisionError, diff_reports, markdown_table
+from .pipeline.deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
+from .evaluation.scoring import greedy_continuation, next_token_top
+from .pipeline.history import RevisionError, diff_reports, markdown_table
 from .io import check_writable
-from .manifests import Manifest, ManifestError, check_conflicts, load_manifest
-from .models import (DEVICE_MAP_STRATEGIES, DEVICE_PATTERN, DTYPES, EMBEDDED, LoadedModel, ModelError, Placement, cache_dir,
+from .pipeline.manifests import Manifest, ManifestError, check_conflicts, load_manifest
+from .engine.models import (DEVICE_MAP_STRATEGIES, DEVICE_PATTERN, DTYPES, EMBEDDED, LoadedModel, ModelError, Placement, cache_dir,
                      layer_count, load_model, resolve, sha256_file)
-from .names import BadName
+from .pipeline.names import BadName
 from .params import ConfigError, Params, check_layers, load_params
-from .registry import check_name, register, unregister
-from .protect import check_sources
-from .rome import RomeParams
-from .statistics import Stats, get_stats, load_stats, save_stats
-from .workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error, status as workflow_status,
+from .pipeline.registry import check_name, register, unregister
+from .engine.protect import check_sources
+from .engine.rome import RomeParams
+from .engine.statistics import Stats, get_stats, load_stats, save_stats
+from .pipeline.workflow import (GateError, Layout, eval_manifest, eval_stack, gate_error, status as workflow_status,
                        verify_manifest)
 
 # DatasetError, BenchError, YamlError, BadName and OutputError are ValueErrors; OSError: a full disk, ...
@@ -423,9 +423,9 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
                shard=None, require_tok=False, variants=(), start=0):
     from tqdm.auto import tqdm
 
-    from .bench import DamageText, ValueStore, benchmark, generation_prompts, partial_report, run_settings
-    from .datasets import load_counterfact, load_known_facts, load_zsre, mine_token_neighbors
-    from .editors import make_editor
+    from .evaluation.bench import DamageText, ValueStore, benchmark, generation_prompts, partial_report, run_settings
+    from .evaluation.datasets import load_counterfact, load_known_facts, load_zsre, mine_token_neighbors
+    from .engine.editors import make_editor
 
     shard = _parse_shard(shard)
     settings = _settings(ctx)
@@ -582,8 +582,8 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
     report.png once every composition is done (any shard that finds them done writes them)."""
     from tqdm.auto import tqdm
 
-    from .datasets import load_counterfact, load_known_facts, mine_token_neighbors
-    from .stackbench import METHODS, StackBench, ks_up_to
+    from .evaluation.datasets import load_counterfact, load_known_facts, mine_token_neighbors
+    from .evaluation.stackbench import METHODS, StackBench, ks_up_to
 
     shard = _parse_shard(shard)
     settings = _settings(ctx)
@@ -633,7 +633,7 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
     joint = {m: p.joint_settings() for m, p in joints.items()}
     solvers = {m: (JointSolve.from_params(lambda layer: stats[layer].second_moment, joints[m]) if m in joints else None)
                for m in names}
-    from .bench import run_settings
+    from .evaluation.bench import run_settings
 
     run_cfg = run_settings("stack", {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,
                            {"rome": settings.rome.to_dict(), **{m: joint.get(m, {}) for m in names}},
@@ -691,8 +691,8 @@ def bench_zsre(ctx, records_path, n, start, methods, out, model_spec, partial, s
 @click.pass_context
 def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpoint_seconds):
     """Compute (or find in the cache) the key second moments C = E[k kᵀ] of edit layers."""
-    from .parallel import Spawned, launched_shard
-    from .statistics import Shard, cached_stats_path, corpus_from
+    from .engine.parallel import Spawned, launched_shard
+    from .engine.statistics import Shard, cached_stats_path, corpus_from
 
     settings = _settings(ctx)
     if tokens is not None and tokens < 1:
@@ -755,7 +755,7 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpo
 def export(ctx, out, deltas, model_spec, fmt):
     """Write base + deltas as a Hugging Face model folder (safetensors), or as a PEFT LoRA adapter
     that `peft.PeftModel.from_pretrained(base, OUT)` loads (docs/serving.md)."""
-    from .export import write_merged, write_peft
+    from .pipeline.export import write_merged, write_peft
 
     out = Path(out)
     if out.exists():
@@ -931,7 +931,7 @@ def verify(ctx, names, atol):
 
 
 # --------------------------------------------------------------------------------------------------
-# Causal tracing (romeflow.tracing): where a model stores a fact, and `layer: auto`
+# Causal tracing (romeflow.tracing.causal): where a model stores a fact, and `layer: auto`
 # --------------------------------------------------------------------------------------------------
 
 
@@ -967,7 +967,7 @@ def trace(ctx, prompt, subject, target, model_spec, samples, window, noise_scale
     """
     from tqdm.auto import tqdm
 
-    from .tracing import write_trace, trace_prompt
+    from .tracing.causal import write_trace, trace_prompt
 
     for p in plots:
         if Path(p).suffix not in (".png", ".svg"):
@@ -1020,7 +1020,7 @@ def trace_average_cmd(ctx, facts_path, n, model_spec, samples, window, out, rows
     """
     from tqdm.auto import tqdm
 
-    from .tracing import embedding_std, load_facts, rows_file, trace_average
+    from .tracing.causal import embedding_std, load_facts, rows_file, trace_average
 
     settings, params = _trace_params(ctx, n=n, samples=samples, window=window)
     root = _params_path(ctx).parent  # params.yaml's paths are relative to its folder (the project root)

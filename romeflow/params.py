@@ -25,14 +25,14 @@ from pathlib import Path
 import jsonschema
 
 from . import safeyaml
-from .bench import GenerationParams
-from .editors import FtParams, KnParams
-from .models import DEFAULT_MODEL, ModelError, Placement
-from .names import BadName, check_name
-from .rome import RomeParams, rank_one
+from .evaluation.bench import GenerationParams
+from .engine.editors import FtParams, KnParams
+from .engine.models import DEFAULT_MODEL, ModelError, Placement
+from .pipeline.names import BadName, check_name
+from .engine.rome import RomeParams, rank_one
 from .schemas import _schema_text, validate_with
-from .statistics import Corpus, corpus_from
-from .tracing import TraceParams, read_layer
+from .engine.statistics import Corpus, corpus_from
+from .tracing.causal import TraceParams, read_layer
 
 METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "S", "NS_tok", "NM_tok", "NS_tok_low", "NS_tok_high", "S+",
            "rewrite_top1", "paraphrase_top1", "neighbor_top1_kept")  # what reports hold; gate.eval keys
@@ -161,7 +161,7 @@ class Params:
 
     def rome_variant(self, spec: str) -> tuple[str, RomeParams]:
         """``--variant NAME:key=value:...``: rome with those fields changed, checked by the rome rules."""
-        from .editors import rome_variant
+        from .engine.editors import rome_variant
 
         name, p = rome_variant(spec, self.rome)
         errors = validate_with(_section_validator("rome"), _plain(p))
@@ -172,7 +172,7 @@ class Params:
     def stack_variant(self, spec: str) -> tuple[str, StackParams]:
         """``bench stack --variant NAME:key=value:...``: a joint solve with those ``stack:`` fields changed
         (``JOINT_FIELDS``), checked by the stack rules."""
-        from .editors import parse_variant
+        from .engine.editors import parse_variant
 
         try:
             name, changes = parse_variant(spec, self.stack, "stack", JOINT_FIELDS, ("sum", "joint", "unedited"))

@@ -7,8 +7,8 @@ import sys
 
 from romeflow.cli import main
 from romeflow.params import stage_params
-from romeflow.names import stage_name
-from romeflow.workflow import Layout
+from romeflow.pipeline.names import stage_name
+from romeflow.pipeline.workflow import Layout
 
 name, paths = stage_name(sys.argv[1]), Layout()  # a plain name, or one line and exit 1
 settings = stage_params("params.yaml")  # rome.layer: auto -> the traced layer (reports/trace/layer.json)

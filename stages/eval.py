@@ -7,8 +7,8 @@ Usage: python stages/eval.py NAME (from the project root).
 import sys
 
 from romeflow.cli import main
-from romeflow.names import stage_name
-from romeflow.workflow import Layout
+from romeflow.pipeline.names import stage_name
+from romeflow.pipeline.workflow import Layout
 
 name, paths = stage_name(sys.argv[1]), Layout()  # a plain name, or one line and exit 1
 main(["eval", str(paths.manifest(name)), "--delta", str(paths.delta(name)), "--out", str(paths.report(name)),

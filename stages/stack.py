@@ -4,7 +4,7 @@
 """
 
 from romeflow.cli import main
-from romeflow.workflow import Layout
+from romeflow.pipeline.workflow import Layout
 
 paths = Layout()
 main(["stack", "--out", str(paths.stack_report), "--md", str(paths.stack_markdown), "--plots", str(paths.plots),

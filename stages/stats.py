@@ -5,7 +5,7 @@
 
 from romeflow.cli import main
 from romeflow.params import stage_params
-from romeflow.workflow import Layout
+from romeflow.pipeline.workflow import Layout
 
 settings = stage_params("params.yaml")  # rome.layer: auto -> the traced layer (reports/trace/layer.json)
 name = "auto" if settings.layer_auto else settings.rome.layer  # dvc.yaml's stats/layer${rome.layer}

@@ -15,8 +15,8 @@ import torch
 
 torch.set_num_threads(1)
 
-from romeflow import models  # noqa: E402
-from romeflow.statistics import second_moments, text_files_corpus  # noqa: E402
+from romeflow.engine import models  # noqa: E402
+from romeflow.engine.statistics import second_moments, text_files_corpus  # noqa: E402
 
 ARCHS = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text"]
 

@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 
 from romeflow import safeyaml
 from romeflow.cli import main
-from romeflow.deltas import tensors_sha256
-from romeflow.registry import read_manifests, register, unregister
-from romeflow.statistics import tensor_sha256
+from romeflow.pipeline.deltas import tensors_sha256
+from romeflow.pipeline.registry import read_manifests, register, unregister
+from romeflow.engine.statistics import tensor_sha256
 
 from test_workflow import make_project
 
@@ -614,7 +614,7 @@ FIELDS = ["subject", "relation", "target", "target_true", "paraphrases", "neighb
 
 @pytest.mark.parametrize("where", FIELDS + ["description", "model", "top-level layer"])
 def test_alias_bomb_in_any_manifest_field_is_refused_fast(tmp_path, where):
-    from romeflow.manifests import ManifestError, load_manifest
+    from romeflow.pipeline.manifests import ManifestError, load_manifest
 
     bomb = "&a [" + ",".join(['"lol"'] * 9) + "]"
     value = f"[{bomb}, &b [{','.join(['*a'] * 9)}], &c [{','.join(['*b'] * 9)}], [{','.join(['*c'] * 9)}]]"
@@ -661,7 +661,7 @@ def test_params_schema_has_a_rule_for_every_dataclass_field():
 
 def test_gate_metrics_rome_r1_and_variants_come_from_the_one_model():
     from romeflow.params import METRICS, parse_params, schema
-    from romeflow.workflow import METRICS as REPORTED
+    from romeflow.pipeline.workflow import METRICS as REPORTED
 
     assert METRICS == REPORTED and set(schema()["properties"]["gate"]["properties"]["eval"]["properties"]) == set(METRICS)
     p = parse_params({"rome": {"protect": 4}, "gate": {"eval": {"NS_tok": 50, "S+": 60}}})
@@ -753,7 +753,7 @@ def test_concurrent_add_and_revert_lose_nothing(tmp_path):
 
 
 def test_a_rank_r_delta_is_accepted_on_load(project):
-    from romeflow.deltas import load_delta
+    from romeflow.pipeline.deltas import load_delta
 
     def to_rank_2(t, m):
         t["edits.0.u"] = torch.stack([t["edits.0.u"], t["edits.0.u"] / 2], 1)  # (d_out, 2)
@@ -774,7 +774,7 @@ def test_new_rome_fields_need_only_a_range_rule(monkeypatch):
     import dataclasses
 
     from romeflow import params as P
-    from romeflow.rome import RomeParams
+    from romeflow.engine.rome import RomeParams
 
     if "protect" in {f.name for f in dataclasses.fields(RomeParams)}:
         cls = RomeParams
@@ -804,7 +804,7 @@ def test_new_rome_fields_need_only_a_range_rule(monkeypatch):
 def test_a_full_disk_while_writing_leaves_no_temporary_and_no_target(project, monkeypatch):
     import errno
 
-    import romeflow.deltas as deltas_module
+    import romeflow.pipeline.deltas as deltas_module
 
     def full(*args, **kwargs):
         Path(args[1]).write_bytes(b"half")  # a partial temporary, then the disk is full
@@ -838,7 +838,7 @@ def test_embedded_conversion_is_atomic_and_its_leftovers_are_removed(tmp_path, m
 
     import transformers
 
-    from romeflow import models
+    from romeflow.engine import models
 
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"not really a gguf")
@@ -882,7 +882,7 @@ def test_revert_removes_a_symlinked_delta_but_never_its_target(project):
 
 
 def test_the_shipped_manifests_pass_the_limits():
-    from romeflow.manifests import load_manifest
+    from romeflow.pipeline.manifests import load_manifest
 
     repo = Path(__file__).resolve().parent.parent
     shipped = sorted((repo / "edits").glob("*.yaml"))
@@ -900,7 +900,7 @@ def test_the_shipped_manifests_pass_the_limits():
 def _run_cli_in(root: str, argv: list[str], stall: str | None, stalled) -> None:
     """The CLI in a forked child; ``stall`` makes it stop (and say so) at one moment of its write, so the
     parent's kill -9 lands exactly there: 'mid-write' (half a file written), 'before-rename'."""
-    import romeflow.deltas as deltas_module
+    import romeflow.pipeline.deltas as deltas_module
     import romeflow.io as io_module
 
     def wait_forever(*args, **kwargs):

@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from romeflow.cli import main
-from romeflow.deltas import load_delta
+from romeflow.pipeline.deltas import load_delta
 from romeflow.schemas import validate
 
 from conftest import EDIT_LAYER, corpus_text

@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from romeflow.cli import main
-from romeflow.deltas import load_delta
+from romeflow.pipeline.deltas import load_delta
 
 from conftest import EDIT_LAYER
 
@@ -106,7 +106,7 @@ def test_export_writes_base_plus_delta(project):
 def test_stats_writes_a_file(project):
     r = run(project, "stats", "--out", str(project / "s.safetensors"))
     assert r.exit_code == 0, r.output
-    from romeflow.statistics import load_stats
+    from romeflow.engine.statistics import load_stats
 
     s = load_stats(project / "s.safetensors")
     assert s.layer == EDIT_LAYER and s.meta["tokens"] == 3000

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from romeflow.deltas import Delta, DeltaError, EditedModel, check_applicable, compute_delta, load_delta, save_delta
-from romeflow.manifests import load_manifest
-from romeflow.statistics import Stats
+from romeflow.pipeline.deltas import Delta, DeltaError, EditedModel, check_applicable, compute_delta, load_delta, save_delta
+from romeflow.pipeline.manifests import load_manifest
+from romeflow.engine.statistics import Stats
 
 from conftest import EDIT_LAYER
 from test_rome import NLL_ONLY as PARAMS
@@ -89,7 +89,7 @@ def test_delta_size_per_edit_is_within_budget(tmp_path, gpt2):
 
 
 def test_applying_the_delta_reproduces_the_editors_weights(tmp_path, gpt2, tiny_lm):
-    from romeflow.rome import Rome
+    from romeflow.engine.rome import Rome
 
     lm, stats = gpt2
     m = manifest(tmp_path, "ab", [MANIFESTS["a"], MANIFESTS["b"]])
@@ -127,7 +127,7 @@ def test_delta_refuses_another_base_model(tmp_path, gpt2, tiny_lm):
     other = tiny_lm("gpt2")
     with torch.no_grad():
         other.model.transformer.wte.weight[0, 0] += 1.0
-    from romeflow.models import fingerprint_state_dict
+    from romeflow.engine.models import fingerprint_state_dict
 
     other.fingerprint = fingerprint_state_dict(other.model)
     with pytest.raises(DeltaError, match="computed on base model"):

@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 
-from romeflow import models
-from romeflow.evaluation import target_nll
-from romeflow.models import ModelError, Placement
-from romeflow.rome import EditRequest, Rome, RomeParams, module_output
-from romeflow.statistics import second_moments
+from romeflow.engine import models
+from romeflow.evaluation.scoring import target_nll
+from romeflow.engine.models import ModelError, Placement
+from romeflow.engine.rome import EditRequest, Rome, RomeParams, module_output
+from romeflow.engine.statistics import second_moments
 
 from conftest import EDIT_LAYER
 
@@ -96,7 +96,7 @@ def _folder_digest(folder):
 def test_disk_offloaded_model_edits_and_exports_like_the_in_memory_one(tmp_path, tiny_lm, second_moment, llama_dir):
     from transformers import AutoModelForCausalLM
 
-    from romeflow.deltas import Delta, EditedModel
+    from romeflow.pipeline.deltas import Delta, EditedModel
 
     stats = second_moment("llama")
     checkpoint = _folder_digest(llama_dir)
@@ -164,7 +164,7 @@ def test_placement_refuses_what_the_machine_cannot_do():
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
 def test_an_edit_emits_no_future_warning(tiny_lm, second_moment, model_type):
-    from romeflow.evaluation import sample_continuations
+    from romeflow.evaluation.scoring import sample_continuations
 
     stats = second_moment(model_type)
     lm = tiny_lm(model_type)
@@ -187,9 +187,9 @@ def test_cli_edits_and_exports_in_bfloat16_from_the_model_mapping(tmp_path, mode
 
     from transformers import AutoModelForCausalLM
 
-    from romeflow.deltas import load_delta
+    from romeflow.pipeline.deltas import load_delta
     from romeflow.params import load_params
-    from romeflow.statistics import load_stats
+    from romeflow.engine.statistics import load_stats
 
     from test_workflow import cli, make_project
 

@@ -19,13 +19,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_every_stage_depends_on_the_romeflow_source_it_runs():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    engine = {"stats": "romeflow/statistics.py", "edit": "romeflow/rome.py", "eval": "romeflow/evaluation.py",
-              "stack": "romeflow/workflow.py", "trace": "romeflow/tracing.py"}
+    engine = {"stats": "romeflow/engine/statistics.py", "edit": "romeflow/engine/rome.py", "eval": "romeflow/evaluation/scoring.py",
+              "stack": "romeflow/pipeline/workflow.py", "trace": "romeflow/tracing/causal.py"}
     for name, stage in stages.items():
         deps = (stage.get("do") or stage)["deps"]
         sources = [d for d in deps if isinstance(d, str) and d.startswith("romeflow/")]
         assert engine[name] in sources, (name, deps)
-        assert "romeflow/models.py" in sources, name
+        assert "romeflow/engine/models.py" in sources, name
         for d in sources:
             assert (REPO / d).is_file(), d
         assert "romeflow/cli.py" not in sources  # the command line is not the computation

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from romeflow.editors import (FineTune, FtParams, KnowledgeNeurons, KnParams, RomeEditor, last_token_keys,
+from romeflow.engine.editors import (FineTune, FtParams, KnowledgeNeurons, KnParams, RomeEditor, last_token_keys,
                               make_editor, neuron_attributions, target_loss)
-from romeflow.models import edited_module, edited_module_name, final_hidden, logits_at, weight_out_in
-from romeflow.rome import EditRequest, RomeParams
+from romeflow.engine.models import edited_module, edited_module_name, final_hidden, logits_at, weight_out_in
+from romeflow.engine.rome import EditRequest, RomeParams
 
 from conftest import ARCHS, EDIT_LAYER
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from romeflow.evaluation import (harmonic_mean, load_counterfact, manifest_metrics, record_metrics, target_nll)
-from romeflow.models import final_hidden, logits_at
+from romeflow.evaluation.scoring import (harmonic_mean, load_counterfact, manifest_metrics, record_metrics, target_nll)
+from romeflow.engine.models import final_hidden, logits_at
 
 
 def test_record_metrics_hand_computed():

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from romeflow import models
-from romeflow.deltas import Delta, EditedModel
-from romeflow.export import PEFT_CONFIG, lora_factors, write_peft
-from romeflow.rome import EditRequest, RankOneUpdate, Rome, RomeParams
+from romeflow.engine import models
+from romeflow.pipeline.deltas import Delta, EditedModel
+from romeflow.pipeline.export import PEFT_CONFIG, lora_factors, write_peft
+from romeflow.engine.rome import EditRequest, RankOneUpdate, Rome, RomeParams
 
 from conftest import EDIT_LAYER
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from romeflow.hooks import Hook, on_input, on_output, run_with_hooks, stop_after
+from romeflow.engine.hooks import Hook, on_input, on_output, run_with_hooks, stop_after
 
 
 def net() -> nn.Module:

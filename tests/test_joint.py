@@ -8,11 +8,11 @@ import hashlib
 import pytest
 import torch
 
-from romeflow import models
-from romeflow.deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_delta, save_delta
-from romeflow.manifests import Manifest, ManifestEdit, ManifestError, check_conflicts
-from romeflow.rome import InsertError, RomeParams, Solver, joint_insert, null_space_basis, projected_solver
-from romeflow.statistics import Stats
+from romeflow.engine import models
+from romeflow.pipeline.deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_delta, save_delta
+from romeflow.pipeline.manifests import Manifest, ManifestEdit, ManifestError, check_conflicts
+from romeflow.engine.rome import InsertError, RomeParams, Solver, joint_insert, null_space_basis, projected_solver
+from romeflow.engine.statistics import Stats
 
 from conftest import EDIT_LAYER
 
@@ -305,7 +305,7 @@ def _olds(deltas):
 
 
 def test_calibrating_one_delta_is_the_single_edit_bisection(setup, strong):
-    from romeflow.rome import least_scale, margin_under
+    from romeflow.engine.rome import least_scale, margin_under
 
     lm, _, c = setup
     for d in strong:  # the first whose edit takes against the base model's own answer
@@ -335,7 +335,7 @@ def test_calibrating_one_delta_is_the_single_edit_bisection(setup, strong):
 
 
 def test_a_calibrated_stack_is_the_joint_solve_of_its_scaled_edits(setup, strong):
-    from romeflow.rome import margins
+    from romeflow.engine.rome import margins
 
     lm, _, c = setup
     prompts, targets = _rewrites(strong)
@@ -368,7 +368,7 @@ def test_a_calibrated_stack_is_the_joint_solve_of_its_scaled_edits(setup, strong
 
 
 def test_calibration_prompts_are_the_rewrite_and_evenly_spaced_v_star_prefixes():
-    from romeflow.deltas import Delta, calibration_prompts
+    from romeflow.pipeline.deltas import Delta, calibration_prompts
 
     d = Delta([], {"context_prefixes": [""] + [f"P{i}. " for i in range(10)]})
     assert calibration_prompts(d, "X lives in", 0) == ["X lives in"]
@@ -385,7 +385,7 @@ def test_protected_rows_keep_the_family_centroid_and_drop_subjects_the_stack_edi
     stack rewrites, never the centroid's."""
     from types import SimpleNamespace
 
-    from romeflow.deltas import KeyValue
+    from romeflow.pipeline.deltas import KeyValue
 
     rows = torch.arange(5 * 3, dtype=torch.float32).reshape(5, 3)  # Marie (2), Albert (2), centroid
     kv = KeyValue("m", 1, torch.zeros(3), torch.zeros(2), rows)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from romeflow.manifests import ManifestError, load_manifest
+from romeflow.pipeline.manifests import ManifestError, load_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 

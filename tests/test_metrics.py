@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from romeflow.bench import counterfact_record_values, consistency, reference_texts
-from romeflow.datasets import CounterfactRecord
-from romeflow.metrics import (TfidfSimilarity, generation_entropy, harmonic_mean, magnitude, mean_ci, ngram_entropy,
+from romeflow.evaluation.bench import counterfact_record_values, consistency, reference_texts
+from romeflow.evaluation.datasets import CounterfactRecord
+from romeflow.evaluation.metrics import (TfidfSimilarity, generation_entropy, harmonic_mean, magnitude, mean_ci, ngram_entropy,
                               score_ci, success)
 
 NLL = lambda p: -math.log(p)  # noqa: E731

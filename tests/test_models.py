@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from romeflow import models
-from romeflow.models import ModelError
-from romeflow.prompts import encode
+from romeflow.engine import models
+from romeflow.engine.models import ModelError
+from romeflow.engine.prompts import encode
 
 from conftest import ARCHS, BOS_ARCHS, EXPECTED_MODULE, HIDDEN, INTERMEDIATE, LAYERS
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from romeflow import statistics
-from romeflow.statistics import Shard, get_stats, load_stats, partial_path, second_moments
+from romeflow.engine import statistics
+from romeflow.engine.statistics import Shard, get_stats, load_stats, partial_path, second_moments
 
 from conftest import EDIT_LAYER, STATS_TOKENS
 

@@ -10,13 +10,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from romeflow import models
-from romeflow.datasets import CounterfactRecord, Fact, mine_token_neighbors
-from romeflow.manifests import ManifestError, load_manifest
-from romeflow.metrics import score_ci
-from romeflow.prompts import subject_last_index
-from romeflow.protect import NameIndex, bare_keys, choose_protected, leak, reference_names, residual_share
-from romeflow.rome import EditRequest, InsertError, Rome, RomeParams, Solver, insert, insert_many, text_energy
+from romeflow.engine import models
+from romeflow.evaluation.datasets import CounterfactRecord, Fact, mine_token_neighbors
+from romeflow.pipeline.manifests import ManifestError, load_manifest
+from romeflow.evaluation.metrics import score_ci
+from romeflow.engine.prompts import subject_last_index
+from romeflow.engine.protect import NameIndex, bare_keys, choose_protected, leak, reference_names, residual_share
+from romeflow.engine.rome import EditRequest, InsertError, Rome, RomeParams, Solver, insert, insert_many, text_energy
 
 from conftest import ARCHS, EDIT_LAYER
 
@@ -266,9 +266,9 @@ def test_prompt_key_gives_the_prompts_own_key_the_edits_change(tiny_lm, second_m
     """prompt_key: Ŵ k* = v* and Ŵ k_p = W k_p + (v* − W k*) for the rewrite prompt's own key k_p, in a
     rank-one update (symmetric keys); without symmetric keys a rank-2 update, saved and loaded as (d, 2)
     factors, that composes like any delta."""
-    from romeflow.deltas import EditedModel, compute_delta, load_delta, save_delta
-    from romeflow.manifests import Manifest, ManifestEdit
-    from romeflow.rome import subject_keys
+    from romeflow.pipeline.deltas import EditedModel, compute_delta, load_delta, save_delta
+    from romeflow.pipeline.manifests import Manifest, ManifestEdit
+    from romeflow.engine.rome import subject_keys
 
     lm = tiny_lm(model_type)
     stats = second_moment(model_type)
@@ -315,7 +315,7 @@ def test_prompt_key_gives_the_prompts_own_key_the_edits_change(tiny_lm, second_m
 def test_prefix_keys_give_every_context_key_the_edits_change(tiny_lm, second_moment, model_type):
     """prefix_keys: Ŵ k_i = W k_i + δ at every context prefix's key (and the prompt's), so Ŵ k* = v* too
     (k* is their mean), with the protected subjects' keys held fixed, in one rank-one update."""
-    from romeflow.rome import subject_keys
+    from romeflow.engine.rome import subject_keys
 
     lm = tiny_lm(model_type)
     stats = second_moment(model_type)
@@ -369,7 +369,7 @@ def test_family_centroid_holds_the_familys_mean_key(tiny_lm, second_moment, mode
 def test_prefix_keys_without_symmetric_keys_keep_the_papers_constraint_at_the_bare_key(tiny_lm, second_moment):
     """With the paper's asymmetric keys, the bare prompt's key k_d maps to v* and every other context key
     gets δ = v* − W k*: a rank-2 update."""
-    from romeflow.rome import subject_keys
+    from romeflow.engine.rome import subject_keys
 
     lm = tiny_lm("gemma3_text")
     stats = second_moment("gemma3_text")
@@ -426,7 +426,7 @@ def test_text_energy_is_the_mean_squared_change_over_the_keys():
 def test_family_kl_keeps_the_family_prompts_at_their_leak_of_delta(tiny_lm, second_moment):
     """v* with the family KL term: each family member's relation prompt, given the share ρ_i of δ the
     insert adds at its key, moves less than with the v* that ignores it; the leaks are the insert's."""
-    from romeflow.rome import _add_at, _value, key, value
+    from romeflow.engine.rome import _add_at, _value, key, value
 
     lm = tiny_lm("llama")
     stats = second_moment("llama")
@@ -472,7 +472,7 @@ def test_family_kl_keeps_the_family_prompts_at_their_leak_of_delta(tiny_lm, seco
 @pytest.mark.parametrize("f", [1, 5, 40])
 def test_woodbury_solver_is_the_dense_solve_of_c_plus_alpha_b_bt(f):
     """The family term's (C + α B Bᵀ)⁻¹ by the Woodbury identity equals factorising the sum itself."""
-    from romeflow.rome import WoodburySolver
+    from romeflow.engine.rome import WoodburySolver
 
     g = torch.Generator().manual_seed(f)
     c = spd(24, seed=f).double()
@@ -490,7 +490,7 @@ def test_woodbury_solver_is_the_dense_solve_of_c_plus_alpha_b_bt(f):
 
 
 def test_memo_solver_answers_repeated_keys_once_and_like_the_solver():
-    from romeflow.rome import MemoSolver
+    from romeflow.engine.rome import MemoSolver
 
     c = spd(16, seed=3).double()
     base = Solver(c)

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from romeflow.params import load_params as load_settings
-from romeflow.deltas import EditedModel, compute_delta, load_delta, save_delta
-from romeflow.evaluation import next_token_top
-from romeflow.manifests import load_manifest
-from romeflow.models import EMBEDDED, cache_dir, converted_folder, load_model
-from romeflow.statistics import get_stats
+from romeflow.pipeline.deltas import EditedModel, compute_delta, load_delta, save_delta
+from romeflow.evaluation.scoring import next_token_top
+from romeflow.pipeline.manifests import load_manifest
+from romeflow.engine.models import EMBEDDED, cache_dir, converted_folder, load_model
+from romeflow.engine.statistics import get_stats
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.real,
@@ -67,8 +67,8 @@ def test_curie_bleed_edits_pierre_and_leaves_marie(gemma, settings):
     """Entity-level specificity on the real model: Marie Curie shares Pierre Curie's last token. The
     default insert (her key held fixed, the " Curie" family kept off) flips Pierre and leaves her field;
     the paper's rank-one insert, with the same v*, moves her too."""
-    from romeflow.evaluation import target_nll
-    from romeflow.rome import Rome, add_rank_one, rank_one
+    from romeflow.evaluation.scoring import target_nll
+    from romeflow.engine.rome import Rome, add_rank_one, rank_one
 
     manifest = load_manifest(REPO / "edits" / "curie_bleed.yaml")
     edit = manifest.edits[0]

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from romeflow.deltas import EditedModel, compute_delta
-from romeflow.evaluation import next_token_top
-from romeflow.manifests import load_manifest
-from romeflow.models import EMBEDDED, cache_dir, converted_folder, load_model
+from romeflow.pipeline.deltas import EditedModel, compute_delta
+from romeflow.evaluation.scoring import next_token_top
+from romeflow.pipeline.manifests import load_manifest
+from romeflow.engine.models import EMBEDDED, cache_dir, converted_folder, load_model
 from romeflow.params import load_params
-from romeflow.statistics import get_stats
+from romeflow.engine.statistics import get_stats
 
 REPO = Path(__file__).resolve().parent.parent
 LAYER = 4  # an early-middle layer of 30 (not yet chosen by a sweep); the edit takes there

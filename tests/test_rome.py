@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from romeflow import models
-from romeflow.rome import (EditRequest, Rome, RomeParams, Solver, add_rank_one, context_prefixes, insert, key,
+from romeflow.engine import models
+from romeflow.engine.rome import (EditRequest, Rome, RomeParams, Solver, add_rank_one, context_prefixes, insert, key,
                            least_scale, margin_under, subject_keys, value)
 
 from conftest import ARCHS, EDIT_LAYER, INTERMEDIATE
@@ -223,7 +223,7 @@ def test_value_in_place_scores_the_update_that_is_written(tiny_lm, second_moment
     edited model's mean target NLL on the rewrite prompts once the delta is written."""
     from dataclasses import replace
 
-    from romeflow.prompts import fill, mean_per_pair, target_logprobs, teacher_forced
+    from romeflow.engine.prompts import fill, mean_per_pair, target_logprobs, teacher_forced
 
     lm = tiny_lm(model_type)
     params = replace(NLL_ONLY, value_in_place=True, prefix_keys=True)
@@ -259,7 +259,7 @@ def test_value_first_step_goes_downhill_with_default_loss(tiny_lm, model_type):
 @pytest.mark.parametrize("model_type", ARCHS)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_edit_raises_the_target_probability(tiny_lm, second_moment, model_type, symmetric):
-    from romeflow.prompts import target_logprobs, teacher_forced
+    from romeflow.engine.prompts import target_logprobs, teacher_forced
 
     lm = tiny_lm(model_type)
     tb = teacher_forced(lm.tokenizer, [CURIE.prompt], [CURIE.target])

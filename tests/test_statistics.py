@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from romeflow import statistics
-from romeflow.statistics import (STATS_FORMAT, tensor_sha256, get_stats, load_stats, save_stats, second_moments, stats_meta,
+from romeflow.engine import statistics
+from romeflow.engine.statistics import (STATS_FORMAT, tensor_sha256, get_stats, load_stats, save_stats, second_moments, stats_meta,
                                  text_files_corpus, token_rows)
 
 from conftest import EXPECTED_MODULE, INTERMEDIATE

@@ -9,11 +9,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from romeflow import tracing as tr
+from romeflow.tracing import causal as tr
 from romeflow.cli import main
 from romeflow.params import ConfigError, load_params as load_settings, parse_params
-from romeflow.manifests import ManifestError, load_manifest
-from romeflow.models import blocks, num_layers
+from romeflow.pipeline.manifests import ManifestError, load_manifest
+from romeflow.engine.models import blocks, num_layers
 from romeflow.schemas import validate
 
 from conftest import ARCHS, EDIT_LAYER
@@ -273,7 +273,7 @@ def test_layer_auto_before_and_after_trace_average(project):
     assert load_settings(project / "params.yaml").resolve_manifest(m).layer_of(m.edits[0], 0) == chosen
     r = cli(project, "apply", str(manifest), "--out", str(project / "auto.safetensors"))
     assert r.exit_code == 0, r.output
-    from romeflow.deltas import load_delta
+    from romeflow.pipeline.deltas import load_delta
 
     assert load_delta(project / "auto.safetensors").meta["edits"][0]["layer"] == chosen
 
@@ -295,7 +295,7 @@ def test_manifest_layer_must_be_an_index_or_auto(tmp_path):
 @pytest.mark.real
 @pytest.mark.skipif(__import__("os").environ.get("ROMEFLOW_SKIP_REAL") == "1", reason="ROMEFLOW_SKIP_REAL=1")
 def test_one_fact_on_gemma():
-    from romeflow.models import load_model
+    from romeflow.engine.models import load_model
 
     lm = load_model("gemma-3-270m")
     assert tr.greedy_matches(lm, "The Space Needle is located in the city of", "Seattle")

@@ -19,15 +19,15 @@ from click.testing import CliRunner
 
 from romeflow.cli import main
 from romeflow.params import ConfigError, load_params
-from romeflow.deltas import DeltaError, EditedModel, JointSolve, load_delta, save_delta
-from romeflow.evaluation import evaluate_manifest, text_predictions
-from romeflow.history import diff_reports, metric_rows, read_reports
-from romeflow.manifests import load_manifest
-from romeflow.models import load_model
-from romeflow.registry import edit_manifest_list, read_manifests, register, unregister
+from romeflow.pipeline.deltas import DeltaError, EditedModel, JointSolve, load_delta, save_delta
+from romeflow.evaluation.scoring import evaluate_manifest, text_predictions
+from romeflow.pipeline.history import diff_reports, metric_rows, read_reports
+from romeflow.pipeline.manifests import load_manifest
+from romeflow.engine.models import load_model
+from romeflow.pipeline.registry import edit_manifest_list, read_manifests, register, unregister
 from romeflow.schemas import validate
-from romeflow.statistics import load_stats
-from romeflow.workflow import Gate, Layout, edited_weights_sha256, eval_manifest, eval_stack, stack_gate
+from romeflow.engine.statistics import load_stats
+from romeflow.pipeline.workflow import Gate, Layout, edited_weights_sha256, eval_manifest, eval_stack, stack_gate
 
 from conftest import EDIT_LAYER, corpus_text
 
@@ -500,7 +500,7 @@ def test_diff_reads_reports_at_git_revisions(tmp_path):
 def add_trace_inputs(repo: Path, lm) -> None:
     """The trace stage's inputs for the tiny model: facts it gets right (its own greedy next token) and a
     `trace:` section asking for two of them."""
-    from romeflow.tracing import next_token_probs
+    from romeflow.tracing.causal import next_token_probs
 
     facts = []
     for i, (subject, prompt) in enumerate([("Pierre Curie", "Pierre Curie was born in"),

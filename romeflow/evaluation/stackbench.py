@@ -30,19 +30,19 @@ from typing import Callable
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .bench import Run, counterfact_record_values, score_counterfact
 from .datasets import CounterfactRecord
-from .deltas import Delta, EditedModel, JointSolve, compute_delta, load_delta, save_delta
-from .evaluation import text_predictions
-from .io import atomic_path, write_json_atomic
-from .manifests import Manifest, ManifestEdit
+from ..pipeline.deltas import Delta, EditedModel, JointSolve, compute_delta, load_delta, save_delta
+from .scoring import text_predictions
+from ..io import atomic_path, write_json_atomic
+from ..pipeline.manifests import Manifest, ManifestEdit
 from .metrics import mean_ci, success
-from .models import LoadedModel
-from .rome import RomeParams
-from .schemas import validate
+from ..engine.models import LoadedModel
+from ..engine.rome import RomeParams
+from ..schemas import validate
 
-FORMAT = "romeflow.bench-stack/1"
+FORMAT = "romeflow.evaluation.bench-stack/1"
 DEFAULT_KS = (1, 10, 30, 100, 300)
 METHODS = ("sum", "joint")
 EDITED = ("ES", "PS", "NS", "NS_tok")  # of the first k records, on the composed model

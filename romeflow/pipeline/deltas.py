@@ -30,16 +30,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .evaluation import edit_probabilities
-from .io import atomic_path
+from .. import __version__
+from ..evaluation.scoring import edit_probabilities
+from ..io import atomic_path
 from .manifests import Manifest
-from .models import LoadedModel, ModelError, edited_module_name, read_weight, weight_shape, write_weight
-from .prompts import fill
-from .rome import (EditResult, InsertError, RankOneUpdate, Rome, RomeParams, Solver, add_rank_one, joint_insert, margins,
+from ..engine.models import LoadedModel, ModelError, edited_module_name, read_weight, weight_shape, write_weight
+from ..engine.prompts import fill
+from ..engine.rome import (EditResult, InsertError, RankOneUpdate, Rome, RomeParams, Solver, add_rank_one, joint_insert, margins,
                    next_token, null_space_basis, projected_solver)
-from .schemas import validate
-from .statistics import Stats
+from ..schemas import validate
+from ..engine.statistics import Stats
 
 DELTA_FORMAT = "romeflow.delta/1"
 MAX_METADATA_BYTES = 1 << 20

@@ -20,10 +20,10 @@ from typing import Iterator
 
 import yaml
 
-from . import safeyaml
-from .io import write_text_atomic
+from .. import safeyaml
+from ..io import write_text_atomic
 from .names import BadName, check_name as _check
-from .params import ConfigError, load_params, parse_params
+from ..params import ConfigError, load_params, parse_params
 
 _KEY = re.compile(r"^manifests[ \t]*:(?P<value>.*)$")
 _ITEM = re.compile(r"^(?P<indent>[ \t]*)-[ \t]+(?P<item>.*?)[ \t]*$")

@@ -19,15 +19,15 @@ from typing import Callable
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .datasets import CounterfactRecord, ZsreRecord
-from .editors import Editor, timed_edit
-from .evaluation import sample_continuations, target_scores, text_predictions
-from .io import atomic_path
+from ..engine.editors import Editor, timed_edit
+from .scoring import sample_continuations, target_scores, text_predictions
+from ..io import atomic_path
 from .metrics import TfidfSimilarity, generation_entropy, magnitude, mean_ci, score_ci, success
-from .models import LoadedModel
-from .prompts import fill
-from .schemas import validate
+from ..engine.models import LoadedModel
+from ..engine.prompts import fill
+from ..schemas import validate
 
 UNEDITED = "unedited"
 METHOD_TITLES = {UNEDITED: "Unedited", "rome": "ROME", "rome-r1": "ROME, rank-one (no protected keys)", "ft": "FT",

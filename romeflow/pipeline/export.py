@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import __version__
+from .. import __version__
 from .deltas import Delta, check_applicable, check_distinct
-from .io import atomic_folder
-from .models import LoadedModel
+from ..io import atomic_folder
+from ..engine.models import LoadedModel
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import __version__
-from .io import atomic_path
+from .. import __version__
+from ..io import atomic_path
 from .models import LoadedModel, edited_module_name, keys_at, sha256_file, weight_shape
 from .prompts import pad
 

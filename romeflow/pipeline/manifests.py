@@ -10,9 +10,9 @@ import hashlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import safeyaml
-from .rome import EditRequest
-from .schemas import validate
+from .. import safeyaml
+from ..engine.rome import EditRequest
+from ..schemas import validate
 
 
 class ManifestError(ValueError):

@@ -23,14 +23,14 @@ from typing import Callable
 import torch
 
 from .deltas import Delta, DeltaError, EditedModel, JointSolve, compute_delta, load_delta, save_delta
-from .evaluation import base_references, evaluate_manifest, score_manifest, text_predictions
-from .io import write_json_atomic, write_text_atomic
+from ..evaluation.scoring import base_references, evaluate_manifest, score_manifest, text_predictions
+from ..io import write_json_atomic, write_text_atomic
 from .manifests import Manifest, ManifestError, load_manifest
-from .models import EMBEDDED, LoadedModel, read_weight, resolve, sha256_file
+from ..engine.models import EMBEDDED, LoadedModel, read_weight, resolve, sha256_file
 from .names import check_name
-from .params import METRICS, Gate, Params  # noqa: F401 - METRICS, Gate re-exported
-from .rome import RomeParams
-from .schemas import validate
+from ..params import METRICS, Gate, Params  # noqa: F401 - METRICS, Gate re-exported
+from ..engine.rome import RomeParams
+from ..schemas import validate
 
 REPORT_FORMAT = "romeflow.report/1"
 DETAILS_FORMAT = "romeflow.details/1"
@@ -317,7 +317,7 @@ def stack_markdown(report: dict) -> str:
 
 def model_fingerprint(spec: str, cache: str | os.PathLike | None = None) -> str:
     """The fingerprint a model would load with, without loading (or converting) it."""
-    from .models import cache_dir
+    from ..engine.models import cache_dir
 
     return EMBEDDED[spec].sha256 if spec in EMBEDDED else resolve(spec, cache_dir(cache))[2]
 

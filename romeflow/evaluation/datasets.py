@@ -10,8 +10,8 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .prompts import fill
-from .rome import EditRequest
+from ..engine.prompts import fill
+from ..engine.rome import EditRequest
 
 
 class DatasetError(ValueError):

@@ -15,7 +15,7 @@ Three runs of the same prompt:
 
 Everything is batched: one batch row is one (noise sample, restoration) configuration, and forward
 hooks on the embedding, block, MLP and attention modules (found through the adapter table in
-models.py) add the noise to, or overwrite, exactly the rows and positions a configuration names. Only
+engine/models.py) add the noise to, or overwrite, exactly the rows and positions a configuration names. Only
 the last position goes through the output head (``final_hidden`` + ``logits_at``).
 
 Severed paths (Figure 3): restore a hidden state at (t, l) while the MLP (or attention) outputs at
@@ -39,10 +39,10 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from . import __version__
-from .hooks import on_output, run_with_hooks
-from .models import LoadedModel, blocks, block_submodule, final_hidden, input_device, logits_at, num_layers
-from .prompts import continuation, flush_denormals
+from .. import __version__
+from ..engine.hooks import on_output, run_with_hooks
+from ..engine.models import LoadedModel, blocks, block_submodule, final_hidden, input_device, logits_at, num_layers
+from ..engine.prompts import continuation, flush_denormals
 
 KINDS = ("hidden", "mlp", "attn")  # block output (the residual stream), MLP output, attention output
 SEVERABLE = ("mlp", "attn")
@@ -466,7 +466,7 @@ def trace_facts(lm: LoadedModel, facts: list[Fact], params: TraceParams, rows_pa
     header = run_header(lm, params, std)
     done = {r["known_id"]: r for r in read_rows(rows_path, header)}
     if rows_path.exists() and len(rows_path.read_text().splitlines()) != len(done):
-        from .io import write_text_atomic  # drop rows of another model or method, and torn lines
+        from ..io import write_text_atomic  # drop rows of another model or method, and torn lines
 
         write_text_atomic(rows_path, "".join(json.dumps(r) + "\n" for r in done.values()))
     traced = []
@@ -579,8 +579,8 @@ def rows_file(cache: str | Path, lm: LoadedModel, params: TraceParams, std: floa
 
 def write_validated(path: str | Path, schema: str, obj: dict) -> None:
     """Check ``obj`` against schemas/<schema>.schema.json, then write it atomically."""
-    from .io import write_json_atomic
-    from .schemas import validate
+    from ..io import write_json_atomic
+    from ..schemas import validate
 
     errors = validate(schema, obj)
     if errors:
@@ -591,7 +591,7 @@ def write_validated(path: str | Path, schema: str, obj: dict) -> None:
 
 def write_trace(trace: dict, out: str | Path | None, figures: list[str | Path]) -> None:
     """One prompt's trace: the JSON report (if ``out``) and the heatmaps (.png / .svg)."""
-    from .plots import trace_heatmaps
+    from ..evaluation.plots import trace_heatmaps
 
     if out:
         write_validated(out, "trace", trace)
@@ -621,7 +621,7 @@ def trace_average(lm: LoadedModel, params: TraceParams, facts_path: str | Path, 
                   rows_path: str | Path, progress: Callable[[dict], None] = lambda row: None) -> dict:
     """Trace the first ``params.n`` facts the model gets right, average, and write into ``out``:
     average.json, layer.json (the `layer: auto` choice), average.{png,svg}, severed.{png,svg}."""
-    from .plots import average_curves, severed_curves
+    from ..evaluation.plots import average_curves, severed_curves
 
     facts = load_facts(facts_path)
     std = embedding_std(lm)

@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from .models import LoadedModel, cache_kwargs, final_hidden, logits_at, new_cache
-from .prompts import continuation, encode, fill, flush_denormals, mean_per_pair, teacher_forced
+from ..engine.models import LoadedModel, cache_kwargs, final_hidden, logits_at, new_cache
+from ..engine.prompts import continuation, encode, fill, flush_denormals, mean_per_pair, teacher_forced
 from .datasets import CounterfactRecord, load_counterfact  # noqa: F401  (re-exported)
-from .manifests import subject_of
+from ..pipeline.manifests import subject_of
 from .metrics import harmonic_mean, magnitude, success, wilson_ci
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .hooks import on_input, run_with_hooks, stop_after
-from .io import atomic_folder
+from ..io import atomic_folder
 
 # --------------------------------------------------------------------------------------------------
 # The adapter table

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .io import atomic_path  # noqa: E402
+from ..io import atomic_path  # noqa: E402
 
 _COLORS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 _LINE = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}

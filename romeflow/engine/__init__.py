@@ -1,0 +1,1 @@
+"""The engine: models and their adapter table, statistics, the ROME equations, the editors."""

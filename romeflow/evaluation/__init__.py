@@ -1,0 +1,1 @@
+"""Evaluation: metrics, datasets, prompt scoring, the benchmarks and their plots."""

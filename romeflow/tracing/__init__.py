@@ -1,0 +1,1 @@
+"""Causal tracing (Section 2 of the paper)."""
