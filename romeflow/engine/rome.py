@@ -68,7 +68,6 @@ class RomeParams:
     # the excess is damage that accumulates in a stack.
     shrink_margin: float = 0.0  # scale δ down to the least share at which the prompt keeps this margin (0: off)
     shrink_steps: int = 5  # bisection steps for that share (resolution 2⁻ⁿ)
-    shrink_floor: float = 0.0  # ... but never less than this share of δ
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RomeParams":
@@ -88,8 +87,6 @@ class RomeParams:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         if not self.shrink_margin:
             del d["shrink_margin"], d["shrink_steps"]
-        if not self.shrink_floor:
-            del d["shrink_floor"]
         for optional in ("prefix_keys", "family_centroid", "value_in_place"):
             if not d[optional]:
                 del d[optional]
@@ -947,7 +944,6 @@ class Rome:
                 family["kl_prompts"] = [[s, rho] for s, rho in kin]
             t4 = clock()
             scale = self.least_scale(request, layer, u, v) if self.params.shrink_margin > 0 else 1.0
-            scale = max(scale, self.params.shrink_floor)
             if scale < 1.0:  # s Δ is the insert of W k* + s δ (least_scale): the pair the joint solve reads
                 w_k = self.module_out(layer, k_star)  # (d_out,)
                 u, v_star = u * scale, w_k + scale * (v_star - w_k)
