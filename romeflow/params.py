@@ -26,10 +26,10 @@ import jsonschema
 
 from . import safeyaml
 from .evaluation.bench import GenerationParams
-from .engine.editors import FtParams, KnParams
+from .engine.editors import METHOD_TABLE, FtParams, KnParams
 from .engine.models import DEFAULT_MODEL, ModelError, Placement
 from .pipeline.names import BadName, check_name
-from .engine.rome import RomeParams, rank_one
+from .engine.rome import RomeParams
 from .schemas import _schema_text, validate_with
 from .engine.statistics import Corpus, corpus_from
 from .tracing.causal import TraceParams, read_layer
@@ -154,10 +154,10 @@ class Params:
         protected automatically, ``ft``, ``ftl``, ``kn``)."""
         if name == "ftl" and self.ftl.linf is None:
             raise ConfigError(f"{self.path}: ftl.linf: required (the L∞ bound of FT+L)")
-        methods = {"rome": self.rome, "rome-r1": rank_one(self.rome), "ft": self.ft, "ftl": self.ftl, "kn": self.kn}
-        if name not in methods:
-            raise ConfigError(f"--methods: unknown method '{name}' (known: {', '.join(methods)})")
-        return methods[name]
+        if name not in METHOD_TABLE:
+            raise ConfigError(f"--methods: unknown method '{name}' (known: {', '.join(METHOD_TABLE)})")
+        method = METHOD_TABLE[name]
+        return method.derive(getattr(self, method.section))
 
     def rome_variant(self, spec: str) -> tuple[str, RomeParams]:
         """``--variant NAME:key=value:...``: rome with those fields changed, checked by the rome rules."""
@@ -204,9 +204,8 @@ def _plain(obj) -> dict:
 # The schema, completed from the dataclasses
 # --------------------------------------------------------------------------------------------------
 
-_DATACLASS_SECTIONS = {("stats",): StatsParams, ("rome",): RomeParams, ("trace",): TraceParams,
-                       ("ft",): FtParams, ("ftl",): FtParams, ("kn",): KnParams,
-                       ("bench", "generation"): GenerationParams}
+_DATACLASS_SECTIONS = {("stats",): StatsParams, ("trace",): TraceParams, ("bench", "generation"): GenerationParams,
+                       **{(m.section,): m.params for m in METHOD_TABLE.values()}}
 
 
 def _type_rule(hint) -> dict:

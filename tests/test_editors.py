@@ -134,3 +134,26 @@ def test_method_params_from_params_sections():
         p.method("mend")
     with pytest.raises(ValueError, match="unknown method"):
         make_editor("mend", None, None, None)
+
+
+def test_the_method_table_names_each_editor_its_section_and_params_class():
+    """One row a method: its params.yaml section is a field of Params of that row's class, and
+    Params.method reads it through the row (rome-r1: the rank-one insert of the rome section)."""
+    from dataclasses import fields as dc_fields
+
+    from romeflow.engine.editors import METHOD_TABLE, METHODS
+    from romeflow.engine.rome import rank_one
+    from romeflow.params import Params
+
+    assert METHODS == tuple(METHOD_TABLE) and {"rome", "rome-r1", "ft", "ftl", "kn"} <= set(METHODS)
+    from dataclasses import replace
+
+    params = Params()
+    params = replace(params, rome=replace(params.rome, prompt_key=True, protect_weight=0.3))  # as params.yaml
+    types = {f.name: f for f in dc_fields(Params)}
+    for name, method in METHOD_TABLE.items():
+        assert method.section in types, name
+        assert isinstance(getattr(params, method.section), method.params), name
+    assert params.method("rome") == params.rome
+    assert params.method("rome-r1") == rank_one(params.rome) != params.rome
+    assert params.method("kn") is params.kn

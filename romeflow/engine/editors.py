@@ -22,7 +22,7 @@ from .hooks import on_input, run_with_hooks
 from .models import (LoadedModel, cache_kwargs, edited_module, edited_module_name, final_hidden, logits_at, new_cache,
                      num_layers, weight_out_in)
 from .prompts import continuation, encode, flush_denormals, mean_per_pair, target_logprobs, teacher_forced
-from .rome import EditRequest, RankOneUpdate, Rome, RomeParams, add_rank_one
+from .rome import EditRequest, RankOneUpdate, Rome, RomeParams, add_rank_one, rank_one
 
 
 @dataclass
@@ -255,7 +255,29 @@ def timed_edit(editor: Editor, request: EditRequest) -> tuple[WeightEdit, float]
     return edit, time.perf_counter() - t0
 
 
-METHODS = ("rome", "rome-r1", "ft", "ftl", "kn")  # rome-r1: ROME with no protected keys (the rank-one insert)
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table: what an editor reads from params.yaml and how it is built."""
+
+    section: str  # the params.yaml section of its hyper-parameters (a field of params.Params)
+    params: type  # that section's class
+    build: Callable  # (lm, params, second_moment, name, values, root) -> Editor
+    derive: Callable = lambda p: p  # the method's hyper-parameters from the section's (rome-r1: rank_one)
+
+
+def _rome(lm, params, second_moment, name, values, root):
+    return RomeEditor(lm, params, second_moment, name, values, root)
+
+
+# name -> Method: a new editor is a class above and a row here (and its params.yaml section)
+METHOD_TABLE: dict[str, Method] = {
+    "rome": Method("rome", RomeParams, _rome),
+    "rome-r1": Method("rome", RomeParams, _rome, rank_one),  # ROME with no protected keys (the rank-one insert)
+    "ft": Method("ft", FtParams, lambda lm, p, _c, name, _v, _r: FineTune(lm, p, name)),
+    "ftl": Method("ftl", FtParams, lambda lm, p, _c, name, _v, _r: FineTune(lm, p, name)),
+    "kn": Method("kn", KnParams, lambda lm, p, _c, _n, _v, _r: KnowledgeNeurons(lm, p)),
+}
+METHODS = tuple(METHOD_TABLE)
 
 
 def parse_variant(spec: str, base, section: str, allowed: tuple[str, ...] | None = None,
@@ -302,10 +324,7 @@ def make_editor(name: str, lm: LoadedModel, params, second_moment: Callable[[int
     ``values``: a (k*, v*) cache shared by the ROME variants of one benchmark (they differ only in the
     insert, and every edit starts from the restored base model). ``root``: what ROME's
     ``protect_sources`` paths are relative to (the project's folder)."""
-    if name in ("rome", "rome-r1") or isinstance(params, RomeParams):
-        return RomeEditor(lm, params, second_moment, name, values, root)
-    if name in ("ft", "ftl"):
-        return FineTune(lm, params, name)
-    if name == "kn":
-        return KnowledgeNeurons(lm, params)
-    raise ValueError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
+    method = METHOD_TABLE["rome"] if isinstance(params, RomeParams) else METHOD_TABLE.get(name)
+    if method is None:
+        raise ValueError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
+    return method.build(lm, params, second_moment, name, values, root)
