@@ -351,7 +351,7 @@ def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str]
     depend on δ: they run once, into a KV cache, and each step runs only the rest (``_cached_forward``;
     not with ``direction``: the update then changes every token).
     """
-    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=True, family=family,
+    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=direction is None, family=family,
                   direction=direction)
 
 
@@ -1137,7 +1137,7 @@ class Rome:
         if p.family_kl > 0 and family:
             out += (p.family_kl, tuple((s, round(rho, 6)) for s, rho in family))
         if direction is not None:
-            out += ("in_place_suffix", hashlib.sha1(direction.detach().float().cpu().numpy().tobytes()).hexdigest())
+            out += ("in_place", hashlib.sha1(direction.detach().float().cpu().numpy().tobytes()).hexdigest())
         return out
 
     def apply(self, requests: list[EditRequest], layers: list[int | None] | None = None,
