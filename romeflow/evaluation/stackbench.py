@@ -42,7 +42,7 @@ from ..engine.models import LoadedModel
 from ..engine.rome import RomeParams
 from ..schemas import validate
 
-FORMAT = "romeflow.evaluation.bench-stack/1"
+FORMAT = "romeflow.bench-stack/1"
 DEFAULT_KS = (1, 10, 30, 100, 300)
 METHODS = ("sum", "joint")
 EDITED = ("ES", "PS", "NS", "NS_tok")  # of the first k records, on the composed model
