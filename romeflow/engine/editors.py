@@ -269,13 +269,21 @@ def _rome(lm, params, second_moment, name, values, root):
     return RomeEditor(lm, params, second_moment, name, values, root)
 
 
+def _fine_tune(lm, params, _second_moment, name, _values, _root):
+    return FineTune(lm, params, name)
+
+
+def _knowledge_neurons(lm, params, _second_moment, _name, _values, _root):
+    return KnowledgeNeurons(lm, params)
+
+
 # name -> Method: a new editor is a class above and a row here (and its params.yaml section)
 METHOD_TABLE: dict[str, Method] = {
     "rome": Method("rome", RomeParams, _rome),
     "rome-r1": Method("rome", RomeParams, _rome, rank_one),  # ROME with no protected keys (the rank-one insert)
-    "ft": Method("ft", FtParams, lambda lm, p, _c, name, _v, _r: FineTune(lm, p, name)),
-    "ftl": Method("ftl", FtParams, lambda lm, p, _c, name, _v, _r: FineTune(lm, p, name)),
-    "kn": Method("kn", KnParams, lambda lm, p, _c, _n, _v, _r: KnowledgeNeurons(lm, p)),
+    "ft": Method("ft", FtParams, _fine_tune),
+    "ftl": Method("ftl", FtParams, _fine_tune),
+    "kn": Method("kn", KnParams, _knowledge_neurons),
 }
 METHODS = tuple(METHOD_TABLE)
 
