@@ -1,0 +1,168 @@
+"""The registry of active manifests and the state of the pipeline: add, revert, diff, status, verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..engine.statistics import Stats
+from ..params import ConfigError
+from ..pipeline.deltas import DeltaError, load_deltas
+from ..pipeline.history import diff_reports, markdown_table
+from ..pipeline.manifests import Manifest, ManifestError, check_conflicts, load_manifest
+from ..pipeline.names import BadName
+from ..pipeline.registry import check_name, register, unregister
+from ..pipeline.workflow import Layout, status as workflow_status, verify_manifest
+from . import _check_layers, _layer_uses, _layout, _load, _params_path, _settings, _stats_for, console, main
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.pass_context
+def add(ctx, manifest):
+    """Validate edits/NAME.yaml and register NAME in params.yaml manifests: (`dvc repro` then computes it)."""
+    _settings(ctx, resolve_auto=False)  # a bad params file fails here, before anything else
+    m = load_manifest(manifest)
+    layout = _layout(ctx)
+    try:
+        expected = layout.manifest(m.name)
+    except BadName as e:
+        raise ManifestError(f"{manifest}: {e}") from None
+    if Path(manifest).resolve() != expected.resolve():
+        raise ValueError(f"{manifest}: the pipeline reads manifests from {expected}; move it there first")
+    settings = _settings(ctx, resolve_auto=False)
+    check_conflicts(_readable_manifests(layout, [n for n in settings.manifests if n != m.name]) + [m])
+    register(_params_path(ctx), m.name)
+    click.echo(f"registered {m.name} ({len(m.edits)} edit(s)) in {_params_path(ctx)}; "
+               f"`dvc repro` computes {layout.delta(m.name)}")
+
+
+def _readable_manifests(layout: Layout, names: list[str]) -> list[Manifest]:
+    """The registered manifests that can be read (a broken one is `romeflow status`'s to report)."""
+    out = []
+    for n in names:
+        try:
+            out.append(load_manifest(layout.manifest(n)))
+        except ManifestError:
+            pass
+    return out
+
+
+@main.command()
+@click.argument("name")
+@click.pass_context
+def revert(ctx, name):
+    """Drop NAME from params.yaml manifests: and delete its delta and reports (the manifest stays).
+
+    The next `dvc repro` re-runs only the stack, which then equals base + the remaining deltas.
+    """
+    layout, params = _layout(ctx), _params_path(ctx)
+    check_name(name, f"{params}: manifests")  # before anything is read or deleted
+    _settings(ctx, resolve_auto=False)
+    removed = []
+
+    def delete():  # under the registry's lock, after the name left params.yaml
+        for p in (layout.delta(name), layout.report(name), layout.details(name)):
+            if p.is_symlink() or p.is_file():  # a link itself, never what it points to
+                p.unlink()
+                removed.append(p)
+
+    unregister(params, name, then=delete)
+    click.echo(f"reverted {name}: removed from {_params_path(ctx)}" + "".join(f", deleted {p}" for p in removed))
+
+
+@main.command()
+@click.argument("rev_a", default="HEAD")
+@click.argument("rev_b", required=False)
+@click.option("--all", "all_rows", is_flag=True, help="Show unchanged metrics too.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows.")
+@click.option("--md", "as_md", is_flag=True, help="Print a Markdown table.")
+@click.pass_context
+def diff(ctx, rev_a, rev_b, all_rows, as_json, as_md):
+    """Per-manifest metrics between git revisions REV_A [default: HEAD] and REV_B [default: the working tree].
+
+    Reads reports/*.json (eval and stack reports, DVC metrics tracked by git) at each revision.
+    """
+    rows = diff_reports(_layout(ctx).root, rev_a, rev_b, all_rows)
+    b = rev_b or "workspace"
+    if as_json:
+        click.echo(json.dumps({"a": rev_a, "b": b, "rows": rows}, indent=1))
+        return
+    if as_md:
+        click.echo(markdown_table(rows, rev_a, b), nl=False)
+        return
+    table = Table(title=f"metrics: {rev_a} -> {b}" + ("" if all_rows else " (changed only)"))
+    for col in ("manifest", "metric", rev_a, b, "change"):
+        table.add_column(col, justify="left" if col in ("manifest", "metric") else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["manifest"], r["metric"], fmt(r["a"]), fmt(r["b"]),
+                      "-" if r["change"] is None else f"{r['change']:+.4g}")
+    console.print(table if rows else f"no metric changes between {rev_a} and {b}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status(ctx, as_json):
+    """Active manifests, their deltas and reports, and whether each is stale (manifest, base model,
+    statistics or hyper-parameters changed since the delta was computed)."""
+    settings = _settings(ctx)
+    st = workflow_status(_layout(ctx), settings, ctx.obj["cache"])
+    if as_json:
+        click.echo(json.dumps(st, indent=1))
+        return
+    console.print(f"base model {st['model']['spec']} ({st['model']['fingerprint'][:12]}); statistics: "
+                  + (", ".join(f"layer {k} ({v[:12]})" for k, v in st["stats"].items()) or "none"), highlight=False)
+    table = Table(title=f"{len(st['manifests'])} active manifest(s); stack report: {st['stack']}")
+    for col in ("manifest", "state", "delta", "report", "why"):
+        table.add_column(col)
+    for e in st["manifests"]:
+        table.add_row(e["name"], e["state"], e["delta"], e["report"], "; ".join(e["issues"]))
+    console.print(table)
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.option("--atol", type=click.FloatRange(0.0), default=0.0, show_default=True,
+              help="Accept factors that differ by at most this much (0: byte-identical or equal factors).")
+@click.pass_context
+def verify(ctx, names, atol):
+    """Recompute deltas from their manifests and compare with the stored files [default: every active one].
+
+    Also checks each delta's provenance against the current manifest, base model, statistics and
+    hyper-parameters. Exits 1 (one line) if any delta differs or is stale.
+    """
+    settings = _settings(ctx)
+    layout = _layout(ctx)
+    names = list(names) or list(settings.manifests)
+    if not names:
+        raise ConfigError(f"{_params_path(ctx)}: manifests: no active manifests to verify")
+    uses = []
+    for name in names:  # bad names, manifests, deltas and layers fail before the model loads
+        check_name(name, "NAMES")
+        uses += _layer_uses(settings.resolve_manifest(load_manifest(layout.manifest(name))), settings)
+        load_deltas([layout.delta(name)])
+    _check_layers(ctx, settings.model, uses)
+    lm = _load(ctx, settings.model)
+
+    def stats_for(layers: list[int]) -> dict[int, Stats]:  # the pipeline's files where present, else the cache
+        files = tuple(str(layout.stats(l)) for l in layers if layout.stats(l).is_file())
+        return _stats_for(ctx, lm, settings, layers, files)
+
+    table = Table(title="verify: recomputed vs stored")
+    for col in ("manifest", "result", "max |Δ| of the factors", "provenance"):
+        table.add_column(col)
+    problems = []
+    for name in names:
+        v = verify_manifest(lm, layout, settings, name, stats_for, atol)
+        table.add_row(name, v["result"], f"{v['max_abs_diff']:.3g}", "; ".join(v["issues"]) or "ok")
+        problems += v["problems"]
+    console.print(table)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DeltaError(f"verify failed: {problems[0]}{more}")
+

@@ -1,0 +1,324 @@
+"""The workflow commands: apply, eval, stack, generate, stats, export."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..engine.models import LoadedModel, Placement, cache_dir, resolve
+from ..engine.protect import check_sources
+from ..engine.statistics import get_stats, load_stats, save_stats
+from ..evaluation.scoring import greedy_continuation, next_token_top
+from ..io import check_writable
+from ..params import ConfigError, Params, check_layers
+from ..pipeline.deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
+from ..pipeline.manifests import ManifestError, check_conflicts, load_manifest
+from ..pipeline.names import BadName
+from ..pipeline.workflow import Layout, eval_manifest, eval_stack, gate_error
+from . import (DELTAS_MODEL, _check_layers, _layer_uses, _layout, _load, _model_spec, _params_path, _settings, _stats_for,
+               console, err, main)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Delta file to write [default: deltas/<manifest name>.safetensors].")
+@click.option("--model", "model_spec", default=None, help="Model [default: the manifest's, else params.yaml's].")
+@click.option("--stats", "stats_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Precomputed statistics files (else cached/computed per params.yaml).")
+@click.option("--onto", "onto_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="Delta(s) of an existing stack to apply onto (repeatable): the edits are computed on base + "
+                   "their sum and hold their edits' keys fixed, so adding the new delta keeps them.")
+@click.pass_context
+def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
+    """Compute a manifest's edits with ROME and write them as one delta file.
+
+    Edits are applied one after another; each edit's insert holds the earlier edits' keys fixed."""
+    settings = _settings(ctx)
+    m = settings.resolve_manifest(load_manifest(manifest))  # `layer: auto` -> the traced layer
+    onto = load_deltas(onto_paths)
+    for d in onto:
+        require_pairs(d, "--onto")
+    try:
+        out = Path(out) if out else Layout().delta(m.name)
+    except BadName as e:
+        raise ManifestError(f"{manifest}: {e}; pass --out") from None
+    check_writable(out, "--out")
+    check_sources(settings.rome.protect_sources, _params_path(ctx).parent, str(_params_path(ctx)))
+    spec = model_spec or m.model or settings.model
+    uses = _layer_uses(m, settings)
+    _check_layers(ctx, spec, uses)
+    given = [load_stats(f) for f in stats_files]  # checked before the model loads
+    if {layer for _, layer in uses} - {g.layer for g in given}:
+        settings.stats.corpus_source()  # statistics to compute: a missing corpus file fails now
+    lm = _load(ctx, spec)
+    check_layers(lm.num_layers, uses)
+    layers = sorted({layer for _, layer in uses})
+    stats = _stats_for(ctx, lm, settings, layers, given)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(m.edits), desc=f"editing ({m.name})", unit="edit", file=sys.stderr) as bar:
+        delta = compute_delta(lm, m, settings.rome, stats, progress=lambda i, r: bar.update(1),
+                              root=_params_path(ctx).parent, onto=onto)
+    save_delta(out, delta)
+    table = Table(title=f"{m.name}: {len(m.edits)} edit(s) -> {out}")
+    for col in ("#", "prompt", "target", "P before", "P after", "true before", "true after"):
+        table.add_column(col, justify="right" if col.startswith(("P", "true", "#")) else "left")
+    for e, meta in zip(m.edits, delta.meta["edits"]):
+        b, a = meta["before"], meta["after"]
+        fmt = lambda d, k: f"{d[k]:.4f}" if k in d else "-"  # noqa: E731
+        table.add_row(str(meta["index"]), e.prompt, e.target, fmt(b, "p_target"), fmt(a, "p_target"),
+                      fmt(b, "p_true"), fmt(a, "p_true"))
+    console.print(table)
+
+
+@main.command("eval")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--delta", "deltas", multiple=True, type=click.Path(dir_okay=False),
+              help="Delta file(s) [default: deltas/<manifest name>.safetensors].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the report here (JSON, schemas/report.schema.json: pre/post scores and hashes).")
+@click.option("--details", type=click.Path(dir_okay=False), default=None,
+              help="Write the per-edit details here (JSON, schemas/details.schema.json).")
+@click.option("--gate", "use_gate", is_flag=True,
+              help="After writing, fail (exit 1, one line) if a post score is below params.yaml gate.eval.")
+@click.option("--model", "model_spec", default=None, help=DELTAS_MODEL)
+@click.pass_context
+def evaluate(ctx, manifest, deltas, out, details, use_gate, model_spec):
+    """Score a manifest's edits (rewrite, paraphrases, neighbours) before and after its delta."""
+    if details and not out:
+        raise click.UsageError("--details needs --out")
+    settings = _settings(ctx)
+    for path, option in ((out, "--out"), (details, "--details")):
+        if path:
+            check_writable(path, option)
+    m = load_manifest(manifest)
+    try:
+        paths = deltas or [_layout(ctx).delta(m.name)]
+    except BadName as e:
+        raise ManifestError(f"{manifest}: {e}; pass --delta") from None
+    loaded = load_deltas(paths)
+    gate = settings.gate if use_gate else None
+    lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
+    result = eval_manifest(EditedModel(lm), m, loaded, gate)
+    if out:
+        result.write(out, details)
+    report = result.report
+    table = Table(title=f"{m.name}: {len(m.edits)} edit(s), before -> after")
+    table.add_column("metric")
+    table.add_column("pre", justify="right")
+    table.add_column("post", justify="right")
+    for k, v in report["post"].items():
+        table.add_row(k, f"{report['pre'].get(k, float('nan')):.1f}", f"{v:.1f}")
+    console.print(table)
+    if result.failures:
+        raise gate_error(out or m.path, result.failures)
+
+
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Stack report (JSON, schemas/stack.schema.json) [default: reports/stack.json].")
+@click.option("--md", "markdown", type=click.Path(dir_okay=False), default=None,
+              help="Readable tables [default: reports/stack.md].")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the DVC plot data [default: reports/plots].")
+@click.option("--gate", "use_gate", is_flag=True,
+              help="After writing, fail (exit 1, one line) if the stack is outside params.yaml gate.stack.")
+@click.pass_context
+def stack(ctx, out, markdown, plots_dir, use_gate):
+    """Compose every active delta (params.yaml manifests:) and measure interference and damage.
+
+    Each manifest's edits are scored with its own delta alone and with all deltas; the damage
+    guard is the perplexity of a held-out text (params.yaml stack.heldout) and the neighbour
+    prompts' top-1 agreement, both vs the base model.
+    """
+    settings = _settings(ctx)
+    layout = _layout(ctx)
+    out = Path(out or layout.stack_report)
+    for path, option, folder in ((out, "--out", False), (markdown or layout.stack_markdown, "--md", False),
+                                 (plots_dir or layout.plots, "--plots", True)):
+        check_writable(path, option, folder)
+    manifests = [load_manifest(layout.manifest(n)) for n in settings.manifests]
+    check_conflicts(manifests)
+    deltas = load_deltas(layout.delta(n) for n in settings.manifests)
+    joint = settings.stack.method == "joint"
+    if joint:
+        for d in deltas:
+            require_pairs(d)
+    heldout = layout.root / settings.stack.heldout
+    if not heldout.is_file():
+        raise ConfigError(f"{settings.path}: stack.heldout: {heldout} not found")
+    lm = _load(ctx, settings.model)
+    solve = _joint_solve(ctx, lm, settings, layout, deltas) if joint else None
+    result = eval_stack(EditedModel(lm), manifests, deltas, heldout, settings.stack.window,
+                        settings.gate if use_gate else None, solve)
+    result.write(out, markdown or layout.stack_markdown, plots_dir or layout.plots)
+    r = result.report
+    table = Table(title=f"stack of {len(manifests)} manifest(s): S alone -> stack")
+    for col in ("manifest", "S alone", "S stack", "ΔS"):
+        table.add_column(col, justify="left" if col == "manifest" else "right")
+    for name, m in r["manifests"].items():
+        s_a, s_s = m["alone"].get("S"), m["stack"].get("S")
+        table.add_row(name, *(("-" if v is None else f"{v:.1f}") for v in (s_a, s_s)),
+                      "-" if "S" not in m["interference"] else f"{m['interference']['S']:+.1f}")
+    console.print(table)
+    h, n = r["damage"]["heldout"], r["damage"]["neighbors"]
+    console.print(f"perplexity {h['perplexity_base']:.3f} -> {h['perplexity_stack']:.3f} "
+                  f"({h['perplexity_increase_pct']:+.2f}%), neighbour top-1 kept "
+                  f"{n.get('top1_kept_pct', float('nan')):.1f}% of {n['prompts']}", highlight=False)
+    if result.failures:
+        raise gate_error(out, result.failures)
+
+
+def _joint_solve(ctx, lm: LoadedModel, settings: Params, layout: Layout, deltas: list) -> JointSolve:
+    """stack.method: joint with the statistics the deltas were computed with (the pipeline's files where
+    present, else the cache); a delta computed with other statistics is refused."""
+    layers = sorted({up.layer for d in deltas for up in d.updates})
+    files = tuple(str(layout.stats(l)) for l in layers if layout.stats(l).is_file())
+    stats = _stats_for(ctx, lm, settings, layers, files)
+    for d in deltas:
+        for s in d.meta["stats"]:
+            if s["layer"] in stats and stats[s["layer"]].sha256 != s["sha256"]:
+                raise DeltaError(f"{d.path}: stats: computed with other statistics of layer {s['layer']} "
+                                 f"({s['sha256'][:12]}, now {stats[s['layer']].sha256[:12]}); recompute it")
+    return JointSolve.from_params(lambda layer: stats[layer].second_moment, settings.stack)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--delta", "deltas", multiple=True, type=click.Path(dir_okay=False), help="Delta file(s) to apply.")
+@click.option("--model", "model_spec", default=None, help=DELTAS_MODEL)
+@click.option("--max-new-tokens", type=click.IntRange(0, 10000), default=20, show_default=True)
+@click.option("--top-k", type=click.IntRange(1, 1_000_000), default=5, show_default=True,
+              help="Show the k most likely next tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def generate(ctx, prompt, deltas, model_spec, max_new_tokens, top_k, as_json):
+    """Next-token ranking and a greedy continuation of PROMPT, on base + deltas."""
+    settings = _settings(ctx)
+    loaded = load_deltas(deltas)
+    lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
+    EditedModel(lm).compose(loaded)
+    top = next_token_top(lm, [prompt], top_k)[0]
+    text = greedy_continuation(lm, prompt, max_new_tokens)
+    if as_json:
+        click.echo(json.dumps({"prompt": prompt, "deltas": list(deltas), "top": [{"token": t, "p": p} for t, p in top],
+                               "continuation": text}, indent=1))
+        return
+    table = Table(title=f"next token after {prompt!r}" + (f" (+{len(deltas)} delta)" if deltas else ""))
+    table.add_column("rank", justify="right")
+    table.add_column("token")
+    table.add_column("P", justify="right")
+    for i, (t, p) in enumerate(top, 1):
+        table.add_row(str(i), repr(t), f"{p:.4f}")
+    console.print(table)
+    console.print(f"[bold]{prompt}[/bold]{text}", highlight=False, markup=True)
+
+
+@main.command()
+@click.option("--layer", "layers", type=click.IntRange(0), multiple=True,
+              help="Layer(s) [default: params.yaml rome.layer].")
+@click.option("--model", "model_spec", default=None, help="Model [default: params.yaml's].")
+@click.option("--corpus", "corpus_files", multiple=True, type=click.Path(),
+              help="Plain-text files, or one Hugging Face datasets folder [default: params.yaml stats.corpus].")
+@click.option("--tokens", type=int, default=None, help="Token positions [default: params.yaml stats.tokens].")
+@click.option("--out", type=click.Path(), default=None,
+              help="Write here (a file for one layer, a folder for several) instead of only caching.")
+@click.option("--processes", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Data-parallel: N processes share the token rows (gloo on the CPU, NCCL on GPUs); "
+                   "under `accelerate launch`/`torchrun` the launcher's processes are used instead.")
+@click.option("--checkpoint-seconds", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="Save the partial sums in the cache this often; an interrupted run resumes from them.")
+@click.pass_context
+def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpoint_seconds):
+    """Compute (or find in the cache) the key second moments C = E[k kᵀ] of edit layers."""
+    from ..engine.parallel import Spawned, launched_shard
+    from ..engine.statistics import Shard, cached_stats_path, corpus_from
+
+    settings = _settings(ctx)
+    if tokens is not None and tokens < 1:
+        raise click.BadParameter(f"must be at least 1, got {tokens}", param_hint="--tokens")
+    uses = ([("--layer", l) for l in layers] if layers else [(f"{settings.path}: rome.layer", settings.rome.layer)])
+    layers = [l for _, l in uses]
+    if out:
+        targets = [Path(out)] if len(layers) == 1 else [Path(out) / f"layer{l}.safetensors" for l in layers]
+        for t in targets:
+            check_writable(t, "--out")
+    spec = model_spec or settings.model
+    _check_layers(ctx, spec, uses)
+    corpus_spec = tuple(corpus_files) if corpus_files else settings.stats.corpus
+    corpus = corpus_from(corpus_spec)
+    n = tokens or settings.stats.tokens
+    launched = launched_shard(ctx.obj.get("placement") or Placement())
+    if launched and processes > 1:
+        raise click.UsageError("--processes: not under a launcher (accelerate launch / torchrun starts the processes)")
+    if launched:
+        ctx.obj["placement"] = launched[1]
+    lm = _load(ctx, spec)
+    check_layers(lm.num_layers, uses)
+    t = time.perf_counter()
+    cache = cache_dir(ctx.obj["cache"])
+    if processes > 1 and all(cached_stats_path(cache, lm, l, corpus, n).exists() for l in layers):
+        processes = 1  # nothing to compute: no processes to start
+    if processes > 1:
+        import torch
+
+        resolve(spec, cache)  # converted once, here, before the workers look for it
+        with Spawned(processes, spec, ctx.obj["cache"], ctx.obj.get("placement") or Placement(), layers,
+                     corpus_spec, n, settings.stats.seq_len, torch.get_num_threads(), checkpoint_seconds) as run:
+            found = get_stats(lm, layers, corpus, n, cache, settings.stats.seq_len, shard=run.shard,
+                              checkpoint_seconds=checkpoint_seconds)
+    else:
+        shard = launched[0] if launched else Shard()
+        found = get_stats(lm, layers, corpus, n, cache, settings.stats.seq_len, shard=shard,
+                          checkpoint_seconds=checkpoint_seconds)
+        if shard.rank != 0:
+            return  # rank 0 writes and reports
+    took = time.perf_counter() - t
+    for layer, s in found.items():
+        target = None
+        if out:
+            target = Path(out) if len(layers) == 1 else Path(out) / f"layer{layer}.safetensors"
+            save_stats(target, s.second_moment, s.meta)
+        console.print(f"layer {layer}: {s.meta['tokens']} tokens of {s.meta['corpus_id']}, "
+                          f"sha256 {s.sha256[:12]}" + (f" -> {target}" if target else ""))
+    err.print(f"[dim]{took:.1f} s" + (f" ({processes} processes)" if processes > 1 else "") + "[/dim]")
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--delta", "deltas", multiple=True, required=True, type=click.Path(dir_okay=False))
+@click.option("--model", "model_spec", default=None, help=DELTAS_MODEL)
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft"]), default="hf", show_default=True,
+              help="hf: the merged model folder; peft: a LoRA adapter over the base model (the deltas' "
+                   "factors stacked per module, scaling 1).")
+@click.pass_context
+def export(ctx, out, deltas, model_spec, fmt):
+    """Write base + deltas as a Hugging Face model folder (safetensors), or as a PEFT LoRA adapter
+    that `peft.PeftModel.from_pretrained(base, OUT)` loads (docs/serving.md)."""
+    from ..pipeline.export import write_merged, write_peft
+
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out}: already exists; choose a new folder")
+    check_writable(out, "OUT", folder=True)
+    settings = _settings(ctx)
+    loaded = load_deltas(deltas)
+    spec = _model_spec(ctx, settings, model_spec, loaded)
+    lm = _load(ctx, spec)
+    with err.status(f"writing {out}"):
+        if fmt == "peft":
+            folder = resolve(spec, cache_dir(ctx.obj["cache"]))[0]  # what base_model_name_or_path names
+            config = write_peft(out, lm, loaded, str(folder))
+            what = f"a LoRA adapter of {len(config['target_modules'])} module(s), rank {config['r']}"
+        else:
+            EditedModel(lm).compose(loaded)
+            write_merged(out, lm, loaded)
+            what = "a merged model"
+    console.print(f"exported {lm.name} + {len(loaded)} delta(s) as {what} -> {out}", highlight=False)
+
