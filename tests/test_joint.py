@@ -11,7 +11,8 @@ import torch
 from romeflow.engine import models
 from romeflow.pipeline.deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_delta, save_delta
 from romeflow.pipeline.manifests import Manifest, ManifestEdit, ManifestError, check_conflicts
-from romeflow.engine.rome import InsertError, RomeParams, Solver, joint_insert, null_space_basis, projected_solver
+from romeflow.engine.joint import joint_insert, null_space_basis, projected_solver
+from romeflow.engine.rome import InsertError, RomeParams, Solver
 from romeflow.engine.statistics import Stats
 
 from conftest import EDIT_LAYER
@@ -305,7 +306,7 @@ def _olds(deltas):
 
 
 def test_calibrating_one_delta_is_the_single_edit_bisection(setup, strong):
-    from romeflow.engine.rome import least_scale, margin_under
+    from romeflow.engine.margins import least_scale, margin_under
 
     lm, _, c = setup
     for d in strong:  # the first whose edit takes against the base model's own answer
@@ -335,7 +336,7 @@ def test_calibrating_one_delta_is_the_single_edit_bisection(setup, strong):
 
 
 def test_a_calibrated_stack_is_the_joint_solve_of_its_scaled_edits(setup, strong):
-    from romeflow.engine.rome import margins
+    from romeflow.engine.margins import margins
 
     lm, _, c = setup
     prompts, targets = _rewrites(strong)

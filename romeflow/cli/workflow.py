@@ -51,6 +51,7 @@ def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
     check_writable(out, "--out")
     check_sources(settings.rome.protect_sources, _params_path(ctx).parent, str(_params_path(ctx)))
     spec = model_spec or m.model or settings.model
+    settings = settings.for_model(spec)  # without rome.layer: this model's default edit layer
     uses = _layer_uses(m, settings)
     _check_layers(ctx, spec, uses)
     given = [load_stats(f) for f in stats_files]  # checked before the model loads
@@ -243,13 +244,15 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpo
     settings = _settings(ctx)
     if tokens is not None and tokens < 1:
         raise click.BadParameter(f"must be at least 1, got {tokens}", param_hint="--tokens")
+    spec = model_spec or settings.model
+    if not layers:
+        settings = settings.for_model(spec)  # without rome.layer: this model's default edit layer
     uses = ([("--layer", l) for l in layers] if layers else [(f"{settings.path}: rome.layer", settings.rome.layer)])
     layers = [l for _, l in uses]
     if out:
         targets = [Path(out)] if len(layers) == 1 else [Path(out) / f"layer{l}.safetensors" for l in layers]
         for t in targets:
             check_writable(t, "--out")
-    spec = model_spec or settings.model
     _check_layers(ctx, spec, uses)
     corpus_spec = tuple(corpus_files) if corpus_files else settings.stats.corpus
     corpus = corpus_from(corpus_spec)

@@ -36,8 +36,9 @@ from ..io import atomic_path
 from .manifests import Manifest
 from ..engine.models import LoadedModel, ModelError, edited_module_name, read_weight, weight_shape, write_weight
 from ..engine.prompts import fill
-from ..engine.rome import (EditResult, InsertError, RankOneUpdate, Rome, RomeParams, Solver, add_rank_one, joint_insert, margins,
-                   next_token, null_space_basis, projected_solver)
+from ..engine.joint import joint_insert, null_space_basis, projected_solver
+from ..engine.margins import margins, next_token
+from ..engine.rome import EditResult, InsertError, RankOneUpdate, Rome, RomeParams, Solver, add_rank_one
 from ..schemas import validate
 from ..engine.statistics import Stats
 
@@ -457,7 +458,7 @@ def edits(deltas: list[Delta]) -> list[tuple[Delta, int]]:
 
 class JointSolve:
     """The composed update of a stack, recomputed from all its deltas' (k*, v*) pairs in one call of
-    ``rome.joint_insert`` per edited module (docs/method.md, "The joint stack solve").
+    ``joint.joint_insert`` per edited module (docs/method.md, "The joint stack solve").
 
     second_moment: layer -> C (the statistics the deltas were computed with); ridge, null_space
     (the threshold of ``null_space_basis``) and protect (hold each edit's protected keys fixed) are
