@@ -380,6 +380,8 @@ CASES = [
      ("stack",), ["deltas/b.safetensors: key_values: the delta holds no k*/v* pairs", "stack.method: joint"]),
     ("delta-onto-without-pairs", delta(strip_pairs), APPLY + ("--onto", "deltas/bad.safetensors"),
      ["deltas/bad.safetensors: key_values:", "--onto needs them"]),
+    ("delta-onto-its-own-delta", None, APPLY + ("--onto", "deltas/curie.safetensors"),  # a ZeroDivisionError before
+     ["edits/curie.yaml: edits[0]: 'Pierre Curie' with relation", "is already edited by deltas/curie.safetensors"]),
     ("stack-conflicting-manifests", manifest(A_CONFLICT, "b"), ("stack",),
      ["edits/b.yaml: edits[0].target: conflicts with edits/a.yaml edits[0]", "'law' vs 'medicine'"]),
     ("stack-conflicting-manifests-joint", both(params_edit("  window: 64", JOINT), manifest(A_CONFLICT, "b")),

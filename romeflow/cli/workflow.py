@@ -16,7 +16,7 @@ from ..engine.statistics import get_stats, load_stats, save_stats
 from ..evaluation.scoring import greedy_continuation, next_token_top
 from ..io import check_writable
 from ..params import ConfigError, Params, check_layers
-from ..pipeline.deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
+from ..pipeline.deltas import check_onto, DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
 from ..pipeline.manifests import ManifestError, check_conflicts, load_manifest
 from ..pipeline.names import BadName
 from ..pipeline.workflow import Layout, eval_manifest, eval_stack, gate_error
@@ -44,6 +44,7 @@ def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
     onto = load_deltas(onto_paths)
     for d in onto:
         require_pairs(d, "--onto")
+    check_onto(m, onto)
     try:
         out = Path(out) if out else Layout().delta(m.name)
     except BadName as e:

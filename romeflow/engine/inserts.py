@@ -278,6 +278,8 @@ def build(rome: Rome, request: EditRequest, layer: int, k_star: torch.Tensor, v_
         return plain
     second_moment = rome.second_moment(layer).to(factor.device, torch.float64)  # (converted once, not per α)
     energy = text_energy(second_moment, plain.u, plain.v)
+    if energy == 0.0:  # δ = 0: the edit holds already (v* needed no step), nothing to keep off the family
+        return plain
     c_inv_b = None  # C⁻¹B, shared by every α
     for i in range(FAMILY_HALVINGS + 1):
         alpha = spec.family_weight / 2 ** i

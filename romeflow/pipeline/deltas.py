@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..evaluation.scoring import edit_probabilities
 from ..io import atomic_path
-from .manifests import Manifest
+from .manifests import Manifest, ManifestError
 from ..engine.models import LoadedModel, ModelError, edited_module_name, read_weight, weight_shape, write_weight
 from ..engine.prompts import fill
 from ..engine.joint import joint_insert, null_space_basis, projected_solver
@@ -438,6 +438,20 @@ def require_pairs(delta: Delta, why: str = "stack.method: joint") -> None:
     if delta.pairs is None:
         raise DeltaError(f"{delta.path or delta.name}: key_values: the delta holds no k*/v* pairs (written before "
                          f"romeflow stored them); {why} needs them: recompute it with `romeflow apply` or `dvc repro`")
+
+
+def check_onto(manifest: Manifest, onto: list[Delta]) -> None:
+    """Refuse to apply a manifest onto deltas that already edit one of its facts (the same subject and
+    relation): that edit's key is held by the stack, so there is nothing left to write. One line naming
+    the manifest's edit and the delta (ManifestError), before any model is loaded."""
+    for d in onto:
+        theirs = {(e["subject"], e["relation"]): j for j, e in enumerate(d.meta["manifest"]["canonical"]["edits"])}
+        for i, e in enumerate(manifest.edits):
+            j = theirs.get((e.subject, e.relation))
+            if j is not None:
+                raise ManifestError(f"{manifest.path}: edits[{i}]: '{e.subject}' with relation '{e.relation}' is "
+                                    f"already edited by {d.path or d.name} (edits[{j}]); apply onto the stack without "
+                                    f"that delta, or revert it first")
 
 
 def calibration_prompts(delta: Delta, rewrite: str, prefixes: int) -> list[str]:
