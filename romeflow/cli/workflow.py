@@ -66,7 +66,7 @@ def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
 
     with tqdm(total=len(m.edits), desc=f"editing ({m.name})", unit="edit", file=sys.stderr) as bar:
         delta = compute_delta(lm, m, settings.rome, stats, progress=lambda i, r: bar.update(1),
-                              root=_params_path(ctx).parent, onto=onto)
+                              root=_params_path(ctx).parent, onto=onto, corpus=settings.stats.corpus_source())
     save_delta(out, delta)
     table = Table(title=f"{m.name}: {len(m.edits)} edit(s) -> {out}")
     for col in ("#", "prompt", "target", "P before", "P after", "true before", "true after"):

@@ -22,6 +22,7 @@ from .hooks import on_input, run_with_hooks
 from .models import (LoadedModel, cache_kwargs, edited_module, edited_module_name, final_hidden, logits_at, new_cache,
                      num_layers, weight_out_in)
 from .prompts import continuation, encode, flush_denormals, mean_per_pair, target_logprobs, teacher_forced
+from .gated import NeuronUpdate, add_neurons, cut_neurons, hidden_width
 from .inserts import INSERTS
 from .rome import EditRequest, RankOneUpdate, Rome, RomeParams, add_rank_one
 
@@ -31,10 +32,13 @@ class WeightEdit:
     """What one edit changed: original weights (to restore bit for bit) and rank-one factors if any."""
 
     originals: dict[str, torch.Tensor]  # module name -> its (d_out, d_in) weight before the edit
-    updates: list[RankOneUpdate] | None = None
+    updates: list | None = None  # RankOneUpdate / gated.NeuronUpdate
     info: dict = field(default_factory=dict)
+    widths: dict[int, int] = field(default_factory=dict)  # layer -> its MLP's hidden units before neurons were added
 
     def restore(self, model: torch.nn.Module) -> None:
+        for layer, width in self.widths.items():
+            cut_neurons(model, layer, width)
         for name, weight in self.originals.items():
             weight_out_in(model, name).copy_(weight)
 
@@ -66,12 +70,15 @@ class RomeEditor:
     def edit(self, request: EditRequest) -> WeightEdit:
         result = self.rome.compute(request)
         up = result.update
+        info = {"steps": len(result.nll_trace), "final_nll": result.nll_trace[-1], "protected": result.protected,
+                "family": result.family, **({"scale": result.scale} if result.scale != 1.0 else {})}
+        if isinstance(up, NeuronUpdate):  # the gated insert: hidden units appended, cut back on restore
+            width = hidden_width(self.lm.model, up.layer)
+            add_neurons(self.lm.model, up)
+            return WeightEdit({}, [up], info, {up.layer: width})
         originals = _snapshot(self.lm.model, [up.module])
         add_rank_one(self.lm.model, up.module, up.u, up.v)
-        return WeightEdit(originals, [up], {"steps": len(result.nll_trace), "final_nll": result.nll_trace[-1],
-                                            "protected": result.protected,
-                                            "family": result.family,
-                                            **({"scale": result.scale} if result.scale != 1.0 else {})})
+        return WeightEdit(originals, [up], info)
 
 
 # --------------------------------------------------------------------------------------------------

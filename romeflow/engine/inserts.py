@@ -9,6 +9,10 @@ times the edit's change δ = v* − W k*. They differ in v (docs/specificity.md 
     entity     + every context prefix's key (Δ k_i = δ), the family's mean key held fixed, v* optimised
                under the update itself, and δ shrunk to the least share that keeps a 7-nat margin
 
+and one that is not linear (engine/gated.py):
+
+    gated      two neurons added to the MLP whose output is δ times a gate, exactly 0 below a threshold
+
 A new insert is one row of ``INSERTS``. The editor (``rome.Rome``) calls ``build`` for the factors and,
 when the insert asks for them, ``insert_direction`` (before v*) and ``least_share`` (after).
 """
@@ -44,6 +48,10 @@ class InsertSpec:
     in_place: bool = False  # v*: δ optimised with the update δ vᵀ applied at every token
     shrink_margin: float = 0.0  # keep the least share of δ at which the prompt prefers o* by this margin (0: off)
     shrink_steps: int = 5  # bisection steps for that share (resolution 2⁻ⁿ)
+    gated: bool = False  # not linear: two neurons added to the MLP, silent below a threshold (engine/gated.py)
+    gate_low: float = 0.15  # τ₀: the gate opens at this score (the edit's own prefixes score 1 on average)
+    gate_high: float = 0.5  # τ₁: ... and is fully open from this one
+    gate_l2: float = 1e-2  # the gate's logistic regression: L2 weight
     ridge: float = PROTECT_RIDGE  # on Kᵀ C⁻¹ K when keys are held fixed, relative to its mean diagonal
     min_residual: float = MIN_RESIDUAL  # refuse held keys that leave less than this share of k* to edit
     doc: str = field(default="", compare=False)
@@ -56,6 +64,8 @@ INSERTS: dict[str, InsertSpec] = {
     "entity": InsertSpec(prompt_key=True, prefix_keys=True, siblings=64, centroid=True, in_place=True,
                          shrink_margin=7.0,
                          doc="every prefix's key, the family's mean key held, v* in place, shrunk to a 7-nat margin"),
+    "gated": InsertSpec(gated=True, siblings=64,
+                        doc="two neurons in the MLP, gated by a logistic score of its input; exactly 0 below a threshold"),
 }
 
 

@@ -44,6 +44,11 @@ class Arch:
     embed: str  # token embedding
     conv1d: bool = False  # weight stored (d_in, d_out) as GPT-2's Conv1D; else nn.Linear (d_out, d_in)
     post_mlp_norm: str | None = None  # norm on the MLP output before the residual add (Gemma)
+    # The MLP's hidden units (the gated insert adds some; engine/gated.py):
+    mlp_in: str = "mlp.up_proj"  # the input projection x -> (d_ff): up_proj of a gated MLP, else W_in (with a bias)
+    mlp_gate: str | None = "mlp.gate_proj"  # a gated MLP's gate projection: act(gate x) * (up x); None: act(W_in x + b)
+    mlp_act: str = "mlp.act_fn"  # the activation module
+    width: str = "intermediate_size"  # the config field with d_ff
 
 
 _LLAMA_LIKE = Arch(layers="model.layers", mlp_out="mlp.down_proj", mlp="mlp", attn="self_attn",
@@ -51,11 +56,13 @@ _LLAMA_LIKE = Arch(layers="model.layers", mlp_out="mlp.down_proj", mlp="mlp", at
 
 ARCHITECTURES: dict[str, Arch] = {
     "gpt2": Arch(layers="transformer.h", mlp_out="mlp.c_proj", mlp="mlp", attn="attn",
-                 embed="transformer.wte", conv1d=True),
+                 embed="transformer.wte", conv1d=True, mlp_in="mlp.c_fc", mlp_gate=None, mlp_act="mlp.act",
+                 width="n_inner"),
     "gptj": Arch(layers="transformer.h", mlp_out="mlp.fc_out", mlp="mlp", attn="attn",
-                 embed="transformer.wte"),
+                 embed="transformer.wte", mlp_in="mlp.fc_in", mlp_gate=None, mlp_act="mlp.act", width="n_inner"),
     "gpt_neox": Arch(layers="gpt_neox.layers", mlp_out="mlp.dense_4h_to_h", mlp="mlp",
-                     attn="attention", embed="gpt_neox.embed_in"),
+                     attn="attention", embed="gpt_neox.embed_in", mlp_in="mlp.dense_h_to_4h", mlp_gate=None,
+                     mlp_act="mlp.act"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,

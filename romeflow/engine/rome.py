@@ -28,10 +28,11 @@ from typing import Callable
 
 import torch
 
-from .hooks import on_output, run_with_hooks
+from .hooks import Hook, on_output, run_with_hooks
 from .models import (LoadedModel, cache_kwargs, edited_module, edited_module_name, final_hidden, keys_at, logits_at,
                      module_device, new_cache, writable_weight)
 from .prompts import (encode, fill, flush_denormals, mean_per_pair, pad, subject_last_index, teacher_forced)
+from . import gated
 from .protect import NameIndex, bare_keys, reference_names, residual_share
 
 
@@ -100,7 +101,7 @@ class RankOneUpdate:
 @dataclass
 class EditResult:
     request: EditRequest
-    update: RankOneUpdate
+    update: "RankOneUpdate | gated.NeuronUpdate"
     k_star: torch.Tensor  # (d_in,)
     v_star: torch.Tensor  # (d_out,)
     nll_trace: list[float]  # mean target NLL at each v* step
@@ -295,7 +296,8 @@ def _value_batch(tok, request: EditRequest, prefixes: list[str], essence_prompt:
 
 
 def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
-          params: RomeParams, direction: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+          params: RomeParams, direction: torch.Tensor | None = None,
+          hooks_for: Callable[[torch.Tensor], list[Hook]] | None = None) -> tuple[torch.Tensor, list[float]]:
     """Eq. 4: v* = W k* + δ, with δ minimising
 
         L(δ) = mean_j NLL(o* | x_j + p)  +  kl_factor · KL(P_δ[· | p'] ‖ P[· | p'])  +  wd · (‖δ‖/‖W k*‖)²
@@ -310,15 +312,20 @@ def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str]
     its update off the subject's family moves other tokens' keys differently from k*'s; δ is chosen for
     the update that will be written, not for a stand-in.
 
+    hooks_for: δ -> the hooks that apply it (the gated insert's neurons, at every token); instead of both.
+
     The rewrite prompts and p' run as one batch. Their tokens before the last subject token do not
     depend on δ: they run once, into a KV cache, and each step runs only the rest (``_cached_forward``;
-    not with ``direction``: the update then changes every token).
+    not with ``direction`` or ``hooks_for``: the update then may change every token).
     """
-    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=direction is None, direction=direction)
+    plain = direction is None and hooks_for is None
+    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=plain, direction=direction,
+                  hooks_for=hooks_for)
 
 
 def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
-           params: RomeParams, cache_prefix: bool, direction: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+           params: RomeParams, cache_prefix: bool, direction: torch.Tensor | None = None,
+           hooks_for: Callable[[torch.Tensor], list[Hook]] | None = None) -> tuple[torch.Tensor, list[float]]:
     """``value``; cache_prefix=False runs every token at every step (the reference the tests compare with)."""
     tok, model = lm.tokenizer, lm.model
     module = edited_module(model, layer)
@@ -338,8 +345,12 @@ def _value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str
     opt = torch.optim.Adam([delta], lr=params.lr)
     trace: list[float] = []  # NLL of δ before each update, and of the δ returned
     for step in range(params.steps + 1):
-        hook = _add_at(delta, *forward.delta_at) if direction is None else _add_update(delta, direction)
-        with run_with_hooks(model, [on_output(module, hook)]):
+        if hooks_for is not None:
+            hooks = hooks_for(delta)
+        else:
+            hooks = [on_output(module, _add_at(delta, *forward.delta_at) if direction is None
+                               else _add_update(delta, direction))]
+        with run_with_hooks(model, hooks):
             edited = logprobs()  # (m + 1, vocab)
         target_logprobs = edited[:m].gather(1, rewrite.token_ids.to(edited.device)[:, None])[:, 0]  # (m,)
         nll = -mean_per_pair(target_logprobs, rewrite).mean()
@@ -476,6 +487,15 @@ def insert_many(solve: Solver, keys: torch.Tensor, residuals: torch.Tensor, cons
     return u.to(out_device, out_dtype), v.to(out_device, out_dtype)
 
 
+def apply_update(model: torch.nn.Module, update) -> None:
+    """Write one edit's update into the model: W += u vᵀ (``RankOneUpdate``) or the gated insert's neurons
+    appended to the MLP (``gated.NeuronUpdate``)."""
+    if isinstance(update, RankOneUpdate):
+        add_rank_one(model, update.module, update.u, update.v)
+    else:
+        gated.add_neurons(model, update)
+
+
 def add_rank_one(model: torch.nn.Module, module_name: str, u: torch.Tensor, v: torch.Tensor) -> None:
     """W += u vᵀ in place, on the (d_out, d_in) view of the module's weight; u (d_out, r) and v (d_in, r)
     for a rank-r update U Vᵀ.
@@ -509,7 +529,7 @@ class Rome:
     name = "rome"
 
     def __init__(self, lm: LoadedModel, params: RomeParams, second_moment: Callable[[int], torch.Tensor],
-                 root: Path = Path("."), values: dict | None = None):
+                 root: Path = Path("."), values: dict | None = None, corpus=None):
         from .inserts import spec_of  # (inserts builds on this module)
 
         self.lm, self.params, self._second_moment, self.root = lm, params, second_moment, root
@@ -520,6 +540,8 @@ class Rome:
         self._keys: dict[tuple[int, str, bool], torch.Tensor] = {}  # (layer, subject, averaged) -> (d_in,)
         self.scratch: dict = {}  # one edit's intermediate results, shared by the insert's steps (cleared per edit)
         self.values = values
+        self.corpus = corpus  # generic text (the statistics' corpus), for the gated insert's gate
+        self._text: dict[int, torch.Tensor] = {}
 
     @property
     def prefixes(self) -> list[str]:
@@ -534,6 +556,18 @@ class Rome:
 
     def second_moment(self, layer: int) -> torch.Tensor:
         return self._second_moment(layer)
+
+    def text_inputs(self, layer: int) -> torch.Tensor:
+        """The MLP's input at the first ``gated.TEXT_TOKENS`` tokens of the corpus (default: the Wikipedia
+        excerpt): (N, d_model), float32, cached per layer (the gated insert's text negatives)."""
+        if layer not in self._text:
+            from .statistics import token_rows, wikipedia_corpus
+
+            config = self.lm.model.config
+            longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 257)
+            rows = list(token_rows(self.lm, self.corpus or wikipedia_corpus(), gated.TEXT_TOKENS, min(256, longest - 1)))
+            self._text[layer] = gated.text_inputs(self.lm, layer, rows)
+        return self._text[layer]
 
     def _device(self, layer: int) -> torch.device:
         """Where the layer's edited module computes (an offloaded one: its execution device)."""
@@ -609,6 +643,8 @@ class Rome:
 
         layer = self.params.layer if layer is None else layer
         self.scratch = {}
+        if self.spec.gated:
+            return gated.compute(self, request, layer)
         clock = time.perf_counter
         with flush_denormals():
             t0 = clock()
@@ -673,7 +709,7 @@ class Rome:
             at = self.params.layer if layer is None else layer
             keys = torch.stack(held[at]) if held.get(at) else None
             result = self.compute(request, layer, keys)
-            add_rank_one(self.lm.model, result.update.module, result.update.u, result.update.v)
+            apply_update(self.lm.model, result.update)
             held.setdefault(result.update.layer, []).append(result.k_star)
             results.append(result)
             if progress:
