@@ -297,7 +297,8 @@ def _value_batch(tok, request: EditRequest, prefixes: list[str], essence_prompt:
 
 def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str], k_star: torch.Tensor,
           params: RomeParams, direction: torch.Tensor | None = None,
-          hooks_for: Callable[[torch.Tensor], list[Hook]] | None = None) -> tuple[torch.Tensor, list[float]]:
+          hooks_for: Callable[[torch.Tensor], list[Hook]] | None = None,
+          cache_prefix: bool | None = None) -> tuple[torch.Tensor, list[float]]:
     """Eq. 4: v* = W k* + δ, with δ minimising
 
         L(δ) = mean_j NLL(o* | x_j + p)  +  kl_factor · KL(P_δ[· | p'] ‖ P[· | p'])  +  wd · (‖δ‖/‖W k*‖)²
@@ -316,10 +317,12 @@ def value(lm: LoadedModel, layer: int, request: EditRequest, prefixes: list[str]
 
     The rewrite prompts and p' run as one batch. Their tokens before the last subject token do not
     depend on δ: they run once, into a KV cache, and each step runs only the rest (``_cached_forward``;
-    not with ``direction`` or ``hooks_for``: the update then may change every token).
+    not with ``direction``, and with ``hooks_for`` only when the caller says so (``cache_prefix``): the
+    update may change every token).
     """
-    plain = direction is None and hooks_for is None
-    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=plain, direction=direction,
+    if cache_prefix is None:
+        cache_prefix = direction is None and hooks_for is None
+    return _value(lm, layer, request, prefixes, k_star, params, cache_prefix=cache_prefix, direction=direction,
                   hooks_for=hooks_for)
 
 
