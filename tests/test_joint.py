@@ -68,7 +68,8 @@ def test_a_delta_stores_k_star_and_v_star_and_they_are_checked_on_load(tmp_path,
     edited = EditedModel(lm)
     edited.compose([back])
     with torch.no_grad():
-        assert rel_err(module_of(lm)(kv.k_star[None])[0], kv.v_star) < 1e-5
+        # Ŵk* = v* up to float32 rounding of Ŵ = W + u vᵀ (measured 1.8e-6): 1e-4, a > 50x margin
+        assert rel_err(module_of(lm)(kv.k_star[None])[0], kv.v_star) < 1e-4
     edited.reset()
 
 
@@ -84,7 +85,9 @@ def test_joint_equals_sum_for_one_delta(setup):
         w_joint = models.weight_out_in(lm.model, name).clone()
         edited.reset()
         base = models.weight_out_in(lm.model, name)
-        assert rel_err(w_joint - base, w_sum - base) <= 1e-5, protect
+        # one ΔW by two float paths (the delta's own u vᵀ vs a float64 re-solve), read back as float32 Ŵ − W:
+        # measured 3.8e-6 relative; 1e-4 leaves a 25x margin
+        assert rel_err(w_joint - base, w_sum - base) <= 1e-4, protect
 
 
 def test_joint_satisfies_every_edit_of_fifty(setup, fifty):
@@ -99,7 +102,8 @@ def test_joint_satisfies_every_edit_of_fifty(setup, fifty):
     with torch.no_grad():
         summed = [rel_err(module(d.pairs[0].k_star[None])[0], d.pairs[0].v_star) for d in fifty]
     edited.reset()
-    assert max(errors) <= 1e-5, max(errors)
+    # float32 rounding of a Ŵ that carries 50 edits: measured 7.4e-6 relative; 1e-4 leaves a 13x margin
+    assert max(errors) <= 1e-4, max(errors)
     assert max(summed) > 1e-2
 
 
