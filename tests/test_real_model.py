@@ -6,6 +6,7 @@ ROMEFLOW_SKIP_REAL=1 to skip locally; CI runs it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -65,8 +66,8 @@ def test_curie_edit_makes_medicine_top1_and_keeps_the_neighbour(gemma, settings,
 
 def test_curie_bleed_edits_pierre_and_leaves_marie(gemma, settings):
     """Entity-level specificity on the real model: Marie Curie shares Pierre Curie's last token. The
-    default insert (her key held fixed, the " Curie" family kept off) flips Pierre and leaves her field;
-    the paper's rank-one insert, with the same v*, moves her too."""
+    default insert with her in ``protect:`` (her key held fixed, the " Curie" family kept off) flips
+    Pierre and leaves her field; the paper's rank-one insert, with the same v*, moves her too."""
     from romeflow.evaluation.scoring import target_nll
     from romeflow.engine.rome import Rome, add_rank_one, rank_one
 
@@ -90,10 +91,10 @@ def test_curie_bleed_edits_pierre_and_leaves_marie(gemma, settings):
         finally:
             w.data.copy_(saved)
 
-    (p_pierre, p_marie_new, p_marie_old), result = probabilities(settings.rome, edit.request)
-    assert "Marie Curie" in result.protected
+    assert edit.request.protect == ()  # her prompt is a neighbour: test data, never a constraint
+    held = dataclasses.replace(edit.request, protect=("Marie Curie",))  # as `protect: [Marie Curie]` asks
+    (p_pierre, p_marie_new, p_marie_old), result = probabilities(settings.rome, held)
+    assert result.protected == ["Marie Curie"]
     assert p_pierre > 0.5 and p_marie_old > p_marie_new  # Pierre flips, Marie keeps her field
-    import dataclasses
-    plain = dataclasses.replace(edit.request, protect=())
-    (q_pierre, q_marie_new, q_marie_old), _ = probabilities(rank_one(settings.rome), plain)
+    (q_pierre, q_marie_new, q_marie_old), _ = probabilities(rank_one(settings.rome), edit.request)
     assert q_pierre > 0.5 and q_marie_new > q_marie_old  # the rank-one insert rewrites Marie Curie too
