@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..engine.models import LoadedModel, Placement, cache_dir, resolve
+from ..engine.models import LoadedModel, Placement, cache_dir, resolve, sha256_file
 from ..engine.protect import check_sources, reference_names
 from ..engine.statistics import get_stats, load_stats, save_stats
 from ..evaluation.bystanders import TokenSharing
@@ -21,6 +21,7 @@ from ..pipeline.deltas import DeltaError, EditedModel, JointSolve, compute_delta
 from ..pipeline.manifests import ManifestError, check_conflicts, load_manifest
 from ..pipeline.names import BadName
 from ..pipeline.workflow import Layout, eval_manifest, eval_stack, gate_error
+from ..schemas import validate
 from . import (DELTAS_MODEL, _check_layers, _layer_uses, _layout, _load, _model_spec, _params_path, _settings, _stats_for,
                console, err, main)
 
@@ -334,7 +335,8 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpo
 @click.pass_context
 def export(ctx, out, deltas, model_spec, fmt):
     """Write base + deltas as a Hugging Face model folder (safetensors), or as a PEFT LoRA adapter
-    that `peft.PeftModel.from_pretrained(base, OUT)` loads (docs/serving.md)."""
+    that `peft.PeftModel.from_pretrained(base, OUT)` loads (docs/serving.md), with a model card
+    (README.md: the edits, and their scores from reports/NAME.json when it evaluated that delta file)."""
     from ..pipeline.export import write_merged, write_peft
 
     out = Path(out)
@@ -343,16 +345,39 @@ def export(ctx, out, deltas, model_spec, fmt):
     check_writable(out, "OUT", folder=True)
     settings = _settings(ctx)
     loaded = load_deltas(deltas)
+    reports = _eval_reports(ctx, loaded)
     spec = _model_spec(ctx, settings, model_spec, loaded)
     lm = _load(ctx, spec)
     with err.status(f"writing {out}"):
         if fmt == "peft":
             folder = resolve(spec, cache_dir(ctx.obj["cache"]))[0]  # what base_model_name_or_path names
-            config = write_peft(out, lm, loaded, str(folder))
+            config = write_peft(out, lm, loaded, str(folder), reports)
             what = f"a LoRA adapter of {len(config['target_modules'])} module(s), rank {config['r']}"
         else:
             EditedModel(lm).compose(loaded)
-            write_merged(out, lm, loaded)
+            write_merged(out, lm, loaded, reports)
             what = "a merged model"
-    console.print(f"exported {lm.name} + {len(loaded)} delta(s) as {what} -> {out}", highlight=False)
+    console.print(f"exported {lm.name} + {len(loaded)} delta(s) as {what} -> {out} (model card: README.md"
+                  + (f", scores from {len(reports)} eval report(s))" if reports else ")"), highlight=False)
+
+
+def _eval_reports(ctx, deltas: list) -> dict[int, dict]:
+    """{i: the project's reports/NAME.json} for each delta that such a report evaluated alone (its
+    ``deltas`` is exactly that file, by sha256): the model card's scores. NAME is the delta file's stem (a
+    path the user gave, never the delta's metadata); a missing, invalid or other report is skipped."""
+    found = {}
+    for i, d in enumerate(deltas):
+        try:
+            path = _layout(ctx).report(Path(d.path).stem)
+        except BadName:
+            continue
+        if not path.is_file():  # not a FIFO or a folder
+            continue
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not validate("report", report) and [e["sha256"] for e in report["deltas"]] == [sha256_file(d.path)]:
+            found[i] = report
+    return found
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
+from .card import model_card
 from .deltas import Delta, check_applicable, check_distinct
 from ..io import atomic_folder
 from ..engine.models import LoadedModel
@@ -28,6 +29,7 @@ from ..engine.models import LoadedModel
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PROVENANCE = "romeflow-export.json"
+CARD = "README.md"  # the model card (card.model_card)
 
 
 def provenance(lm: LoadedModel, deltas: list[Delta], fmt: str) -> dict:
@@ -39,12 +41,14 @@ def provenance(lm: LoadedModel, deltas: list[Delta], fmt: str) -> dict:
             "romeflow_version": __version__}
 
 
-def write_merged(out: Path, lm: LoadedModel, deltas: list[Delta]) -> None:
-    """``--format hf``: the model as it is now (base + deltas composed by the caller), tokenizer included."""
+def write_merged(out: Path, lm: LoadedModel, deltas: list[Delta], reports: dict | None = None) -> None:
+    """``--format hf``: the model as it is now (base + deltas composed by the caller), tokenizer included,
+    and its model card (``reports``: card.model_card's)."""
     with atomic_folder(out) as tmp:  # built under .romeflow-tmp-..., renamed
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
         (tmp / PROVENANCE).write_text(json.dumps(provenance(lm, deltas, "hf"), indent=1))
+        (tmp / CARD).write_text(model_card(lm.name, lm.fingerprint, deltas, "hf", reports), encoding="utf-8")
 
 
 def lora_factors(deltas: list[Delta]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -85,10 +89,10 @@ def peft_config(lm: LoadedModel, factors: dict[str, tuple[torch.Tensor, torch.Te
     }
 
 
-def write_peft(out: Path, lm: LoadedModel, deltas: list[Delta], base: str) -> dict:
+def write_peft(out: Path, lm: LoadedModel, deltas: list[Delta], base: str, reports: dict | None = None) -> dict:
     """``--format peft``: a LoRA adapter that ``peft.PeftModel.from_pretrained(base_model, out)`` loads;
-    the adapted model equals the merged export. ``base``: what base_model_name_or_path says. Returns
-    the config."""
+    the adapted model equals the merged export. ``base``: what base_model_name_or_path says; ``reports``:
+    card.model_card's. Returns the config."""
     check_distinct(deltas)
     for d in deltas:
         check_applicable(d, lm)
@@ -104,4 +108,5 @@ def write_peft(out: Path, lm: LoadedModel, deltas: list[Delta], base: str) -> di
         save_file(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
         (tmp / PROVENANCE).write_text(json.dumps(provenance(lm, deltas, "peft"), indent=1))
+        (tmp / CARD).write_text(model_card(lm.name, lm.fingerprint, deltas, "peft", reports), encoding="utf-8")
     return config
