@@ -241,7 +241,8 @@ def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delt
         a, s = alone[m.name]["metrics"], stacked[m.name]["metrics"]
         per[m.name] = {"manifest_sha256": m.sha256, "delta_sha256": _delta_entry(d)["sha256"],
                        "edits": len(m.edits), "pre": pre[m.name]["metrics"], "alone": a, "stack": s,
-                       "interference": _diff(a, s), "held": list(dict.fromkeys(x for h in others[m.name].held for x in h))}
+                       "interference": _diff(a, s),
+                       "held": list(dict.fromkeys(x for h in others[m.name].held for x in h))}  # over its edits
         if scales is not None:
             per[m.name]["shares"] = scales[first:first + len(d.updates)]
         first += len(d.updates)
