@@ -141,7 +141,8 @@ def _print_other_subjects(others: list[dict], k: int) -> None:
     for col in ("#", "subject", "held fixed", "kept top-1", "also moved"):
         table.add_column(col, justify="right" if col in ("#", "kept top-1") else "left")
     for o in others:
-        moved = ", ".join(f"{x['subject']} ({x['before'].strip()!r} → {x['after'].strip()!r})" for x in o["moved"])
+        token = lambda t: repr(t.strip() or t)  # noqa: E731 - a newline token stays visible
+        moved = ", ".join(f"{x['subject']} ({token(x['before'])} → {token(x['after'])})" for x in o["moved"])
         kept = f"{len(o['asked']) - len(o['moved'])} of {len(o['asked'])}" if o["asked"] else "–"
         table.add_row(str(o["index"]), o["subject"], ", ".join(o["held"]) or "–", kept, moved or "–")
     console.print(table)

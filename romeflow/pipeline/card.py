@@ -126,7 +126,8 @@ def _moved(deltas: list, reports: dict) -> list[str]:
         elif not moved:
             out.append(head + f"none of the {len(asked)} asked moved ({', '.join(map(_cell, asked))}).")
         else:
-            changes = ", ".join(f"{_cell(m.get('subject'))} ({_cell(str(m.get('before')).strip())} → "
-                                f"{_cell(str(m.get('after')).strip())})" for m in moved)
+            token = lambda t: _cell(repr(str(t).strip() or str(t)))  # noqa: E731 - a newline token stays visible
+            changes = ", ".join(f"{_cell(m.get('subject'))} ({token(m.get('before'))} → {token(m.get('after'))})"
+                                for m in moved)
             out.append(head + f"also moved {changes}; {len(asked) - len(moved)} of {len(asked)} kept their answer.")
     return out
