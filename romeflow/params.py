@@ -7,7 +7,7 @@
 The file is read by romeflow.safeyaml (bounded; no aliases or duplicate keys), checked against
 schemas/params.schema.json (types, ranges, unknown fields) and then semantically (finite numbers,
 ``rome.layer: auto``, FT vs FT+L, manifest names). Sections backed by a dataclass (stats, rome, trace,
-ft, ftl, kn, bench.generation) take their allowed fields from the dataclass: a new field needs only a
+eval, ft, ftl, kn, bench.generation) take their allowed fields from the dataclass: a new field needs only a
 range rule in the schema (without one, its type annotation is the rule). Whether a layer exists in the
 model is checked by ``check_layers`` from the model folder's config.json, before any weight is loaded.
 """
@@ -86,6 +86,13 @@ JOINT_FIELDS = ("ridge", "null_space", "protect") + CALIBRATION_FIELDS  # what a
 
 
 @dataclass(frozen=True)
+class EvalParams:
+    """``eval:``: what `romeflow eval` (and the stack) asks every edit besides its manifest's prompts."""
+
+    token_neighbors: int = 8  # reference subjects sharing the edited subject's last token (evaluation.bystanders)
+
+
+@dataclass(frozen=True)
 class Gate:
     """``gate:`` thresholds; None means "not checked"."""
 
@@ -128,6 +135,7 @@ class Params:
     trace: TraceParams = field(default_factory=TraceParams)
     manifests: tuple[str, ...] = ()
     stack: StackParams = field(default_factory=StackParams)
+    eval: EvalParams = field(default_factory=EvalParams)
     gate: Gate = field(default_factory=Gate)
     ft: FtParams = field(default_factory=FtParams)
     ftl: FtParams = field(default_factory=FtParams)  # FT+L needs ftl.linf (checked when used)
@@ -217,7 +225,8 @@ def _plain(obj) -> dict:
 # The schema, completed from the dataclasses
 # --------------------------------------------------------------------------------------------------
 
-_DATACLASS_SECTIONS = {("stats",): StatsParams, ("trace",): TraceParams, ("bench", "generation"): GenerationParams,
+_DATACLASS_SECTIONS = {("stats",): StatsParams, ("trace",): TraceParams, ("eval",): EvalParams,
+                       ("bench", "generation"): GenerationParams,
                        **{(m.section,): m.params for m in METHOD_TABLE.values()}}
 
 
@@ -369,6 +378,7 @@ def parse_params(raw, path: str = "params.yaml", resolve_auto: bool = True) -> P
         layer_auto=layer_auto,
         manifests=tuple(names),
         stack=_build(StackParams, section("stack")),
+        eval=_build(EvalParams, section("eval")),
         gate=Gate({k: float(v) for k, v in gate_eval.items()},
                   **{k: None if v is None else float(v) for k, v in gate_stack.items()}),
         ft=_build(FtParams, section("ft")),

@@ -97,3 +97,57 @@ def test_cli_peft_export_loads_and_matches_the_hf_export(tmp_path, model_dir):
     with torch.no_grad():
         # the same float32 rounding as test_peft_adapter_equals_the_merged_model (measured ≤ 7e-7)
         torch.testing.assert_close(adapted(input_ids=X).logits, merged(input_ids=X).logits, rtol=1e-5, atol=1e-5)
+
+
+def _front_matter(card: str) -> tuple[dict, str]:
+    """The YAML between the card's leading `---` lines, and the rest."""
+    import yaml
+
+    head, sep, body = card.removeprefix("---\n").partition("\n---\n")
+    assert card.startswith("---\n") and sep, card[:200]
+    return yaml.safe_load(head), body
+
+
+def test_every_export_carries_a_model_card_with_its_edits_and_scores(tmp_path, model_dir):
+    from test_workflow import cli, make_project
+
+    root = make_project(tmp_path / "p", model_dir, manifests=("a",), active=("a",))
+    assert cli(root, "apply", "edits/a.yaml").exit_code == 0
+    r = cli(root, "export", "plain", "--delta", "deltas/a.safetensors")  # no eval report yet
+    assert r.exit_code == 0, r.output
+    meta, body = _front_matter((root / "plain" / "README.md").read_text())
+    assert meta["library_name"] == "transformers" and {"model-editing", "rome", "romeflow"} <= set(meta["tags"])
+    assert "base_model" not in meta  # a local folder is no Hub id
+    assert "| a | 0 | Pierre Curie worked in the field of | medicine | physics |" in body
+    assert "`romeflow eval" in body and "Not measured for this export" in body
+
+    assert cli(root, "eval", "edits/a.yaml", "--out", "reports/a.json").exit_code == 0
+    report = json.loads((root / "reports" / "a.json").read_text())
+    for fmt, folder in (("hf", "merged"), ("peft", "adapter")):
+        r = cli(root, "export", "--format", fmt, folder, "--delta", "deltas/a.safetensors")
+        assert r.exit_code == 0, r.output
+        meta, body = _front_matter((root / folder / "README.md").read_text())
+        assert meta["library_name"] == ("peft" if fmt == "peft" else "transformers")
+        assert "Pierre Curie worked in the field of" in body
+        assert f"| a | {report['post']['ES']:.1f} |" in body  # the report's scores
+        other = report["other_subjects"][0]
+        assert f"a #0 (Pierre Curie): " in body and all(s in body for s in other["asked"])
+    (root / "reports" / "a.json").write_text(json.dumps({**report, "deltas": [{**report["deltas"][0], "sha256": "0" * 64}]}))
+    assert cli(root, "export", "other", "--delta", "deltas/a.safetensors").exit_code == 0
+    assert "Not measured for this export" in (root / "other" / "README.md").read_text()  # another delta's report
+
+
+def test_model_card_front_matter_of_the_embedded_models_and_escaped_cells(tiny_lm):
+    from romeflow.pipeline.card import front_matter, model_card
+
+    assert front_matter("gemma-3-270m", "hf") == {
+        "base_model": "google/gemma-3-270m", "license": "gemma", "library_name": "transformers",
+        "pipeline_tag": "text-generation", "tags": ["model-editing", "rome", "romeflow"]}
+    assert front_matter("HuggingFaceTB/SmolLM2-135M", "peft")["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    lm = tiny_lm("gpt2")
+    d = fake_delta(lm, "a", [random_update(lm, EDIT_LAYER, None, 1)])
+    d.meta["manifest"]["canonical"] = {"edits": [{"subject": "A|B", "relation": "{} is\nin", "target": "x"}]}
+    d.meta["edits"] = [{"before": {"p_target": 0.01}, "after": {"p_target": 0.9}}]
+    meta, body = _front_matter(model_card("gemma-3-270m", "f" * 64, [d], "peft"))
+    assert meta["tags"][-1] == "lora"
+    assert "| a | 0 | A\\|B is in | x | – | 0.010 → 0.900 |" in body

@@ -148,14 +148,14 @@ def test_protected_edit_on_every_architecture(tiny_lm, second_moment, model_type
         assert rel(a, b) < 1e-4
 
 
-def test_manifest_protect_list_and_neighbour_subjects(tmp_path):
+def test_only_the_protect_list_is_held_never_a_neighbour(tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text("edits:\n  - subject: Pierre Curie\n    relation: \"{}'s area of work is\"\n    target: medicine\n"
                     "    protect: [Jacques Curie]\n"
                     "    neighbors: [\"Marie Curie's area of work is\", {prompt: 'Einstein worked on', answer: physics}]\n")
     edit = load_manifest(path).edits[0]
-    # the protect list, then the subjects of neighbours asked with the edit's relation
-    assert edit.request.protect == ("Jacques Curie", "Marie Curie")
+    # only the protect list: a neighbour asked with the edit's own relation is test data, not a constraint
+    assert edit.request.protect == ("Jacques Curie",)
     path.write_text("edits:\n  - subject: Pierre Curie\n    relation: \"{} worked in\"\n    target: medicine\n"
                     "    protect: [Pierre Curie]\n")
     with pytest.raises(ManifestError, match=r"edits\[0\]\.protect: lists the edited subject"):

@@ -6,6 +6,7 @@ ROMEFLOW_SKIP_REAL=1 to skip locally; CI runs it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -41,7 +42,10 @@ def test_default_model_is_converted_once_and_fingerprinted(gemma):
     assert gemma.adds_bos
 
 
-def test_curie_edit_makes_medicine_top1_and_keeps_the_neighbour(gemma, settings, tmp_path):
+def test_curie_edit_makes_medicine_top1_and_does_not_give_the_neighbour_medicine(gemma, settings, tmp_path):
+    """The neighbour is test data, not a constraint (its key is not held): the edit may move its
+    continuation (measured: ' in' -> ' primarily'; the eval report's NS counts that), but must not
+    give Robert Millikan the new object."""
     manifest = load_manifest(REPO / "edits" / "curie.yaml")
     layer = settings.rome.layer
     stats = get_stats(gemma, [layer], settings.stats.corpus_source(), settings.stats.tokens, cache_dir(),
@@ -60,13 +64,13 @@ def test_curie_edit_makes_medicine_top1_and_keeps_the_neighbour(gemma, settings,
     finally:
         edited.reset()
     assert [top[0][0] for top in after[:-1]] == [" medicine"] * (len(prompts))
-    assert after[-1][0][0] == before[-1][0][0]
+    assert before[-1][0][0] != " medicine" and after[-1][0][0] != " medicine"
 
 
 def test_curie_bleed_edits_pierre_and_leaves_marie(gemma, settings):
     """Entity-level specificity on the real model: Marie Curie shares Pierre Curie's last token. The
-    default insert (her key held fixed, the " Curie" family kept off) flips Pierre and leaves her field;
-    the paper's rank-one insert, with the same v*, moves her too."""
+    default insert with her in ``protect:`` (her key held fixed, the " Curie" family kept off) flips
+    Pierre and leaves her field; the paper's rank-one insert, with the same v*, moves her too."""
     from romeflow.evaluation.scoring import target_nll
     from romeflow.engine.rome import Rome, add_rank_one
 
@@ -90,10 +94,11 @@ def test_curie_bleed_edits_pierre_and_leaves_marie(gemma, settings):
         finally:
             w.data.copy_(saved)
 
-    (p_pierre, p_marie_new, p_marie_old), result = probabilities(settings.rome, edit.request)
-    assert "Marie Curie" in result.protected
+    assert edit.request.protect == ()  # her prompt is a neighbour: test data, never a constraint
+    held = dataclasses.replace(edit.request, protect=("Marie Curie",))  # as `protect: [Marie Curie]` asks
+    (p_pierre, p_marie_new, p_marie_old), result = probabilities(settings.rome, held)
+    assert result.protected == ["Marie Curie"]
     assert p_pierre > 0.5 and p_marie_old > p_marie_new  # Pierre flips, Marie keeps her field
-    import dataclasses
-    plain = dataclasses.replace(edit.request, protect=())
-    (q_pierre, q_marie_new, q_marie_old), _ = probabilities(dataclasses.replace(settings.rome, insert="rank-one"), plain)
+    (q_pierre, q_marie_new, q_marie_old), _ = probabilities(dataclasses.replace(settings.rome, insert="rank-one"),
+                                                            edit.request)
     assert q_pierre > 0.5 and q_marie_new > q_marie_old  # the rank-one insert rewrites Marie Curie too

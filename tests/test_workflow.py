@@ -67,6 +67,10 @@ MANIFESTS = {
 """,
 }
 
+# reference names for `rome.protect_sources: [data/names.txt]`: eval asks those sharing an edited
+# subject's last token
+NAMES = "Marie Curie\nEve Curie\nJacques Curie\nIrene Curie\nAlbert Einstein\nThe Eiffel Tower\nIsaac Newton\n"
+
 PARAMS = """# tiny project for the workflow tests
 model: {model}               # a Hugging Face folder
 
@@ -83,6 +87,9 @@ rome:
   lr: 0.1
   weight_decay: 0.0
   kl_factor: 0.0
+
+eval:                        # token-sharing subjects from rome.protect_sources (default: the Wikipedia names)
+  token_neighbors: 3
 
 manifests:                   # the active edits
   - a
@@ -112,6 +119,7 @@ def make_project(root: Path, model_dir: Path, manifests=("a", "b", "c", "bad"), 
     for i in range(2):
         (root / "data" / f"corpus{i}.txt").write_text(corpus_text(seed=i, n_paragraphs=30))
     (root / "data" / "heldout.txt").write_text(corpus_text(seed=99, n_paragraphs=4))
+    (root / "data" / "names.txt").write_text(NAMES)
     params = PARAMS.format(model=model_dir, layer=EDIT_LAYER)
     params = params.replace("  - a\n  - b\n", "".join(f"  - {n}\n" for n in active))
     (root / "params.yaml").write_text(params)
@@ -262,7 +270,7 @@ def test_eval_report_is_small_schema_valid_and_equals_evaluate_manifest(built, l
     result = eval_manifest(EditedModel(lm), m, [d])
     report = result.report
     assert validate("report", report) == [] and validate("details", json.loads(json.dumps(result.details))) == []
-    assert set(report) == {"format", "manifest", "deltas", "pre", "post"}
+    assert set(report) == {"format", "manifest", "deltas", "pre", "post", "other_subjects"}
     assert report["manifest"] == {"name": "a", "sha256": m.sha256}
     assert report["deltas"][0]["sha256"] == hashlib.sha256(Path(d.path).read_bytes()).hexdigest()
     plain = evaluate_manifest(EditedModel(lm), m, [d])
@@ -287,6 +295,29 @@ def test_eval_gate_failure_writes_the_report_then_fails_with_one_line(project):
     assert validate("report", report) == [] and report["post"]["NS"] == 0.0 and details.exists()
     ok = cli(project, "eval", str(project / "edits" / "bad.yaml"), "--out", str(out))  # no --gate: no failure
     assert ok.exit_code == 0, ok.output
+
+
+def test_eval_shows_what_else_moved_and_gates_on_ns_tok(project):
+    """`romeflow eval` asks eval.token_neighbors reference subjects sharing the subject's last token
+    (here from data/names.txt), prints which moved, and gate.eval.NS_tok gates on them."""
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("  kl_factor: 0.0\n", "  kl_factor: 0.0\n  protect_sources: [data/names.txt]\n"))
+    out = project / "reports" / "a.json"
+    r = cli(project, "eval", str(project / "edits" / "a.yaml"), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    other = report["other_subjects"][0]
+    assert other["subject"] == "Pierre Curie" and other["held"] == [] and len(other["asked"]) == 3  # k = 3
+    assert set(other["asked"]) <= {"Marie Curie", "Eve Curie", "Jacques Curie", "Irene Curie"}
+    assert "other subjects" in r.stdout and f"{3 - len(other['moved'])} of 3" in r.stdout
+    line = f"edit 0 (Pierre Curie) also moved {', '.join(x['subject'] for x in other['moved'])}"
+    assert (line in r.stdout) == bool(other["moved"])
+    ns = report["post"]["NS_tok"]
+    params.write_text(params.read_text().replace("    NS: 50\n", f"    NS: 0\n    NS_tok: {ns + 1}\n"))
+    r = cli(project, "eval", str(project / "edits" / "a.yaml"), "--out", str(out), "--gate")
+    assert r.exit_code == 1
+    assert one_line(r) == (f"Error: {out}: manifest a: post NS_tok = {ns:.1f} is below the gate "
+                           f"(gate.eval.NS_tok = {ns + 1:g})")
 
 
 @pytest.fixture(scope="module")

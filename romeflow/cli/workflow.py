@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..engine.models import LoadedModel, Placement, cache_dir, resolve
-from ..engine.protect import check_sources
+from ..engine.models import LoadedModel, Placement, cache_dir, resolve, sha256_file
+from ..engine.protect import check_sources, reference_names
 from ..engine.statistics import get_stats, load_stats, save_stats
+from ..evaluation.bystanders import TokenSharing
 from ..evaluation.scoring import greedy_continuation, next_token_top
 from ..io import check_writable
 from ..params import ConfigError, Params, check_layers
@@ -20,6 +21,7 @@ from ..pipeline.deltas import check_onto, DeltaError, EditedModel, JointSolve, c
 from ..pipeline.manifests import ManifestError, check_conflicts, load_manifest
 from ..pipeline.names import BadName
 from ..pipeline.workflow import Layout, eval_manifest, eval_stack, gate_error
+from ..schemas import validate
 from . import (DELTAS_MODEL, _check_layers, _layer_uses, _layout, _load, _model_spec, _params_path, _settings, _stats_for,
                console, err, main)
 
@@ -92,7 +94,8 @@ def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
 @click.option("--model", "model_spec", default=None, help=DELTAS_MODEL)
 @click.pass_context
 def evaluate(ctx, manifest, deltas, out, details, use_gate, model_spec):
-    """Score a manifest's edits (rewrite, paraphrases, neighbours) before and after its delta."""
+    """Score a manifest's edits (rewrite, paraphrases, neighbours) before and after its delta, and ask
+    up to eval.token_neighbors reference subjects sharing each subject's last token what else moved."""
     if details and not out:
         raise click.UsageError("--details needs --out")
     settings = _settings(ctx)
@@ -106,8 +109,9 @@ def evaluate(ctx, manifest, deltas, out, details, use_gate, model_spec):
         raise ManifestError(f"{manifest}: {e}; pass --delta") from None
     loaded = load_deltas(paths)
     gate = settings.gate if use_gate else None
+    sharing = _sharing(ctx, settings)  # the reference names, read before the model loads
     lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
-    result = eval_manifest(EditedModel(lm), m, loaded, gate)
+    result = eval_manifest(EditedModel(lm), m, loaded, gate, sharing)
     if out:
         result.write(out, details)
     report = result.report
@@ -118,8 +122,39 @@ def evaluate(ctx, manifest, deltas, out, details, use_gate, model_spec):
     for k, v in report["post"].items():
         table.add_row(k, f"{report['pre'].get(k, float('nan')):.1f}", f"{v:.1f}")
     console.print(table)
+    _print_other_subjects(report["other_subjects"], settings.eval.token_neighbors)
     if result.failures:
         raise gate_error(out or m.path, result.failures)
+
+
+def _sharing(ctx, settings: Params) -> TokenSharing | None:
+    """The token-sharing subjects' source (params.yaml eval.token_neighbors, rome.protect_sources);
+    a missing or unreadable reference file is one line, before any model loads."""
+    if settings.eval.token_neighbors == 0:
+        return None
+    root = _params_path(ctx).parent
+    check_sources(settings.rome.protect_sources, root, str(_params_path(ctx)))
+    return TokenSharing(reference_names(settings.rome.protect_sources, root), settings.eval.token_neighbors)
+
+
+def _print_other_subjects(others: list[dict], k: int) -> None:
+    """Per edit: what it holds by construction, and which token-sharing subjects it moved."""
+    table = Table(title="other subjects: held by construction (not scored), and token-sharing ones asked")
+    for col in ("#", "subject", "held fixed", "kept top-1", "also moved"):
+        table.add_column(col, justify="right" if col in ("#", "kept top-1") else "left")
+    for o in others:
+        token = lambda t: repr(t.strip() or t)  # noqa: E731 - a newline token stays visible
+        moved = ", ".join(f"{x['subject']} ({token(x['before'])} → {token(x['after'])})" for x in o["moved"])
+        kept = f"{len(o['asked']) - len(o['moved'])} of {len(o['asked'])}" if o["asked"] else "–"
+        table.add_row(str(o["index"]), o["subject"], ", ".join(o["held"]) or "–", kept, moved or "–")
+    console.print(table)
+    for o in others:
+        if o["moved"]:
+            console.print(f"edit {o['index']} ({o['subject']}) also moved {', '.join(x['subject'] for x in o['moved'])}",
+                          highlight=False)
+        elif not o["asked"]:
+            console.print(f"edit {o['index']} ({o['subject']}): no reference subject shares its last token"
+                          + ("" if k else " (eval.token_neighbors: 0)"), highlight=False)
 
 
 @main.command()
@@ -155,10 +190,11 @@ def stack(ctx, out, markdown, plots_dir, use_gate):
     heldout = layout.root / settings.stack.heldout
     if not heldout.is_file():
         raise ConfigError(f"{settings.path}: stack.heldout: {heldout} not found")
+    sharing = _sharing(ctx, settings)
     lm = _load(ctx, settings.model)
     solve = _joint_solve(ctx, lm, settings, layout, deltas) if joint else None
     result = eval_stack(EditedModel(lm), manifests, deltas, heldout, settings.stack.window,
-                        settings.gate if use_gate else None, solve)
+                        settings.gate if use_gate else None, solve, sharing)
     result.write(out, markdown or layout.stack_markdown, plots_dir or layout.plots)
     r = result.report
     table = Table(title=f"stack of {len(manifests)} manifest(s): S alone -> stack")
@@ -304,7 +340,8 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpo
 @click.pass_context
 def export(ctx, out, deltas, model_spec, fmt):
     """Write base + deltas as a Hugging Face model folder (safetensors), or as a PEFT LoRA adapter
-    that `peft.PeftModel.from_pretrained(base, OUT)` loads (docs/serving.md)."""
+    that `peft.PeftModel.from_pretrained(base, OUT)` loads (docs/serving.md), with a model card
+    (README.md: the edits, and their scores from reports/NAME.json when it evaluated that delta file)."""
     from ..pipeline.export import write_merged, write_peft
 
     out = Path(out)
@@ -313,16 +350,39 @@ def export(ctx, out, deltas, model_spec, fmt):
     check_writable(out, "OUT", folder=True)
     settings = _settings(ctx)
     loaded = load_deltas(deltas)
+    reports = _eval_reports(ctx, loaded)
     spec = _model_spec(ctx, settings, model_spec, loaded)
     lm = _load(ctx, spec)
     with err.status(f"writing {out}"):
         if fmt == "peft":
             folder = resolve(spec, cache_dir(ctx.obj["cache"]))[0]  # what base_model_name_or_path names
-            config = write_peft(out, lm, loaded, str(folder))
+            config = write_peft(out, lm, loaded, str(folder), reports)
             what = f"a LoRA adapter of {len(config['target_modules'])} module(s), rank {config['r']}"
         else:
             EditedModel(lm).compose(loaded)
-            write_merged(out, lm, loaded)
+            write_merged(out, lm, loaded, reports)
             what = "a merged model"
-    console.print(f"exported {lm.name} + {len(loaded)} delta(s) as {what} -> {out}", highlight=False)
+    console.print(f"exported {lm.name} + {len(loaded)} delta(s) as {what} -> {out} (model card: README.md"
+                  + (f", scores from {len(reports)} eval report(s))" if reports else ")"), highlight=False)
+
+
+def _eval_reports(ctx, deltas: list) -> dict[int, dict]:
+    """{i: the project's reports/NAME.json} for each delta that such a report evaluated alone (its
+    ``deltas`` is exactly that file, by sha256): the model card's scores. NAME is the delta file's stem (a
+    path the user gave, never the delta's metadata); a missing, invalid or other report is skipped."""
+    found = {}
+    for i, d in enumerate(deltas):
+        try:
+            path = _layout(ctx).report(Path(d.path).stem)
+        except BadName:
+            continue
+        if not path.is_file():  # not a FIFO or a folder
+            continue
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not validate("report", report) and [e["sha256"] for e in report["deltas"]] == [sha256_file(d.path)]:
+            found[i] = report
+    return found
 

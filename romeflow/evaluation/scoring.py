@@ -12,6 +12,7 @@ import torch
 
 from ..engine.models import LoadedModel, cache_kwargs, final_hidden, logits_at, new_cache
 from ..engine.prompts import continuation, encode, fill, flush_denormals, mean_per_pair, teacher_forced
+from .bystanders import Bystanders, TokenSharing, mentions_held
 from .datasets import CounterfactRecord, load_counterfact  # noqa: F401  (re-exported)
 from ..pipeline.manifests import subject_of
 from .metrics import harmonic_mean, magnitude, success, wilson_ci
@@ -131,16 +132,22 @@ def _top1(lm: LoadedModel, prompts: list[str]) -> list[int]:
 
 
 def score_manifest(lm: LoadedModel, manifest, old_objects: list[str] | None = None,
-                   base_top1: list[list[int]] | None = None) -> dict:
+                   base_top1: list[list[int]] | None = None, others: Bystanders | None = None) -> dict:
     """Scores of every edit of a manifest on the model as it is now.
 
     Each edit compares its target o* with its old object o_c: ``target_true`` when the manifest
     gives it, else ``old_objects[i]`` (the unedited model's own top-1 answer). A neighbour with an
     answer succeeds when P[answer] > P[o*]; one without succeeds when its top-1 token is still the
-    unedited model's (``base_top1``; on the unedited model itself, trivially).
+    unedited model's (``base_top1``; on the unedited model itself, trivially). ``others``: per edit,
+    the subjects held by construction (neighbours that mention one are marked ``held`` and not scored;
+    default: the ``protect:`` lists) and the mined token-sharing subjects, asked the edit's relation
+    and scored by top-1 kept (``token_sharing``; default: none). ``base_top1[i]`` holds the unedited
+    model's top-1 of edit i's neighbours, then of its mined subjects.
     """
+    others = others or Bystanders.of(manifest)
     edits = []
     for i, e in enumerate(manifest.edits):
+        held, mined = others.held[i], others.mined[i]
         old = e.target_true or (old_objects[i] if old_objects else None)
         rewrite = [e.prompt]
         paraphrases = list(e.paraphrases)
@@ -155,7 +162,9 @@ def score_manifest(lm: LoadedModel, manifest, old_objects: list[str] | None = No
         p_new, p_old = p[:n_pr], (p[n_pr:2 * n_pr] if old else [None] * n_pr)
         q = p[(2 if old else 1) * n_pr:]
         p_nb_target, p_nb_answer = q[: len(answered)], q[len(answered):]
-        top = _top1(lm, prompts + [n.prompt for n in e.neighbors])
+        mined_prompts = [fill(e.relation, s) for s in mined]
+        # one batched forward: rewrite, paraphrases, neighbours, mined subjects -> their top-1 tokens
+        top = _top1(lm, prompts + [n.prompt for n in e.neighbors] + mined_prompts)
         first = _first_token(lm, e.target)
         subject_last = lm.tokenizer(e.subject).input_ids[-1]
 
@@ -180,8 +189,15 @@ def score_manifest(lm: LoadedModel, manifest, old_objects: list[str] | None = No
             else:
                 neighbors.append({"prompt": n.prompt, "answer": None, "success": kept, "top1_kept": kept})
             neighbors[-1]["shares_last_token"] = shares_last_token(n.prompt)
+            neighbors[-1]["held"] = mentions_held(n.prompt, held)
+        n_nb = len(e.neighbors)
+        sharing = []
+        for k, (subject, prompt) in enumerate(zip(mined, mined_prompts)):
+            t, base = top[n_pr + n_nb + k], None if base_top1 is None else base_top1[i][n_nb + k]
+            sharing.append({"subject": subject, "prompt": prompt, "top1": t, "base_top1": t if base is None else base,
+                            "top1_kept": base is None or t == base})
         edits.append({"index": i, "old_object": old, "rewrite": rows[0], "paraphrases": rows[1:],
-                      "neighbors": neighbors, "top1": top})
+                      "neighbors": neighbors, "held": list(held), "token_sharing": sharing, "top1": top})
     return {"edits": edits, "metrics": manifest_metrics(edits)}
 
 
@@ -189,73 +205,91 @@ def manifest_metrics(edits: list[dict]) -> dict[str, float]:
     """ES/PS/NS (% successes), EM/PM/NM (mean probability margins, %), S, and top-1 rates.
 
     Rates are averaged over each edit's prompts first, then over edits (as COUNTERFACT does per record).
+    Neighbours marked ``held`` (they mention a subject the edit held fixed) count nowhere. NS_tok is over
+    the token-sharing subjects: the neighbours whose subject shares the edited subject's last token (the
+    bleed ROME is prone to) and the mined ``token_sharing`` subjects (success: top-1 kept).
     """
     def mean(xs):
         xs = [x for x in xs if x is not None]
         return 100.0 * sum(xs) / len(xs) if xs else None
 
-    def per_edit(key, value):
-        inner = [mean([value(r) for r in e[key]]) for e in edits]
+    scored = [{**e, "neighbors": [r for r in e["neighbors"] if not r.get("held")]} for e in edits]
+
+    def per_edit(key, value, among=scored):
+        inner = [mean([value(r) for r in e[key]]) for e in among]
         return mean([x / 100.0 for x in inner if x is not None])
 
     margin = lambda r: (r["p_target"] - r["p_old"]) if r.get("p_old") is not None else None  # noqa: E731
+    answer_margin = lambda r: (r["p_answer"] - r["p_target"]) if r["answer"] else None  # noqa: E731
     out = {
         "ES": mean([e["rewrite"]["success"] for e in edits]),
         "EM": mean([margin(e["rewrite"]) for e in edits]),
         "PS": per_edit("paraphrases", lambda r: r["success"]),
         "PM": per_edit("paraphrases", margin),
         "NS": per_edit("neighbors", lambda r: r["success"]),
-        "NM": per_edit("neighbors", lambda r: (r["p_answer"] - r["p_target"]) if r["answer"] else None),
+        "NM": per_edit("neighbors", answer_margin),
         "rewrite_top1": mean([e["rewrite"]["top1_is_target"] for e in edits]),
         "paraphrase_top1": per_edit("paraphrases", lambda r: r["top1_is_target"]),
         "neighbor_top1_kept": per_edit("neighbors", lambda r: r["top1_kept"]),
     }
     present = [out[k] for k in ("ES", "PS", "NS") if out[k] is not None]
     out["S"] = harmonic_mean(present) if present else None
-    # NS_tok: the neighbours whose subject shares the edited subject's last token (the bleed ROME is prone to)
-    tok_edits = [{**e, "neighbors": [r for r in e["neighbors"] if r.get("shares_last_token")]} for e in edits]
-    tok_rows = [r for e in tok_edits for r in e["neighbors"]]
+    tok = [{"neighbors": [r for r in e["neighbors"] if r.get("shares_last_token")]
+            + [{"answer": None, "success": r["top1_kept"]} for r in e.get("token_sharing", [])]} for e in scored]
+    tok_rows = [r for e in tok for r in e["neighbors"]]
     if tok_rows:
-        def per_tok_edit(value):
-            inner = [mean([value(r) for r in e["neighbors"]]) for e in tok_edits]
-            return mean([x / 100.0 for x in inner if x is not None])
-
-        out["NS_tok"] = per_tok_edit(lambda r: r["success"])
-        out["NM_tok"] = per_tok_edit(lambda r: (r["p_answer"] - r["p_target"]) if r["answer"] else None)
+        out["NS_tok"] = per_edit("neighbors", lambda r: r["success"], tok)
+        out["NM_tok"] = per_edit("neighbors", answer_margin, tok)
         out["NS_tok_low"], out["NS_tok_high"] = wilson_ci(sum(r["success"] for r in tok_rows), len(tok_rows))
         out["S+"] = harmonic_mean(present + [out["NS_tok"]])
     return {k: v for k, v in out.items() if v is not None}
 
 
-def base_references(lm: LoadedModel, manifest) -> tuple[list[str], list[list[int]]]:
+def base_references(lm: LoadedModel, manifest, others: Bystanders | None = None) -> tuple[list[str], list[list[int]]]:
     """What every later score of a manifest compares with, read from the model as it is now (the base).
 
     Returns each edit's old object (``target_true``, else the model's own top-1 answer) and the
-    top-1 token of each of its neighbours: score_manifest's ``old_objects`` and ``base_top1``.
+    top-1 token of each of its neighbours, then of its mined subjects (``others``): score_manifest's
+    ``old_objects`` and ``base_top1``.
     """
-    pre = score_manifest(lm, manifest)
+    pre = score_manifest(lm, manifest, others=others)
     old = [e["old_object"] or lm.tokenizer.decode(e["top1"][0]).strip() for e in pre["edits"]]
     n_prompts = [1 + len(e.paraphrases) for e in manifest.edits]
     base_top1 = [e["top1"][n:] for e, n in zip(pre["edits"], n_prompts)]
     return old, base_top1
 
 
-def evaluate_manifest(edited, manifest, deltas: list) -> dict:
+def evaluate_manifest(edited, manifest, deltas: list, sharing: TokenSharing | None = None) -> dict:
     """A manifest's edits scored on the base model (pre) and on base + ``deltas`` (post).
 
+    ``sharing``: the reference names that token-sharing subjects are mined from (none: only the
+    manifest's own neighbours count in NS_tok). ``other_subjects`` (in the result): per edit, the
+    subjects held by construction and the mined subjects asked, with those whose top-1 the deltas moved.
     ``edited`` is a deltas.EditedModel; it is left at the base model.
     """
     lm = edited.lm
     edited.compose([])
-    old, base_top1 = base_references(lm, manifest)
-    pre = score_manifest(lm, manifest, old, base_top1)  # the same comparisons as post
+    others = Bystanders.of(manifest, deltas, sharing, lm.tokenizer)
+    old, base_top1 = base_references(lm, manifest, others)
+    pre = score_manifest(lm, manifest, old, base_top1, others)  # the same comparisons as post
     edited.compose(deltas)
     try:
-        post = score_manifest(lm, manifest, old, base_top1)
+        post = score_manifest(lm, manifest, old, base_top1, others)
     finally:
         edited.compose([])
     return {"pre": pre["metrics"], "post": post["metrics"],
-            "edits": [{"pre": a, "post": b} for a, b in zip(pre["edits"], post["edits"])]}
+            "edits": [{"pre": a, "post": b} for a, b in zip(pre["edits"], post["edits"])],
+            "other_subjects": [what_else_moved(lm, e, scored) for e, scored in zip(manifest.edits, post["edits"])]}
+
+
+def what_else_moved(lm: LoadedModel, edit, scored: dict) -> dict:
+    """The report's summary of one edit's other subjects: held by construction, mined and asked, moved
+    (a mined subject whose top-1 token is no longer the unedited model's: before -> after, decoded)."""
+    decode = lambda t: lm.tokenizer.decode(t)  # noqa: E731
+    return {"index": scored["index"], "subject": edit.subject, "held": scored["held"],
+            "asked": [r["subject"] for r in scored["token_sharing"]],
+            "moved": [{"subject": r["subject"], "before": decode(r["base_top1"]), "after": decode(r["top1"])}
+                      for r in scored["token_sharing"] if not r["top1_kept"]]}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
+from .card import model_card
 from .deltas import Delta, check_applicable, check_distinct, is_gated
 from ..engine.gated import add_neurons, cut_neurons, hidden_width, zero_units
 from ..engine.models import arch_of, num_layers
@@ -30,6 +31,7 @@ from ..engine.models import LoadedModel
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PROVENANCE = "romeflow-export.json"
+CARD = "README.md"  # the model card (card.model_card)
 
 
 def provenance(lm: LoadedModel, deltas: list[Delta], fmt: str) -> dict:
@@ -41,8 +43,9 @@ def provenance(lm: LoadedModel, deltas: list[Delta], fmt: str) -> dict:
             "romeflow_version": __version__}
 
 
-def write_merged(out: Path, lm: LoadedModel, deltas: list[Delta]) -> None:
-    """``--format hf``: the model as it is now (base + deltas composed by the caller), tokenizer included.
+def write_merged(out: Path, lm: LoadedModel, deltas: list[Delta], reports: dict | None = None) -> None:
+    """``--format hf``: the model as it is now (base + deltas composed by the caller), tokenizer included,
+    and its model card (``reports``: card.model_card's).
 
     Gated edits widen their layer's MLP; a standard config has one MLP width for every layer, so the
     other layers get zero units up to the widest (φ(0)·0 = 0 and a zero column: they add exactly nothing)
@@ -60,6 +63,7 @@ def write_merged(out: Path, lm: LoadedModel, deltas: list[Delta]) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
             lm.tokenizer.save_pretrained(tmp)
             (tmp / PROVENANCE).write_text(json.dumps(provenance(lm, deltas, "hf"), indent=1))
+            (tmp / CARD).write_text(model_card(lm.name, lm.fingerprint, deltas, "hf", reports), encoding="utf-8")
     finally:
         setattr(model.config, field, saved_width)
         for layer, width in enumerate(widths):
@@ -104,10 +108,10 @@ def peft_config(lm: LoadedModel, factors: dict[str, tuple[torch.Tensor, torch.Te
     }
 
 
-def write_peft(out: Path, lm: LoadedModel, deltas: list[Delta], base: str) -> dict:
+def write_peft(out: Path, lm: LoadedModel, deltas: list[Delta], base: str, reports: dict | None = None) -> dict:
     """``--format peft``: a LoRA adapter that ``peft.PeftModel.from_pretrained(base_model, out)`` loads;
-    the adapted model equals the merged export. ``base``: what base_model_name_or_path says. Returns
-    the config."""
+    the adapted model equals the merged export. ``base``: what base_model_name_or_path says; ``reports``:
+    card.model_card's. Returns the config."""
     check_distinct(deltas)
     for d in deltas:
         check_applicable(d, lm)
@@ -126,4 +130,5 @@ def write_peft(out: Path, lm: LoadedModel, deltas: list[Delta], base: str) -> di
         save_file(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
         (tmp / PROVENANCE).write_text(json.dumps(provenance(lm, deltas, "peft"), indent=1))
+        (tmp / CARD).write_text(model_card(lm.name, lm.fingerprint, deltas, "peft", reports), encoding="utf-8")
     return config

@@ -34,21 +34,13 @@ class ManifestEdit:
     paraphrases: tuple[str, ...] = ()
     neighbors: tuple[Neighbor, ...] = ()
     layer: int | str | None = None  # an index, "auto" (the traced layer) or None (the default)
-    protect: tuple[str, ...] = ()  # other subjects whose keys must not change
+    protect: tuple[str, ...] = ()  # other subjects whose keys the insert holds fixed (the only ones)
 
     @property
     def request(self) -> EditRequest:
-        return EditRequest(self.subject, self.relation, self.target, self.target_true, self.protected_subjects)
-
-    @property
-    def protected_subjects(self) -> tuple[str, ...]:
-        """The ``protect:`` list, then the subjects of neighbours asked with the edit's own relation."""
-        found = list(self.protect)
-        for n in self.neighbors:
-            subject = subject_of(self.relation, n.prompt)
-            if subject and subject != self.subject:
-                found.append(subject)
-        return tuple(dict.fromkeys(found))
+        """What the editor gets: only the ``protect:`` list holds keys. Neighbours are test data, never
+        constraints: a neighbour held fixed would score NS by construction."""
+        return EditRequest(self.subject, self.relation, self.target, self.target_true, self.protect)
 
     @property
     def prompt(self) -> str:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .deltas import Delta, DeltaError, EditedModel, JointSolve, compute_delta, load_delta, save_delta
+from ..evaluation.bystanders import Bystanders, TokenSharing
 from ..evaluation.scoring import base_references, evaluate_manifest, score_manifest, text_predictions
 from ..io import write_json_atomic, write_text_atomic
 from .manifests import Manifest, ManifestError, load_manifest
@@ -121,13 +122,17 @@ class EvalResult:
             write_artifact(details_path, "details", self.details)
 
 
-def eval_manifest(edited: EditedModel, manifest: Manifest, deltas: list[Delta], gate: Gate | None = None) -> EvalResult:
-    """A manifest's edits before (base) and after (base + ``deltas``), checked against ``gate.eval``."""
+def eval_manifest(edited: EditedModel, manifest: Manifest, deltas: list[Delta], gate: Gate | None = None,
+                  sharing: TokenSharing | None = None) -> EvalResult:
+    """A manifest's edits before (base) and after (base + ``deltas``), checked against ``gate.eval``.
+
+    ``sharing``: where the token-sharing subjects that every edit is also asked about come from
+    (params.yaml eval.token_neighbors and rome.protect_sources; None: none are mined)."""
     _check_not_stale(manifest, deltas)
-    r = evaluate_manifest(edited, manifest, deltas)
+    r = evaluate_manifest(edited, manifest, deltas, sharing)
     head = {"name": manifest.name, "sha256": manifest.sha256}
     report = {"format": REPORT_FORMAT, "manifest": head, "deltas": [_delta_entry(d) for d in deltas],
-              "pre": r["pre"], "post": r["post"]}
+              "pre": r["pre"], "post": r["post"], "other_subjects": r["other_subjects"]}
     details = {"format": DETAILS_FORMAT, "manifest": head, "edits": r["edits"]}
     return EvalResult(report, details, eval_gate(report, gate or Gate()))
 
@@ -184,15 +189,18 @@ def _diff(a: dict, b: dict) -> dict:
 
 
 def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delta], heldout: Path,
-               window: int = 256, gate: Gate | None = None, joint: JointSolve | None = None) -> StackResult:
+               window: int = 256, gate: Gate | None = None, joint: JointSolve | None = None,
+               sharing: TokenSharing | None = None) -> StackResult:
     """Base + all ``deltas`` (one per manifest, in order): each manifest's scores alone and in the stack,
     and the damage to the base model (held-out perplexity, neighbour top-1 agreement).
 
     The stack is the sum of the deltas, or with ``joint`` the update re-solved from all their (k*, v*)
     pairs (stack.method: joint); "alone" is always the manifest's own delta.
 
-    "Alone" is computed here exactly as eval@NAME computes "post" (same function, same inputs), so it
-    equals reports/NAME.json's post without the stack stage depending on those files.
+    "Alone" is computed here exactly as eval@NAME computes "post" (same function, same inputs: with the
+    same ``sharing``), so it equals reports/NAME.json's post without the stack stage depending on those
+    files. Neighbours that mention a subject a manifest's delta held fixed are not scored (nor counted
+    in the damage's neighbour top-1); the report lists those subjects per manifest (``held``).
     ``edited`` is left at the base model.
     """
     if len(manifests) != len(deltas) or any(m.name != d.name for m, d in zip(manifests, deltas)):
@@ -206,8 +214,9 @@ def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delt
     text = heldout.read_text(encoding="utf-8")
 
     edited.compose([])
-    refs = {m.name: base_references(lm, m) for m in manifests}
-    score = lambda m: score_manifest(lm, m, *refs[m.name])  # noqa: E731
+    others = {m.name: Bystanders.of(m, [d], sharing, lm.tokenizer) for m, d in zip(manifests, deltas)}
+    refs = {m.name: base_references(lm, m, others[m.name]) for m in manifests}
+    score = lambda m: score_manifest(lm, m, *refs[m.name], others[m.name])  # noqa: E731
     pre = {m.name: score(m) for m in manifests}
     nll_base, top1_base = text_predictions(lm, text, window)
     alone = {}
@@ -223,13 +232,14 @@ def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delt
     finally:
         edited.compose([])
 
-    kept = [n["top1_kept"] for m in manifests for e in stacked[m.name]["edits"] for n in e["neighbors"]]
+    neighbors = [n for m in manifests for e in stacked[m.name]["edits"] for n in e["neighbors"]]
+    kept = [n["top1_kept"] for n in neighbors if not n["held"]]
     ppl_base, ppl_stack = math.exp(nll_base.mean().item()), math.exp(nll_stack.mean().item())
     damage = {"heldout": {"path": str(heldout), "sha256": sha256_file(heldout), "tokens": int(nll_base.numel()),
                           "window": window, "perplexity_base": ppl_base, "perplexity_stack": ppl_stack,
                           "perplexity_increase_pct": 100.0 * (ppl_stack / ppl_base - 1.0),
                           "top1_agreement_pct": 100.0 * (top1_base == top1_stack).float().mean().item()},
-              "neighbors": {"prompts": len(kept)}}
+              "neighbors": {"prompts": len(kept), "held": len(neighbors) - len(kept)}}
     if kept:
         damage["neighbors"]["top1_kept_pct"] = 100.0 * sum(kept) / len(kept)
     per, first = {}, 0
@@ -237,7 +247,8 @@ def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delt
         a, s = alone[m.name]["metrics"], stacked[m.name]["metrics"]
         per[m.name] = {"manifest_sha256": m.sha256, "delta_sha256": _delta_entry(d)["sha256"],
                        "edits": len(m.edits), "pre": pre[m.name]["metrics"], "alone": a, "stack": s,
-                       "interference": _diff(a, s)}
+                       "interference": _diff(a, s),
+                       "held": list(dict.fromkeys(x for h in others[m.name].held for x in h))}  # over its edits
         if scales is not None:
             per[m.name]["shares"] = scales[first:first + len(d.updates)]
         first += len(d.updates)
@@ -303,12 +314,18 @@ def stack_markdown(report: dict) -> str:
         cells = [name, str(r["edits"])] + [fmt(r[w].get(k)) for k in SHOWN for w in ("alone", "stack")]
         d = r["interference"].get("S")
         lines.append("| " + " | ".join(cells + ["–" if d is None else f"{d:+.1f}"]) + " |")
+    held = [f"{name}: {', '.join(report['manifests'][name]['held'])}" for name in names
+            if report["manifests"][name].get("held")]
+    if held:
+        lines += ["", "Held by construction (their keys fixed by the edit; neighbours naming them are not scored): "
+                  + "; ".join(held) + "."]
     h, n = report["damage"]["heldout"], report["damage"]["neighbors"]
+    not_counted = f"; {n['held']} held by construction, not counted" if n.get("held") else ""
     lines += ["", "## Damage vs the base model", "", "| measure | base | stack | change |", "|---|---:|---:|---:|",
               f"| perplexity of `{h['path']}` ({h['tokens']} tokens) | {h['perplexity_base']:.3f} | "
               f"{h['perplexity_stack']:.3f} | {h['perplexity_increase_pct']:+.2f}% |",
               f"| held-out top-1 agreement | 100% | {h['top1_agreement_pct']:.1f}% | |",
-              f"| neighbour top-1 kept ({n['prompts']} prompts) | 100% | "
+              f"| neighbour top-1 kept ({n['prompts']} prompts{not_counted}) | 100% | "
               f"{fmt(n.get('top1_kept_pct'))}{'%' if 'top1_kept_pct' in n else ''} | |", ""]
     g = report["gate"]
     lines.append("**Gate: passed.**" if g["passed"] else "**Gate: failed.**")
