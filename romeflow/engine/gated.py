@@ -10,15 +10,15 @@ MLP itself, so that an exported model is a standard one with a slightly wider ML
     gate      g(x) = [φ(β(s − τ₀c)) − φ(β(s − τ₁c))] · c / (β(τ₁ − τ₀))     c(x) = eᵀx / eᵀx* ≈ 1
     output    out(x) = W_out k(x) + g(x) δ                  δ: the edit's change, optimised with g in place
 
-a is a logistic direction without intercept: the prefixes and the rewrite prompt against the subject's
-family (reference names and made-up siblings sharing its last token, never the benchmark's neighbours) and
-generic text. φ is the MLP's own activation; β is chosen so that φ(z) is exactly 0 in float for every
-z ≤ −β·SOFT: where s ≤ min(τ₀c, τ₁c) − SOFT both neurons give exactly 0, and the edit adds exactly nothing
-(with c > 0, as on all text of the default model, that is s ≤ τ₀c − SOFT).
-The gate rises from 0 at τ₀ to 1 at τ₁ and stays at 1 above; at x* it is 1, so the edit adds exactly δ
-there (to float rounding), as Eq. 2's Ŵ k* = v* does. A gated MLP (Llama, Gemma, ...) has no bias:
-the gate's offsets ride on c(x), a direction of nearly constant projection over text (e = the Fisher
-direction of its mean, relative spread ~5%), which is also the second factor act(gate·x)·(up·x). An MLP
+a is a logistic direction without intercept: the prefixes and the rewrite prompt (at the last subject token)
+against the other tokens of those prompts, the subject's family (reference names and made-up siblings
+sharing its last token, never the benchmark's neighbours) and generic text. φ is the MLP's own activation;
+β is chosen so that φ(z) is exactly 0 in float for every z ≤ −β·SOFT: where s ≤ min(τ₀c, τ₁c) − SOFT
+both neurons give exactly 0, and the edit adds exactly nothing (with c > 0, as on the default model's
+text, that is s ≤ τ₀c − SOFT). The gate rises from 0 at τ₀ to 1 at τ₁ and stays at c above; at x* it is
+1, so the edit adds exactly δ there (to float rounding), as Eq. 2's Ŵ k* = v* does. A gated MLP (Llama,
+Gemma, ...) has no bias: the gate's offsets ride on c(x), a direction of nearly constant projection over
+text (e = the Fisher direction of its mean), which is also the second factor act(gate·x)·(up·x). An MLP
 with biases (GPT-2, GPT-J, NeoX) takes the offsets as biases and has c = 1.
 
 Shapes: x (…, d_model); a, e (d_model,); δ (d_model,) on the MLP's output (after W_out, before any post-norm).
@@ -247,19 +247,21 @@ def text_inputs(lm: LoadedModel, layer: int, rows: list[list[int]]) -> torch.Ten
     return torch.cat(out)
 
 
-def logistic_direction(pos: torch.Tensor, family: torch.Tensor, text: torch.Tensor, l2: float,
+def logistic_direction(pos: torch.Tensor, negatives: list[torch.Tensor], text: torch.Tensor, l2: float,
                        steps: int = 200) -> torch.Tensor:
     """a (d,) of an L2-regularised logistic regression without intercept, P(positive | x) = σ(aᵀx): the
-    positives (p, d) against the family (f, d) and text (t, d), each of the three weighing one third, on
-    coordinates divided by their spread over the text (returned for raw x). float64, L-BFGS: deterministic."""
+    positives (p, d) against each group of ``negatives`` (n_i, d) and text (t, d), every group weighing the
+    same, on coordinates divided by their spread over the text (returned for raw x). float64, L-BFGS:
+    deterministic."""
     scale = text.double().std(0).clamp_min(1e-6)  # (d,)
-    groups = [(pos.double() / scale, 1.0), (family.double() / scale, -1.0), (text.double() / scale, -1.0)]
+    groups = [(pos.double() / scale, 1.0), (text.double() / scale, -1.0)]
+    groups += [(n.double() / scale, -1.0) for n in negatives if len(n)]
     w = torch.zeros(pos.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = sum(nn.functional.softplus(-y * (z @ w)).mean() for z, y in groups) / 3 + l2 * (w @ w)
+        loss = sum(nn.functional.softplus(-y * (z @ w)).mean() for z, y in groups) / len(groups) + l2 * (w @ w)
         loss.backward()
         return loss
 
@@ -294,14 +296,33 @@ def family_inputs(rome, request, layer: int) -> torch.Tensor:
     return torch.cat([mlp_inputs(rome.lm, layer, texts[i:i + 64], where[i:i + 64]) for i in range(0, len(texts), 64)])
 
 
+@torch.no_grad()
+def prompt_inputs(lm: LoadedModel, layer: int, texts: list[str], where: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x at each text's position ``where`` (B, d_model), and at every other token but <bos> and the first
+    (the rest of the prompts: the subject's other tokens, the context, the relation) (N, d_model)."""
+    batch = encode(lm.tokenizer, texts)
+    found = {}
+    hook = on_input(blocks(lm.model)[layer].get_submodule(arch_of(lm.model).mlp),
+                    lambda _m, args: found.__setitem__("x", args[0].detach()))
+    with run_with_hooks(lm.model, [hook, stop_after(blocks(lm.model)[layer])]):
+        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    x = found["x"].float()  # (B, T, d_model)
+    at = torch.tensor(where)
+    rest = batch.attention_mask.bool().clone()
+    rest[:, 0] = False
+    rest[torch.arange(len(texts)), at] = False
+    return x[torch.arange(len(texts)), at], x[rest.to(x.device)]
+
+
 def fit_gate(rome, request, layer: int, low: float, high: float, l2: float) -> Gate:
-    """The edit's gate: a from its prefixes and rewrite prompt against its family and text, e from text."""
+    """The edit's gate: a from its prefixes and rewrite prompt (at the last subject token) against the rest
+    of those prompts' tokens, its family and text; e from text."""
     tok = rome.lm.tokenizer
     templates = [p + "{}" for p in rome.prefixes] + [request.relation]
-    pos = mlp_inputs(rome.lm, layer, [fill(t, request.subject) for t in templates],
-                     [subject_last_index(tok, t, request.subject) for t in templates])  # (p, d_model)
+    pos, rest = prompt_inputs(rome.lm, layer, [fill(t, request.subject) for t in templates],
+                              [subject_last_index(tok, t, request.subject) for t in templates])  # (p, d), (r, d)
     text = rome.text_inputs(layer)  # (t, d_model)
-    a = logistic_direction(pos, family_inputs(rome, request, layer), text, l2)
+    a = logistic_direction(pos, [family_inputs(rome, request, layer), rest], text, l2)
     x_star = pos[-1].double()  # the rewrite prompt's input
     if not float(x_star @ a) > 0:
         raise ValueError(f"the gate of '{request.subject}' does not separate its own prompt from the family and "
