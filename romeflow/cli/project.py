@@ -14,15 +14,26 @@ from ..pipeline.deltas import DeltaError, load_deltas
 from ..pipeline.history import diff_reports, markdown_table
 from ..pipeline.manifests import Manifest, ManifestError, check_conflicts, load_manifest
 from ..pipeline.names import BadName
-from ..pipeline.registry import check_name, register, unregister
+from ..pipeline.registry import WAIT, check_name, register, unregister
 from ..pipeline.workflow import Layout, status as workflow_status, verify_manifest
 from . import _check_layers, _layer_uses, _layout, _load, _params_path, _settings, _stats_for, console, main
 
 
+WAIT_OPTION = click.option("--wait", type=click.FloatRange(0), default=WAIT, show_default=True,
+                           help="Seconds to wait while another add/revert holds the lock on params.yaml.")
+
+
+def _waiting(params: Path, wait: float):
+    """What add/revert say, once, when another one holds the lock: why nothing happens, and for how long."""
+    return lambda lock: click.echo(f"waiting for the lock on {params} ({lock.name}), held by another romeflow "
+                                   f"add/revert; giving up after {wait:g} s", err=True)
+
+
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
+@WAIT_OPTION
 @click.pass_context
-def add(ctx, manifest):
+def add(ctx, manifest, wait):
     """Validate edits/NAME.yaml and register NAME in params.yaml manifests: (`dvc repro` then computes it)."""
     _settings(ctx, resolve_auto=False)  # a bad params file fails here, before anything else
     m = load_manifest(manifest)
@@ -35,7 +46,7 @@ def add(ctx, manifest):
         raise ValueError(f"{manifest}: the pipeline reads manifests from {expected}; move it there first")
     settings = _settings(ctx, resolve_auto=False)
     check_conflicts(_readable_manifests(layout, [n for n in settings.manifests if n != m.name]) + [m])
-    register(_params_path(ctx), m.name)
+    register(_params_path(ctx), m.name, wait, _waiting(_params_path(ctx), wait))
     click.echo(f"registered {m.name} ({len(m.edits)} edit(s)) in {_params_path(ctx)}; "
                f"`dvc repro` computes {layout.delta(m.name)}")
 
@@ -53,8 +64,9 @@ def _readable_manifests(layout: Layout, names: list[str]) -> list[Manifest]:
 
 @main.command()
 @click.argument("name")
+@WAIT_OPTION
 @click.pass_context
-def revert(ctx, name):
+def revert(ctx, name, wait):
     """Drop NAME from params.yaml manifests: and delete its delta and reports (the manifest stays).
 
     The next `dvc repro` re-runs only the stack, which then equals base + the remaining deltas.
@@ -70,7 +82,7 @@ def revert(ctx, name):
                 p.unlink()
                 removed.append(p)
 
-    unregister(params, name, then=delete)
+    unregister(params, name, then=delete, wait=wait, on_wait=_waiting(params, wait))
     click.echo(f"reverted {name}: removed from {_params_path(ctx)}" + "".join(f", deleted {p}" for p in removed))
 
 
@@ -111,7 +123,12 @@ def status(ctx, as_json):
     """Active manifests, their deltas and reports, and whether each is stale (manifest, base model,
     statistics or hyper-parameters changed since the delta was computed)."""
     settings = _settings(ctx)
-    st = workflow_status(_layout(ctx), settings, ctx.obj["cache"])
+    layout = _layout(ctx)
+    uses = [(f"{settings.path}: rome.layer", settings.rome.layer)]  # as apply checks them, without the weights
+    for m in _readable_manifests(layout, list(settings.manifests)):
+        uses += _layer_uses(settings.resolve_manifest(m), settings)
+    _check_layers(ctx, settings.model, uses)
+    st = workflow_status(layout, settings, ctx.obj["cache"])
     if as_json:
         click.echo(json.dumps(st, indent=1))
         return

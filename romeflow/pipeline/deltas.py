@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..evaluation.scoring import edit_probabilities
-from ..io import atomic_path
+from ..io import atomic_path, check_input
 from .manifests import Manifest
 from ..engine.models import LoadedModel, ModelError, edited_module_name, read_weight, weight_shape, write_weight
 from ..engine.prompts import fill
@@ -180,7 +180,7 @@ def save_delta(path: str | os.PathLike, delta: Delta) -> None:
 
 def load_delta(path: str | os.PathLike) -> Delta:
     """Read and check a delta file (module docstring); every problem is a DeltaError, one line."""
-    path = Path(path)
+    path = check_input(path, "delta file", DeltaError)  # a FIFO, a link loop: said, never opened
     if not path.is_file():
         raise DeltaError(f"{path}: delta file not found")
     try:
