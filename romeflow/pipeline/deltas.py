@@ -411,6 +411,9 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
         "hyperparameters": params.to_dict(),
         "seed": params.seed,
         **({} if lm.dtype == torch.float32 else {"dtype": str(lm.dtype).removeprefix("torch.")}),
+        # where and with how many CPU threads: the order of float operations, so the last bits (romeflow verify)
+        "threads": torch.get_num_threads(),
+        "device": lm.device.type,
         "context_prefixes": editor.prefixes,
         "edits": [{"index": i, "module": r.update.module, "layer": r.update.layer,
                    "d_in": r.update.v.shape[0], "d_out": r.update.u.shape[0],
