@@ -1,7 +1,7 @@
 """Benchmark the engine on the default model: load time, statistics throughput, per-edit time, delta size.
 
     python bench/bench_edit.py [--manifest edits/counterfact10.yaml] [--stats-tokens 20000] [--out docs/bench.json]
-    python bench/bench_edit.py --variant r1:protect=0 ...   # also time variants, in one run, edits interleaved
+    python bench/bench_edit.py --variant r1:insert=rank-one ...   # also time variants, in one run, edits interleaved
 
 Per-edit wall time is broken down into context prefixes (first edit only: they are cached), k*, v*
 and the insert. Statistics throughput is measured on a fresh computation (a temporary cache), so a

@@ -1,6 +1,6 @@
 """How much of its change an edit needs: for each delta of a `romeflow bench stack` run folder, alone
 on the base model, the rewrite prompt's margin (mean per-token log P(new) − log P(old)) with the
-update scaled to shares 0.1, 0.2, …, 1.0 of itself (`rome.margin_under`). Prints the quantiles of the
+update scaled to shares 0.1, 0.2, …, 1.0 of itself (`margins.margin_under`). Prints the quantiles of the
 margin of the whole update and, per share, how many edits it already flips; writes the grid as JSON.
 
     python bench/delta_margins.py reports/bench/stack-dev300 --n 300 --out reports/bench/stack-dev300/margins.json
@@ -18,7 +18,7 @@ import torch
 from romeflow.evaluation.datasets import load_counterfact
 from romeflow.pipeline.deltas import load_delta
 from romeflow.engine.models import load_model, read_weight, write_weight
-from romeflow.engine.rome import margin_under
+from romeflow.engine.margins import margin_under
 
 SHARES = [i / 10 for i in range(1, 11)]
 

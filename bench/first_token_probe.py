@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from dataclasses import replace
 
 import romeflow.engine.protect as protect_module
 import romeflow.engine.rome as rome_module
@@ -23,7 +24,6 @@ from romeflow.evaluation.datasets import records_with_token_neighbors
 from romeflow.engine.editors import RomeEditor
 from romeflow.engine.models import cache_dir, load_model
 from romeflow.params import load_params
-from romeflow.engine.rome import rank_one
 from romeflow.engine.statistics import get_stats
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     records = records_with_token_neighbors(root / p.bench.counterfact_records, lm.tokenizer,
                                            p.bench.token_neighbors_k, facts)[args.start:args.start + args.n]
     stats = get_stats(lm, [p.rome.layer], p.stats.corpus_source(), p.stats.tokens, cache_dir(None), p.stats.seq_len)
-    editor = RomeEditor(lm, rank_one(p.rome), lambda layer: stats[layer].second_moment)
+    editor = RomeEditor(lm, replace(p.rome, insert="rank-one"), lambda layer: stats[layer].second_moment)
     values = []
     for rec in records:
         edit = editor.edit(rec.request)

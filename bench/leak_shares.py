@@ -12,7 +12,8 @@ with the update's energy on generic text, vᵀCv, against the rank-one insert's.
 paraphrases their full share and the family a small one is what entity-level specificity needs.
 
 Inserts: the family term at α (``a<α>``: C + αF̃, no energy budget), ``+pk`` the prompt key, ``+prefixes``
-every context prefix's key (``prefix_keys``), ``+centroid`` the family's mean key held (``family_centroid``).
+every context prefix's key (``prefix_keys``), ``+centroid`` the family's mean key held (``centroid``): the
+options of inserts.InsertSpec, measured one at a time (docs/specificity.md).
 
     python bench/leak_shares.py --n 100 --alphas 0,0.03,0.3 --out reports/bench/leak-shares.json
 """
@@ -29,18 +30,19 @@ import torch
 
 from romeflow.evaluation.datasets import records_with_token_neighbors
 from romeflow.engine.models import cache_dir, keys_at, load_model
-from romeflow.engine.prompts import encode, fill, subject_last_index
+from romeflow.engine.prompts import encode, subject_last_index
 from romeflow.params import load_params
 from romeflow.engine.protect import bare_keys
+from romeflow.engine import inserts
 from romeflow.engine.rome import Rome, insert_many, subject_keys
 from romeflow.engine.statistics import get_stats
 
 
 def family_factor(rome: Rome, layer: int, subject: str, template: str | None) -> torch.Tensor | None:
-    """Rome.family_factor, with the family's keys taken in ``template`` (None: bare, as the editor does)."""
+    """inserts.family_factor, with the family's keys taken in ``template`` (None: bare, as the editor does)."""
     if template is None:
-        return rome.family_factor(layer, subject)
-    names = rome.family(subject)
+        return inserts.family_factor(rome, layer, subject)
+    names = inserts.family(rome, subject)
     if not names:
         return None
     keys = bare_keys(rome.lm, layer, names, template=template).double()  # (f, d_in)
@@ -57,7 +59,7 @@ def direction(rome: Rome, layer: int, keys: torch.Tensor, alpha: float,
     if alpha > 0:
         family = family_factor(rome, layer, subject, template)
         if family is not None:
-            solve = rome.family_solver(layer, family, alpha)
+            solve = inserts.WoodburySolver(rome.solver(layer), family, alpha)
     ones = torch.ones(keys.shape[0], 1)
     n = keys.shape[0] + (0 if protected is None else protected.shape[0])
     _, v = insert_many(solve, keys, ones, None, protected, ridge if n > 1 else 0.0, 0.0)
@@ -104,7 +106,7 @@ def main() -> None:  # noqa: C901 - one measurement, top to bottom
             siblings = [" ".join(article + [w] + words[1:]) for w in picked]
             return names + [s for s in siblings if s != subject and s not in names]
 
-        rome.family = family
+        inserts.family = lambda _rome, subject: family(subject)  # (this script's own siblings)
     variants = [(f"a{a}{suffix}", float(a), suffix) for a in args.alphas.split(",")
                 for suffix in ("", "+pk", "+prefixes", "+prefixes+centroid")]
     rows = {name: {"para": [], "family": [], "prefix": [], "energy": [], "other": []} for name, _, _ in variants}
@@ -128,7 +130,7 @@ def main() -> None:  # noqa: C901 - one measurement, top to bottom
             keys = k_star[None] if not suffix else (torch.cat([k_star[None], k_p]) if suffix == "+pk"
                                                     else torch.cat([k_all, k_p]))  # (k* is k_all's mean)
             protected = None
-            names = [n for n in rome.family(r.subject) if n != r.subject]
+            names = [n for n in inserts.family(rome, r.subject) if n != r.subject]
             held = []
             if "centroid" in suffix and names:  # the family's mean key held fixed (one more constraint)
                 held.append(rome.bare_keys(layer, names).mean(0, keepdim=True))

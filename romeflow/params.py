@@ -27,7 +27,8 @@ import jsonschema
 from . import safeyaml
 from .evaluation.bench import GenerationParams
 from .engine.editors import METHOD_TABLE, FtParams, KnParams
-from .engine.models import DEFAULT_MODEL, ModelError, Placement
+from .engine.inserts import INSERTS
+from .engine.models import DEFAULT_MODEL, ModelError, Placement, default_layer
 from .pipeline.names import BadName, check_name
 from .engine.rome import RomeParams
 from .schemas import _schema_text, validate_with
@@ -123,6 +124,7 @@ class Params:
     stats: StatsParams = field(default_factory=StatsParams)
     rome: RomeParams = field(default_factory=RomeParams)  # rome.layer already resolved when layer_auto
     layer_auto: bool = False  # rome.layer is `auto`
+    layer_default: bool = False  # rome.layer not set: the model's measured default (``for_model``)
     trace: TraceParams = field(default_factory=TraceParams)
     manifests: tuple[str, ...] = ()
     stack: StackParams = field(default_factory=StackParams)
@@ -144,6 +146,17 @@ class Params:
 
     def traced_layer(self) -> int:
         return read_layer(self.layer_file)
+
+    def for_model(self, spec: str) -> "Params":
+        """These parameters for the model ``spec``: without rome.layer in the file, the edit layer is that
+        model's measured default (models.EMBEDDED); a model without one needs rome.layer (ConfigError)."""
+        if not self.layer_default:
+            return self
+        layer = default_layer(spec)
+        if layer is None:
+            raise ConfigError(f"{self.path}: rome.layer: {spec} has no measured default edit layer: "
+                              f"set one (a layer index, or auto for the traced layer)")
+        return replace(self, rome=replace(self.rome, layer=layer))
 
     def resolve_manifest(self, manifest):
         """The manifest with every ``layer: auto`` replaced by the traced layer."""
@@ -230,6 +243,8 @@ def schema() -> dict:
         rules, hints = node.get("properties", {}), typing.get_type_hints(cls)
         node["properties"] = {f.name: rules.get(f.name) or _type_rule(hints[f.name]) for f in fields(cls)}
         node["additionalProperties"] = False
+    s["properties"]["rome"]["properties"]["insert"] = {**s["properties"]["rome"]["properties"]["insert"],
+                                                       "enum": list(INSERTS)}  # the method table's inserts
     return s
 
 
@@ -308,6 +323,9 @@ def parse_params(raw, path: str = "params.yaml", resolve_auto: bool = True) -> P
         fail("rome.essence_prompt", "must contain {} exactly once")
     trace = _build(TraceParams, section("trace"))
     p = Params(path=str(path), trace=trace)
+    if rome.get("layer") == "default":
+        rome.pop("layer")
+    layer_default = "layer" not in rome
     if layer_auto:
         rome.pop("layer")
         if resolve_auto:
@@ -342,7 +360,7 @@ def parse_params(raw, path: str = "params.yaml", resolve_auto: bool = True) -> P
         except ModelError as e:
             fail(*str(e).split(": ", 1))
         model = model["name"]
-    return replace(
+    out = replace(
         p,
         model=str(model),
         placement=placement,
@@ -360,7 +378,10 @@ def parse_params(raw, path: str = "params.yaml", resolve_auto: bool = True) -> P
                           _build(GenerationParams, gen), (bench.get("token_neighbors") or {}).get("k", 5),
                           (bench.get("token_neighbors") or {}).get("facts"),
                           (bench.get("damage") or {}).get("text"), (bench.get("damage") or {}).get("tokens", 256)),
+        layer_default=layer_default,
     )
+    # the file's own model decides the layer it has not set; a command with another model re-resolves it
+    return out.for_model(out.model) if layer_default and default_layer(out.model) is not None else out
 
 
 def load_params(path: str | Path | None = None, resolve_auto: bool = True) -> Params:
@@ -370,7 +391,7 @@ def load_params(path: str | Path | None = None, resolve_auto: bool = True) -> Pa
     if path is None:
         path = Path("params.yaml")
         if not path.exists():
-            return Params()
+            return Params(layer_default=True)  # the default model: its measured layer (RomeParams.layer)
     try:
         raw = safeyaml.load(path, "params file")
     except safeyaml.YamlError as e:

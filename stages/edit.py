@@ -11,7 +11,6 @@ from romeflow.pipeline.names import stage_name
 from romeflow.pipeline.workflow import Layout
 
 name, paths = stage_name(sys.argv[1]), Layout()  # a plain name, or one line and exit 1
-settings = stage_params("params.yaml")  # rome.layer: auto -> the traced layer (reports/trace/layer.json)
-layer = "auto" if settings.layer_auto else settings.rome.layer  # dvc.yaml's stats/layer${rome.layer}
-main(["apply", str(paths.manifest(name)), "--stats", str(paths.stats(layer)), "--out", str(paths.delta(name))],
+settings = stage_params("params.yaml")  # rome.layer: default / auto -> the model's layer / the traced one
+main(["apply", str(paths.manifest(name)), "--stats", str(paths.stats(settings.rome.layer)), "--out", str(paths.delta(name))],
      prog_name="romeflow")

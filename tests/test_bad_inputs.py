@@ -296,11 +296,13 @@ CASES = [
      ["params.yaml: stats.tokens: must be >= 1, got -5"]),
     ("params-seq-len-one", params_edit("  seq_len: 64", "  seq_len: 1"), ("stats",), ["params.yaml: stats.seq_len: must be >= 2, got 1"]),
     ("params-layer-word", params_edit("  layer: 1", "  layer: one"), APPLY,
-     ["params.yaml: rome.layer: must be an integer", "or 'auto', got a string"]),
+     ["params.yaml: rome.layer: must be an integer", "or 'auto' or 'default', got a string"]),
     ("params-layer-beyond-model", params_edit("  layer: 1", "  layer: 9"), ("stats", "--out", "s.safetensors"),
      ["params.yaml: rome.layer: must be a layer of the model, 0 to 2, got 9"]),
     ("params-layer-auto-untraced", params_edit("  layer: 1", "  layer: auto"), APPLY,
      ["params.yaml: rome.layer: auto:", "layer.json"]),
+    ("params-layer-default-unmeasured-model", params_edit("  layer: 1", "  layer: default"), APPLY,
+     ["params.yaml: rome.layer:", "has no measured default edit layer"]),
     ("params-duplicate-section", params_append("rome:\n  lr: 0.2\n"), APPLY, ["params.yaml: rome: duplicate key"]),
     ("params-duplicate-field", params_edit("  lr: 0.1", "  lr: 0.1\n  lr: 0.2"), APPLY, ["params.yaml: rome.lr: duplicate key"]),
     ("params-unknown-field", params_edit("  lr: 0.1", "  learning_rate: 0.1"), APPLY, ["params.yaml: rome.learning_rate: unknown field"]),
@@ -351,21 +353,14 @@ CASES = [
     ("cli-device-absent", None, ("--device", "cuda:99") + APPLY, ["--device: cuda:99"]),
     ("params-not-a-mapping", write("params.yaml", "- a\n- b\n"), APPLY, ["params.yaml: (top level): must be a mapping"]),
     ("params-too-large", params_append("# " + "p" * (1 << 20) + "\n"), APPLY, ["params.yaml: (top level): file is larger"]),
-    ("params-protect-negative", params_edit("  lr: 0.1", "  lr: 0.1\n  protect: -1"), APPLY, ["params.yaml: rome.protect: must be >= 0, got -1"]),
-    ("params-protect-residual", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_min_residual: 1.5"), APPLY,
-     ["params.yaml: rome.protect_min_residual: must be < 1, got 1.5"]),
     ("params-protect-sources-empty", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_sources: []"), APPLY,
      ["params.yaml: rome.protect_sources: must not be empty"]),
-    ("params-protect-weight", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_weight: -2"), APPLY,
-     ["params.yaml: rome.protect_weight: must be >= 0, got -2"]),
-    ("params-protect-max-energy", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_max_energy: 0.5"), APPLY,
-     ["params.yaml: rome.protect_max_energy: must be >= 1, got 0.5"]),
-    ("params-shrink-margin", params_edit("  lr: 0.1", "  lr: 0.1\n  shrink_margin: -1"), APPLY,
-     ["params.yaml: rome.shrink_margin: must be >= 0, got -1"]),
-    ("params-shrink-steps", params_edit("  lr: 0.1", "  lr: 0.1\n  shrink_steps: 0"), APPLY,
-     ["params.yaml: rome.shrink_steps: must be >= 1, got 0"]),
-    ("params-prefix-keys-type", params_edit("  lr: 0.1", "  lr: 0.1\n  prefix_keys: 2"), APPLY,
-     ["params.yaml: rome.prefix_keys: must be true or false, got 2"]),
+    ("params-insert-unknown", params_edit("  lr: 0.1", "  lr: 0.1\n  insert: gated2"), APPLY,
+     ["params.yaml: rome.insert: must be 'rank-one' or 'family' or 'entity'", "got a string"]),
+    ("params-insert-not-a-name", params_edit("  lr: 0.1", "  lr: 0.1\n  insert: [entity]"), APPLY,
+     ["params.yaml: rome.insert:"]),
+    ("params-removed-option", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_weight: 0.3"), APPLY,
+     ["params.yaml: rome.protect_weight: unknown field"]),
     ("params-damage-tokens", params_append("bench:\n  damage: {tokens: -5}\n"), ("status",),
      ["params.yaml: bench.damage.tokens: must be >= 0, got -5"]),
     ("params-damage-text", params_append("bench:\n  damage: {text: 7}\n"), ("status",),
@@ -373,8 +368,8 @@ CASES = [
     ("params-token-neighbors-k", params_append("bench:\n  token_neighbors: {k: -1}\n"), ("status",),
      ["params.yaml: bench.token_neighbors.k: must be >= 0, got -1"]),
     ("cli-bench-variant-range", write("r.json", "[]"),
-     ("bench", "zsre", "--records", "r.json", "--methods", "rome", "--variant", "v1:protect=-1"),
-     ["--variant 'v1:protect=-1': rome.protect: must be >= 0, got -1"]),
+     ("bench", "zsre", "--records", "r.json", "--methods", "rome", "--variant", "v1:insert=nope"),
+     ["--variant 'v1:insert=nope': rome.insert: must be 'rank-one' or 'family' or 'entity'"]),
     ("cli-bench-variant-nan", write("r.json", "[]"),  # was accepted: lr = nan reached the editor
      ("bench", "zsre", "--records", "r.json", "--methods", "rome", "--variant", "v1:lr=nan"),
      ["--variant 'v1:lr=nan': rome.lr: must be a finite number, got nan"]),
@@ -424,6 +419,8 @@ CASES = [
      ("stack",), ["deltas/b.safetensors: key_values: the delta holds no k*/v* pairs", "stack.method: joint"]),
     ("delta-onto-without-pairs", delta(strip_pairs), APPLY + ("--onto", "deltas/bad.safetensors"),
      ["deltas/bad.safetensors: key_values:", "--onto needs them"]),
+    ("delta-onto-its-own-delta", None, APPLY + ("--onto", "deltas/curie.safetensors"),  # a ZeroDivisionError before
+     ["edits/curie.yaml: edits[0]: 'Pierre Curie' with relation", "is already edited by deltas/curie.safetensors"]),
     ("stack-conflicting-manifests", manifest(A_CONFLICT, "b"), ("stack",),
      ["edits/b.yaml: edits[0].target: conflicts with edits/a.yaml edits[0]", "'law' vs 'medicine'"]),
     ("stack-conflicting-manifests-joint", both(params_edit("  window: 64", JOINT), manifest(A_CONFLICT, "b")),
@@ -806,8 +803,8 @@ def test_gate_metrics_rome_r1_and_variants_come_from_the_one_model():
     from romeflow.pipeline.workflow import METRICS as REPORTED
 
     assert METRICS == REPORTED and set(schema()["properties"]["gate"]["properties"]["eval"]["properties"]) == set(METRICS)
-    p = parse_params({"rome": {"protect": 4}, "gate": {"eval": {"NS_tok": 50, "S+": 60}}})
-    assert p.method("rome").protect == 4 and p.method("rome-r1").protect == 0 and p.gate.eval["S+"] == 60.0
+    p = parse_params({"rome": {"insert": "entity"}, "gate": {"eval": {"NS_tok": 50, "S+": 60}}})
+    assert p.method("rome").insert == "entity" and p.method("rome-r1").insert == "rank-one" and p.gate.eval["S+"] == 60.0
     name, v = p.rome_variant("l2:layer=2:protect_sources=wikipedia+a.txt")
     assert name == "l2" and v.layer == 2 and v.protect_sources == ("wikipedia", "a.txt")
 
@@ -912,30 +909,24 @@ def test_a_rank_r_delta_is_accepted_on_load(project):
 
 
 def test_new_rome_fields_need_only_a_range_rule(monkeypatch):
-    """The lead's RomeParams.protect* fields: allowed as soon as the dataclass has them, with the schema's ranges."""
+    """A new RomeParams field is allowed as soon as the dataclass has it, with the range rule the schema gives it."""
     import dataclasses
+    import json
 
     from romeflow import params as P
     from romeflow.engine.rome import RomeParams
 
-    if "protect" in {f.name for f in dataclasses.fields(RomeParams)}:
-        cls = RomeParams
-    else:
-        cls = dataclasses.make_dataclass("RomeWithProtect", [("protect", int, 0), ("protect_sources", tuple, ("wikipedia",)),
-                                                             ("protect_ridge", float, 1e-6),
-                                                             ("protect_min_residual", float, 0.05)],
-                                         bases=(RomeParams,), frozen=True)
-        monkeypatch.setitem(P._DATACLASS_SECTIONS, ("rome",), cls)
+    cls = dataclasses.make_dataclass("RomeWithMargin", [("margin", float, 0.0)], bases=(RomeParams,), frozen=True)
+    text = json.loads(P._schema_text("params"))
+    text["properties"]["rome"]["properties"]["margin"] = {"type": "number", "minimum": 0, "maximum": 100}
+    monkeypatch.setitem(P._DATACLASS_SECTIONS, ("rome",), cls)
+    monkeypatch.setattr(P, "_schema_text", lambda name: json.dumps(text))
     for f in (P.schema, P._validator, P._section_validator):
         f.cache_clear()
     try:
-        ok = P.validate_with(P._validator(), {"rome": {"protect": 3, "protect_sources": ["wikipedia", "a.txt"],
-                                                       "protect_ridge": 0.0, "protect_min_residual": 0.5}})
-        assert ok == []
-        for body, message in [({"protect": -1}, "must be >= 0, got -1"), ({"protect_sources": []}, "must not be empty"),
-                              ({"protect_sources": [""]}, "must not be empty"), ({"protect_ridge": -1e-3}, "must be >= 0"),
-                              ({"protect_min_residual": 1}, "must be < 1, got 1"),
-                              ({"protect_min_residual": 0}, "must be > 0, got 0")]:
+        assert P.validate_with(P._validator(), {"rome": {"margin": 3.0, "insert": "entity"}}) == []
+        for body, message in [({"margin": -1}, "must be >= 0, got -1"), ({"margin": 101}, "must be <= 100"),
+                              ({"insert": "nope"}, "must be 'rank-one' or 'family' or 'entity'")]:
             errors = P.validate_with(P._validator(), {"rome": body})
             assert errors and message in errors[0][1], (body, errors)
     finally:

@@ -76,7 +76,7 @@ def test_counterfact_bench_scores_token_sharing_neighbours(project):
     (project / "tok.json").write_text(json.dumps(FLAT + [marie, irene]))
     out = project / "run-tok"
     r = run(project, "bench", "counterfact", "--records", str(project / "tok.json"), "--with-token-neighbors",
-            "--methods", "rome,rome-r1", "--variant", "soft:protect_weight=1:protect_siblings=3", "--out", str(out))
+            "--methods", "rome,rome-r1", "--variant", "soft:insert=family", "--out", str(out))
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     assert validate("bench", report) == []
@@ -86,7 +86,7 @@ def test_counterfact_bench_scores_token_sharing_neighbours(project):
     assert sorted(by_id) == [12, 21, 22]
     assert sorted(by_id[12]["token_neighbors"]) == ["Irène Curie", "Marie Curie"]
     assert len(by_id[12]["scores"]["neighborhood_tok"]) == 2  # [NLL new, NLL own answer, acc, acc] per neighbour
-    assert report["settings"]["methods"]["soft"]["protect_weight"] == 1.0
+    assert report["settings"]["methods"]["soft"]["insert"] == "family"
     for name in ("unedited", "rome", "rome-r1", "soft"):
         m = report["methods"][name]["metrics"]
         assert m["NS_tok"]["n"] == 3 and m["S+"] is not None

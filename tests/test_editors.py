@@ -142,18 +142,20 @@ def test_the_method_table_names_each_editor_its_section_and_params_class():
     from dataclasses import fields as dc_fields
 
     from romeflow.engine.editors import METHOD_TABLE, METHODS
-    from romeflow.engine.rome import rank_one
+    from romeflow.engine.inserts import INSERTS
     from romeflow.params import Params
 
     assert METHODS == tuple(METHOD_TABLE) and {"rome", "rome-r1", "ft", "ftl", "kn"} <= set(METHODS)
     from dataclasses import replace
 
     params = Params()
-    params = replace(params, rome=replace(params.rome, prompt_key=True, protect_weight=0.3))  # as params.yaml
+    params = replace(params, rome=replace(params.rome, insert="family"))  # as params.yaml
     types = {f.name: f for f in dc_fields(Params)}
     for name, method in METHOD_TABLE.items():
         assert method.section in types, name
         assert isinstance(getattr(params, method.section), method.params), name
     assert params.method("rome") == params.rome
-    assert params.method("rome-r1") == rank_one(params.rome) != params.rome
+    assert params.method("rome-r1") == replace(params.rome, insert="rank-one") != params.rome
+    for name in INSERTS:  # every named insert is a method: ROME with rome.insert set
+        assert params.method(name) == replace(params.rome, insert=name)
     assert params.method("kn") is params.kn

@@ -77,4 +77,5 @@ def test_target_nll_matches_a_direct_computation(tiny_lm, model_type):
         with torch.no_grad():
             logp = logits_at(lm.model, final_hidden(lm.model, x, torch.ones_like(x))[0]).log_softmax(-1)
         want = -sum(logp[len(ids) - 1 + j, tok].item() for j, tok in enumerate(tgt)) / len(tgt)
-        assert got[i].item() == pytest.approx(want, abs=1e-4)
+        # a padded batch vs one prompt: float32 rounding only (≲1e-6 relative on NLLs of ~7; 0 measured here)
+        assert got[i].item() == pytest.approx(want, rel=1e-5)

@@ -56,14 +56,16 @@ def test_peft_adapter_equals_the_merged_model(tmp_path, tiny_lm, second_moment, 
     with torch.no_grad():
         got, want, before = adapted(input_ids=X).logits, merged.model(input_ids=X).logits, base(input_ids=X).logits
     assert (want - before).abs().max() > 1e-2  # the deltas do change the model
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # x Wᵀ + (x Aᵀ) Bᵀ vs x (W + BA)ᵀ: float32 rounding, measured ≤ 1.4e-6 on logits up to 2.5; a logit near 0
+    # carries the rounding of its O(1) terms, hence a floor of 1e-5 of the logits' scale
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     for module in (name1, name0):  # scaling exactly 1
         assert adapted.base_model.model.get_submodule(module).scaling["default"] == 1.0
     # merging the adapter gives the merged weights
     merged_by_peft = adapted.merge_and_unload()
-    for module in (name1, name0):
+    for module in (name1, name0):  # W + BA vs W + Σ u vᵀ in float32: measured 1 ulp (1.2e-7 on weights ≤ 1.2)
         torch.testing.assert_close(models.weight_out_in(merged_by_peft, module),
-                                   models.weight_out_in(merged.model, module), rtol=0, atol=1e-6)
+                                   models.weight_out_in(merged.model, module), rtol=1e-5, atol=1e-6)
 
 
 def test_lora_factors_stack_every_update_of_a_module(tiny_lm):
@@ -93,4 +95,5 @@ def test_cli_peft_export_loads_and_matches_the_hf_export(tmp_path, model_dir):
     adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), root / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(root / "merged")
     with torch.no_grad():
-        torch.testing.assert_close(adapted(input_ids=X).logits, merged(input_ids=X).logits, rtol=0, atol=1e-5)
+        # the same float32 rounding as test_peft_adapter_equals_the_merged_model (measured ≤ 7e-7)
+        torch.testing.assert_close(adapted(input_ids=X).logits, merged(input_ids=X).logits, rtol=1e-5, atol=1e-5)

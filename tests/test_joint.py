@@ -11,7 +11,8 @@ import torch
 from romeflow.engine import models
 from romeflow.pipeline.deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_delta, save_delta
 from romeflow.pipeline.manifests import Manifest, ManifestEdit, ManifestError, check_conflicts
-from romeflow.engine.rome import InsertError, RomeParams, Solver, joint_insert, null_space_basis, projected_solver
+from romeflow.engine.joint import joint_insert, null_space_basis, projected_solver
+from romeflow.engine.rome import InsertError, RomeParams, Solver
 from romeflow.engine.statistics import Stats
 
 from conftest import EDIT_LAYER
@@ -68,7 +69,8 @@ def test_a_delta_stores_k_star_and_v_star_and_they_are_checked_on_load(tmp_path,
     edited = EditedModel(lm)
     edited.compose([back])
     with torch.no_grad():
-        assert rel_err(module_of(lm)(kv.k_star[None])[0], kv.v_star) < 1e-5
+        # Ŵk* = v* up to float32 rounding of Ŵ = W + u vᵀ (measured 1.8e-6): 1e-4, a > 50x margin
+        assert rel_err(module_of(lm)(kv.k_star[None])[0], kv.v_star) < 1e-4
     edited.reset()
 
 
@@ -84,7 +86,9 @@ def test_joint_equals_sum_for_one_delta(setup):
         w_joint = models.weight_out_in(lm.model, name).clone()
         edited.reset()
         base = models.weight_out_in(lm.model, name)
-        assert rel_err(w_joint - base, w_sum - base) <= 1e-5, protect
+        # one ΔW by two float paths (the delta's own u vᵀ vs a float64 re-solve), read back as float32 Ŵ − W:
+        # measured 3.8e-6 relative; 1e-4 leaves a 25x margin
+        assert rel_err(w_joint - base, w_sum - base) <= 1e-4, protect
 
 
 def test_joint_satisfies_every_edit_of_fifty(setup, fifty):
@@ -99,7 +103,8 @@ def test_joint_satisfies_every_edit_of_fifty(setup, fifty):
     with torch.no_grad():
         summed = [rel_err(module(d.pairs[0].k_star[None])[0], d.pairs[0].v_star) for d in fifty]
     edited.reset()
-    assert max(errors) <= 1e-5, max(errors)
+    # float32 rounding of a Ŵ that carries 50 edits: measured 7.4e-6 relative; 1e-4 leaves a 13x margin
+    assert max(errors) <= 1e-4, max(errors)
     assert max(summed) > 1e-2
 
 
@@ -214,7 +219,7 @@ def test_a_manifests_later_edits_do_not_undo_its_earlier_ones(setup):
     with torch.no_grad():
         errors = [rel_err(module(kv.k_star[None])[0], kv.v_star) for kv in d.pairs]
     edited.reset()
-    assert max(errors) < 1e-5, errors
+    assert max(errors) < 1e-5, errors  # float32 rounding of Ŵ: ≤ 1.1e-6 measured
 
 
 def test_apply_onto_a_stack_keeps_the_stack_s_edits(setup):
@@ -234,7 +239,7 @@ def test_apply_onto_a_stack_keeps_the_stack_s_edits(setup):
     with torch.no_grad():
         errors = [rel_err(module(d.pairs[0].k_star[None])[0], d.pairs[0].v_star) for d in stack + [new]]
     edited.reset()
-    assert max(errors) < 1e-5, errors
+    assert max(errors) < 1e-5, errors  # float32 rounding of Ŵ: ≤ 1e-6 measured
     # without --onto the new delta's update moves the stack's keys
     plain = compute_delta(lm, one_edit_manifest("n", "Hugo Falk", "Paris"), PARAMS, stats)
     edited.compose(stack + [plain])
@@ -305,7 +310,7 @@ def _olds(deltas):
 
 
 def test_calibrating_one_delta_is_the_single_edit_bisection(setup, strong):
-    from romeflow.engine.rome import least_scale, margin_under
+    from romeflow.engine.margins import least_scale, margin_under
 
     lm, _, c = setup
     for d in strong:  # the first whose edit takes against the base model's own answer
@@ -335,7 +340,7 @@ def test_calibrating_one_delta_is_the_single_edit_bisection(setup, strong):
 
 
 def test_a_calibrated_stack_is_the_joint_solve_of_its_scaled_edits(setup, strong):
-    from romeflow.engine.rome import margins
+    from romeflow.engine.margins import margins
 
     lm, _, c = setup
     prompts, targets = _rewrites(strong)
@@ -359,7 +364,10 @@ def test_a_calibrated_stack_is_the_joint_solve_of_its_scaled_edits(setup, strong
     assert (w_cal - w0).norm() < (w_whole - w0).norm()
     # what was written is the joint solve with each edit's residual scaled by its share
     (up,) = plain.updates(strong, {name: w0}, s)
-    torch.testing.assert_close(w_cal.double(), w0.double() + up.u.double() @ up.v.double().T, rtol=1e-5, atol=1e-6)
+    # float32 Ŵ vs the float64 sum: rounding is relative to the largest entries (~38 here, 2.9e-6 measured), so
+    # the floor is 1e-6 of the largest entry
+    torch.testing.assert_close(w_cal.double(), w0.double() + up.u.double() @ up.v.double().T, rtol=1e-5,
+                               atol=1e-6 * float(w_cal.abs().max()))
     # a margin no edit reaches keeps every edit whole: the plain joint solve
     edited.compose(strong, JointSolve(lambda layer: c, margin=100.0, rounds=3))
     assert edited.scales.tolist() == [1.0] * len(strong)

@@ -14,9 +14,10 @@ from romeflow.engine import models
 from romeflow.evaluation.datasets import CounterfactRecord, Fact, mine_token_neighbors
 from romeflow.pipeline.manifests import ManifestError, load_manifest
 from romeflow.evaluation.metrics import score_ci
-from romeflow.engine.prompts import subject_last_index
-from romeflow.engine.protect import NameIndex, bare_keys, choose_protected, leak, reference_names, residual_share
-from romeflow.engine.rome import EditRequest, InsertError, Rome, RomeParams, Solver, insert, insert_many, text_energy
+from romeflow.engine import inserts
+from romeflow.engine.inserts import InsertSpec, MemoSolver, WoodburySolver, family, text_energy
+from romeflow.engine.protect import NameIndex, reference_names, residual_share
+from romeflow.engine.rome import EditRequest, InsertError, Rome, RomeParams, Solver, insert, insert_many
 
 from conftest import ARCHS, EDIT_LAYER
 
@@ -33,6 +34,13 @@ def spd(n: int, seed: int) -> torch.Tensor:
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+def rome_with(lm, stats, spec: InsertSpec = InsertSpec(), params: RomeParams = PARAMS) -> Rome:
+    """An editor with one insert's settings (a row of inserts.INSERTS, or a single option of one)."""
+    rome = Rome(lm, params, lambda layer: stats[layer])
+    rome.spec = spec
+    return rome
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,7 +129,7 @@ def test_insert_refuses_keys_it_cannot_separate():
 
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_protected_edit_on_every_architecture(tiny_lm, second_moment, model_type):
-    """Ŵ k* = v* and Ŵ k_j = W k_j (prefix-averaged keys of the protected subjects) within 1e-5."""
+    """Ŵ k* = v* and Ŵ k_j = W k_j (prefix-averaged keys of the protected subjects) within 1e-4."""
     lm = tiny_lm(model_type)
     stats = second_moment(model_type)
     rome = Rome(lm, PARAMS, lambda layer: stats[layer])
@@ -134,9 +142,10 @@ def test_protected_edit_on_every_architecture(tiny_lm, second_moment, model_type
         before = module(keys).clone()  # (m, d_out)
         models.weight_out_in(lm.model, name).add_(torch.outer(result.update.u, result.update.v))
         after, mapped = module(keys), module(result.k_star[None])[0]
-    assert rel(mapped, result.v_star) < 1e-5
+    # float32 rounding of Ŵ = W + u vᵀ: measured up to 7.7e-6 relative over the architectures; 1e-4: a 13x margin
+    assert rel(mapped, result.v_star) < 1e-4
     for b, a in zip(before, after):
-        assert rel(a, b) < 1e-5
+        assert rel(a, b) < 1e-4
 
 
 def test_manifest_protect_list_and_neighbour_subjects(tmp_path):
@@ -190,28 +199,6 @@ def test_name_index_groups_names_by_last_token(tmp_path):
     assert index.sharing(tok, "Golden Gate") == []
 
 
-def test_choose_protected_takes_the_leakiest_separable_keys():
-    d_in = 10
-    c = torch.eye(d_in)
-    solve = Solver(c)
-    k_star = torch.zeros(d_in)
-    k_star[0] = 1.0
-    cands = torch.zeros(4, d_in)
-    cands[0, 0], cands[0, 1] = 0.9, 0.1  # leak 0.9 but almost k* itself: k* would keep < 5% of itself
-    cands[1, 0], cands[1, 2] = 0.6, 0.8  # leak 0.6, separable
-    cands[2, 0], cands[2, 3] = 0.1, 1.0  # leak 0.1
-    cands[3] = 2 * cands[1]  # already held once candidate 1 is
-    assert leak(solve(k_star), k_star, cands).tolist() == pytest.approx([0.9, 0.6, 0.1, 1.2])
-    groups = [c[None] for c in cands]
-    chosen = choose_protected(solve, k_star, groups, max_keys=3, min_residual=0.05)
-    assert chosen == [3, 2]  # 3 (largest leak) first; 0 is not separable; 1 then adds nothing
-    assert choose_protected(solve, k_star, groups, max_keys=1, min_residual=0.05) == [3]
-    assert choose_protected(solve, k_star, groups, max_keys=0, min_residual=0.05) == []
-    # a group is held as a whole: candidate 2 with a second key along k* itself is no longer separable
-    k2 = torch.stack([cands[2], k_star + 0.01 * cands[2]])
-    assert choose_protected(solve, k_star, [groups[3], k2], max_keys=3, min_residual=0.05) == [0]
-
-
 # --------------------------------------------------------------------------------------------------
 # NS_tok: mining token-sharing neighbours
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +249,8 @@ def test_s_plus_averages_ns_tok_over_the_records_that_have_it():
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gemma3_text"])
-def test_prompt_key_gives_the_prompts_own_key_the_edits_change(tiny_lm, second_moment, model_type, tmp_path):
+def test_prompt_key_gives_the_prompts_own_key_the_edits_change(tiny_lm, second_moment, model_type, tmp_path,
+                                                                monkeypatch):
     """prompt_key: Ŵ k* = v* and Ŵ k_p = W k_p + (v* − W k*) for the rewrite prompt's own key k_p, in a
     rank-one update (symmetric keys); without symmetric keys a rank-2 update, saved and loaded as (d, 2)
     factors, that composes like any delta."""
@@ -277,7 +265,8 @@ def test_prompt_key_gives_the_prompts_own_key_the_edits_change(tiny_lm, second_m
     module = lm.model.get_submodule(name)
     k_p = subject_keys(lm, EDIT_LAYER, [request.relation], request.subject)[0]
     for symmetric in (True, False):
-        params = replace(PARAMS, prompt_key=True, symmetric_keys=symmetric, protect_min_residual=1e-3)
+        monkeypatch.setitem(inserts.INSERTS, "pk", InsertSpec(prompt_key=True, min_residual=1e-3))
+        params = replace(PARAMS, insert="pk", symmetric_keys=symmetric)
         result = Rome(lm, params, lambda layer: stats[layer]).compute(request)
         u, v = result.update.u, result.update.v
         assert u.dim() == (1 if symmetric else 2)
@@ -320,8 +309,7 @@ def test_prefix_keys_give_every_context_key_the_edits_change(tiny_lm, second_mom
     lm = tiny_lm(model_type)
     stats = second_moment(model_type)
     request = replace(CURIE, relation="In Paris, {} worked in the field of")
-    params = replace(PARAMS, prefix_keys=True, prompt_key=True, protect_min_residual=1e-3, protect_ridge=1e-9)
-    rome = Rome(lm, params, lambda layer: stats[layer])
+    rome = rome_with(lm, stats, InsertSpec(prefix_keys=True, prompt_key=True, min_residual=1e-3, ridge=1e-9))
     name = models.edited_module_name(lm.model, EDIT_LAYER)
     result = rome.compute(request)
     assert result.update.u.dim() == 1  # rank one
@@ -341,18 +329,17 @@ def test_prefix_keys_give_every_context_key_the_edits_change(tiny_lm, second_mom
 
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_family_centroid_holds_the_familys_mean_key(tiny_lm, second_moment, model_type, monkeypatch):
-    """family_centroid: Ŵ k̄ = W k̄ for the mean bare key of the subject's family, with Ŵ k* = v*; the
+    """centroid: Ŵ k̄ = W k̄ for the mean bare key of the subject's family, with Ŵ k* = v*; the
     delta's protected keys are the protected subjects' own (two a subject), then k̄ (the stack holds it)."""
     lm = tiny_lm(model_type)
     stats = second_moment(model_type)
-    family = ["Jacques Curie", "Eve Curie", "Irene Curie"]
-    params = replace(PARAMS, family_centroid=True, prefix_keys=True, protect_min_residual=1e-3, protect_ridge=1e-9)
-    rome = Rome(lm, params, lambda layer: stats[layer])
-    monkeypatch.setattr(rome, "family", lambda subject: family + [subject])  # the subject itself is left out
+    members = ["Jacques Curie", "Eve Curie", "Irene Curie"]
+    rome = rome_with(lm, stats, InsertSpec(centroid=True, prefix_keys=True, min_residual=1e-3, ridge=1e-9))
+    monkeypatch.setattr(inserts, "family", lambda _rome, subject: members + [subject])  # the subject itself is left out
     name = models.edited_module_name(lm.model, EDIT_LAYER)
     result = rome.compute(CURIE)
     assert result.family["centroid"] is True
-    centroid = rome.bare_keys(EDIT_LAYER, family).mean(0).double()
+    centroid = rome.bare_keys(EDIT_LAYER, members).mean(0).double()
     assert result.protected_keys.shape[0] == 2 * len(result.protected) + 1  # the subjects', then the centroid
     assert rel(result.protected_keys[-1], centroid) < 1e-6
     w = models.weight_out_in(lm.model, name).detach().double()
@@ -362,7 +349,7 @@ def test_family_centroid_holds_the_familys_mean_key(tiny_lm, second_moment, mode
     for k in result.protected_keys.double():
         assert rel(w_hat @ k, w @ k) < 1e-5
     # without a family there is nothing to hold
-    monkeypatch.setattr(rome, "family", lambda subject: [])
+    monkeypatch.setattr(inserts, "family", lambda _rome, subject: [])
     assert rome.compute(CURIE).family["centroid"] is False
 
 
@@ -374,8 +361,7 @@ def test_prefix_keys_without_symmetric_keys_keep_the_papers_constraint_at_the_ba
     lm = tiny_lm("gemma3_text")
     stats = second_moment("gemma3_text")
     request = replace(CURIE, protect=())
-    params = replace(PARAMS, prefix_keys=True, symmetric_keys=False, protect_ridge=1e-9)
-    rome = Rome(lm, params, lambda layer: stats[layer])
+    rome = rome_with(lm, stats, InsertSpec(prefix_keys=True, ridge=1e-9), replace(PARAMS, symmetric_keys=False))
     name = models.edited_module_name(lm.model, EDIT_LAYER)
     result = rome.compute(request)
     u, v = result.update.u.double(), result.update.v.double()
@@ -392,22 +378,22 @@ def test_prefix_keys_without_symmetric_keys_keep_the_papers_constraint_at_the_ba
 def test_one_word_subjects_get_no_made_up_siblings_and_the_family_term_is_bounded(tiny_lm, second_moment):
     lm = tiny_lm("gpt2")
     stats = second_moment("gpt2")
-    params = replace(PARAMS, protect_weight=1.0, protect_siblings=8)
-    rome = Rome(lm, params, lambda layer: stats[layer])
-    assert all(" " in s for s in rome.family("Pierre Curie")[-8:])  # made-up "X Curie" siblings
-    assert rome.family("Seattle") == rome.names().sharing(lm.tokenizer, "Seattle")[:256]  # none made up
-    # The family term spends at most protect_max_energy x the text energy of the insert without it.
-    plain = Rome(lm, replace(params, protect_weight=0.0), lambda layer: stats[layer]).compute(CURIE)
-    family = Rome(lm, replace(params, protect_max_energy=1e6), lambda layer: stats[layer]).compute(CURIE)
-    assert family.family["alpha"] == 1.0 and family.family["energy_ratio"] > 1.0
-    assert not torch.allclose(torch.outer(family.update.u, family.update.v), torch.outer(plain.update.u, plain.update.v))
+    spec = InsertSpec(family_weight=1.0, siblings=8)
+    rome = rome_with(lm, stats, spec)
+    assert all(" " in s for s in family(rome, "Pierre Curie")[-8:])  # made-up "X Curie" siblings
+    assert family(rome, "Seattle") == rome.names().sharing(lm.tokenizer, "Seattle")[:256]  # none made up
+    # The family term spends at most max_energy x the text energy of the insert without it.
+    plain = rome_with(lm, stats, replace(spec, family_weight=0.0)).compute(CURIE)
+    wide = rome_with(lm, stats, replace(spec, max_energy=1e6)).compute(CURIE)
+    assert wide.family["alpha"] == 1.0 and wide.family["energy_ratio"] > 1.0
+    assert not torch.allclose(torch.outer(wide.update.u, wide.update.v), torch.outer(plain.update.u, plain.update.v))
     e_plain = text_energy(stats[1], plain.update.u, plain.update.v)
-    assert text_energy(stats[1], family.update.u, family.update.v) == pytest.approx(family.family["energy_ratio"] * e_plain)
-    budget = (1 + family.family["energy_ratio"]) / 2  # below the full α's ratio: α is halved until it fits
-    halved = Rome(lm, replace(params, protect_max_energy=budget), lambda layer: stats[layer]).compute(CURIE)
+    assert text_energy(stats[1], wide.update.u, wide.update.v) == pytest.approx(wide.family["energy_ratio"] * e_plain)
+    budget = (1 + wide.family["energy_ratio"]) / 2  # below the full α's ratio: α is halved until it fits
+    halved = rome_with(lm, stats, replace(spec, max_energy=budget)).compute(CURIE)
     assert halved.family["alpha"] < 1.0 and halved.family["energy_ratio"] <= budget
     # Eq. 2's own update is the least-energy one: a budget of 1 leaves no room for the family term.
-    guarded = Rome(lm, replace(params, protect_max_energy=1.0), lambda layer: stats[layer]).compute(CURIE)
+    guarded = rome_with(lm, stats, replace(spec, max_energy=1.0)).compute(CURIE)
     assert guarded.family == {"alpha": 0.0, "energy_ratio": 1.0}
     torch.testing.assert_close(torch.outer(guarded.update.u, guarded.update.v),
                                torch.outer(plain.update.u, plain.update.v), rtol=1e-4, atol=1e-6)
@@ -423,57 +409,9 @@ def test_text_energy_is_the_mean_squared_change_over_the_keys():
     assert text_energy(c, u[:, 0], v[:, 0]) == pytest.approx((keys @ v[:, 0]).pow(2).mean().item() * u[:, 0].pow(2).sum().item())
 
 
-def test_family_kl_keeps_the_family_prompts_at_their_leak_of_delta(tiny_lm, second_moment):
-    """v* with the family KL term: each family member's relation prompt, given the share ρ_i of δ the
-    insert adds at its key, moves less than with the v* that ignores it; the leaks are the insert's."""
-    from romeflow.engine.rome import _add_at, _value, key, value
-
-    lm = tiny_lm("llama")
-    stats = second_moment("llama")
-    params = replace(PARAMS, steps=12, protect_siblings=6, protect_weight=0.0, family_kl=50.0, family_kl_prompts=3)
-    rome = Rome(lm, params, lambda layer: stats[layer])
-    k_star = key(lm, EDIT_LAYER, CURIE.subject, rome.prefixes)
-    kin = rome.family_leaks(CURIE, EDIT_LAYER, rome.insert_direction(CURIE, EDIT_LAYER, k_star, k_star))
-    assert 0 < len(kin) <= 3 and all(s != CURIE.subject for s, _ in kin)
-    assert [abs(r) for _, r in kin] == sorted((abs(r) for _, r in kin), reverse=True)
-    result = rome.compute(CURIE)  # the leaks are those of the update it returns
-    u, v = result.update.u, result.update.v
-    keys = bare_keys(lm, EDIT_LAYER, [s for s, _ in kin], template=CURIE.relation)  # (f, d_in) at their relation
-    torch.testing.assert_close((keys @ v) / (k_star @ v), torch.tensor([r for _, r in kin]), rtol=1e-4, atol=1e-5)
-    assert [s for s, _ in result.family["kl_prompts"]] == [s for s, _ in kin]
-    # the cached forward equals the uncached one with the family rows in the batch
-    v_fast, _ = value(lm, EDIT_LAYER, CURIE, rome.prefixes, k_star, params, kin)
-    v_ref, _ = _value(lm, EDIT_LAYER, CURIE, rome.prefixes, k_star, params, cache_prefix=False, family=kin)
-    torch.testing.assert_close(v_fast, v_ref, rtol=1e-3, atol=1e-4)
-    v_plain, _ = value(lm, EDIT_LAYER, CURIE, rome.prefixes, k_star, replace(params, family_kl=0.0), kin)
-
-    module = models.edited_module(lm.model, EDIT_LAYER)
-    w_k = module(k_star[None])[0].detach()
-
-    def family_kl(v_star):  # mean KL of the family prompts' next token, each with ρ_i δ at its subject token
-        total = 0.0
-        for s, rho in kin:
-            prompt = CURIE.relation.format(s)
-            ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
-            at = torch.tensor([subject_last_index(lm.tokenizer, CURIE.relation, s)])
-            with torch.no_grad():
-                base = lm.model(ids).logits[0, -1].log_softmax(-1)
-                handle = module.register_forward_hook(_add_at(v_star - w_k, torch.tensor([0]), at, torch.tensor([rho])))
-                try:
-                    moved = lm.model(ids).logits[0, -1].log_softmax(-1)
-                finally:
-                    handle.remove()
-            total += float((moved.exp() * (moved - base)).sum())
-        return total / len(kin)
-
-    assert family_kl(v_fast) < family_kl(v_plain)
-
-
 @pytest.mark.parametrize("f", [1, 5, 40])
 def test_woodbury_solver_is_the_dense_solve_of_c_plus_alpha_b_bt(f):
     """The family term's (C + α B Bᵀ)⁻¹ by the Woodbury identity equals factorising the sum itself."""
-    from romeflow.engine.rome import WoodburySolver
-
     g = torch.Generator().manual_seed(f)
     c = spd(24, seed=f).double()
     b = torch.randn(24, f, generator=g, dtype=torch.float64)
@@ -490,8 +428,6 @@ def test_woodbury_solver_is_the_dense_solve_of_c_plus_alpha_b_bt(f):
 
 
 def test_memo_solver_answers_repeated_keys_once_and_like_the_solver():
-    from romeflow.engine.rome import MemoSolver
-
     c = spd(16, seed=3).double()
     base = Solver(c)
     calls = []

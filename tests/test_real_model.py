@@ -68,7 +68,7 @@ def test_curie_bleed_edits_pierre_and_leaves_marie(gemma, settings):
     default insert (her key held fixed, the " Curie" family kept off) flips Pierre and leaves her field;
     the paper's rank-one insert, with the same v*, moves her too."""
     from romeflow.evaluation.scoring import target_nll
-    from romeflow.engine.rome import Rome, add_rank_one, rank_one
+    from romeflow.engine.rome import Rome, add_rank_one
 
     manifest = load_manifest(REPO / "edits" / "curie_bleed.yaml")
     edit = manifest.edits[0]
@@ -95,5 +95,5 @@ def test_curie_bleed_edits_pierre_and_leaves_marie(gemma, settings):
     assert p_pierre > 0.5 and p_marie_old > p_marie_new  # Pierre flips, Marie keeps her field
     import dataclasses
     plain = dataclasses.replace(edit.request, protect=())
-    (q_pierre, q_marie_new, q_marie_old), _ = probabilities(rank_one(settings.rome), plain)
+    (q_pierre, q_marie_new, q_marie_old), _ = probabilities(dataclasses.replace(settings.rome, insert="rank-one"), plain)
     assert q_pierre > 0.5 and q_marie_new > q_marie_old  # the rank-one insert rewrites Marie Curie too

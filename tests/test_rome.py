@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from romeflow.engine import models
+from romeflow.engine import inserts
+from romeflow.engine.inserts import InsertSpec
+from romeflow.engine.margins import least_scale, margin_under
 from romeflow.engine.rome import (EditRequest, Rome, RomeParams, Solver, add_rank_one, context_prefixes, insert, key,
-                           least_scale, margin_under, subject_keys, value)
+                                  subject_keys, value)
 
 from conftest import ARCHS, EDIT_LAYER, INTERMEDIATE
 
@@ -22,9 +25,13 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm())
 
 
-def editor(lm, second_moment, model_type, params=PARAMS) -> Rome:
+def editor(lm, second_moment, model_type, params=PARAMS, spec: InsertSpec | None = None) -> Rome:
+    """A ROME editor; ``spec``: one insert's settings instead of ``params.insert``'s."""
     stats = second_moment(model_type)
-    return Rome(lm, params, lambda layer: stats[layer])
+    rome = Rome(lm, params, lambda layer: stats[layer])
+    if spec is not None:
+        rome.spec = spec
+    return rome
 
 
 def spd(n: int, seed: int) -> torch.Tensor:
@@ -219,18 +226,16 @@ def test_value_lowers_the_target_nll(tiny_lm, model_type):
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
 def test_value_in_place_scores_the_update_that_is_written(tiny_lm, second_moment, model_type):
-    """value_in_place: δ is optimised under the insert's own update, so the last NLL of its trace is the
+    """in_place: δ is optimised under the insert's own update, so the last NLL of its trace is the
     edited model's mean target NLL on the rewrite prompts once the delta is written."""
-    from dataclasses import replace
 
     from romeflow.engine.prompts import fill, mean_per_pair, target_logprobs, teacher_forced
 
     lm = tiny_lm(model_type)
-    params = replace(NLL_ONLY, value_in_place=True, prefix_keys=True)
-    rome = editor(lm, second_moment, model_type, params)
+    rome = editor(lm, second_moment, model_type, NLL_ONLY, InsertSpec(in_place=True, prefix_keys=True))
     result = rome.compute(CURIE)
     k_d = result.k_star
-    direction = rome.insert_direction(CURIE, EDIT_LAYER, result.k_star, k_d)
+    direction = inserts.insert_direction(rome, CURIE, EDIT_LAYER, result.k_star, k_d)
     assert rel_err(result.update.v / (result.update.v @ k_d), direction) < 1e-5  # the same direction
     prompts = [fill(x + CURIE.relation, CURIE.subject) for x in rome.prefixes]
     tb = teacher_forced(lm.tokenizer, prompts, [CURIE.target] * len(prompts))
@@ -348,7 +353,7 @@ def test_rome_params_round_trip():
 
 
 # --------------------------------------------------------------------------------------------------
-# The update's size: shrink_margin
+# The update's size: an insert's shrink_margin
 # --------------------------------------------------------------------------------------------------
 
 
@@ -387,7 +392,7 @@ def test_shrink_keeps_the_least_share_of_delta_and_leaves_the_model_as_it_was(ti
     assert m1 > max(m0, 0.0)  # the edit raised the new object over the old one
     target = max(m0, 0.0) + 0.5 * (m1 - max(m0, 0.0))
 
-    shrunk = editor(lm, second_moment, model_type, replace(params, shrink_margin=target, shrink_steps=6)).compute(request)
+    shrunk = editor(lm, second_moment, model_type, params, InsertSpec(shrink_margin=target, shrink_steps=6)).compute(request)
 
     assert torch.equal(models.read_weight(lm.model, name), w0)  # compute() leaves the model as it was
     s = shrunk.scale

@@ -139,6 +139,7 @@ def test_cached_loss_and_gradient_equal_uncached(arch, attn, prefixes, request_n
     cached = loss_and_grad(lm, _cached_forward(*args), rewrite, delta)
 
     assert torch.isfinite(full[0]) and full[1].norm() > 1e-3  # a gradient worth comparing
+    # cached vs uncached prefix forward: the same sums in other orders, float32 rounding (measured ≤ 3e-7 of scale)
     torch.testing.assert_close(cached[0], full[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cached[1], full[1], rtol=1e-5, atol=1e-5)
 
@@ -151,5 +152,6 @@ def test_value_with_cache_follows_the_uncached_optimisation(arch):
     v_full, trace_full = _value(lm, LAYER, REQUESTS["curie"], PREFIXES, k_star, params, cache_prefix=False)
     v_cached, trace_cached = _value(lm, LAYER, REQUESTS["curie"], PREFIXES, k_star, params, cache_prefix=True)
     assert len(trace_cached) == len(trace_full) == params.steps + 1
+    # float32 rounding of the cached forward, carried through 6 Adam steps (measured ≤ 2e-7 of scale)
     torch.testing.assert_close(torch.tensor(trace_cached), torch.tensor(trace_full), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v_cached, v_full, rtol=1e-5, atol=1e-5)

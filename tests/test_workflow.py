@@ -344,11 +344,12 @@ def test_text_predictions_match_the_models_own_loss(lm):
     with torch.no_grad():
         out = lm.model(input_ids=x, labels=x)  # GPT-2: no <bos>, so the first token is context only
     assert nll.numel() == len(ids) - 1
-    assert nll.mean().item() == pytest.approx(out.loss.item(), rel=1e-5)
+    assert nll.mean().item() == pytest.approx(out.loss.item(), rel=1e-5)  # other reductions: rounding (7e-8 measured)
     assert top1.tolist() == out.logits[0, :-1].argmax(-1).tolist()
     short, _ = text_predictions(lm, text, window=10)  # each window's first token is context only
     assert short.numel() == sum(max(len(ids[i:i + 10]) - 1, 0) for i in range(0, len(ids), 10))
-    assert torch.allclose(short[:9], nll[:9], atol=1e-5)  # the first window sees the same context
+    # the first window sees the same context; a shorter sequence: rounding only (rtol 1e-5 by default, 7e-8 measured)
+    assert torch.allclose(short[:9], nll[:9], atol=1e-5)
 
 
 def test_stack_gate_failures_are_one_line_each(stacked):

@@ -69,6 +69,7 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
 
     shard = _parse_shard(shard)
     settings = _settings(ctx)
+    settings = settings.for_model(model_spec or settings.model)  # without rome.layer: the model's default layer
     records_path = records_path or settings.bench.records(kind)
     if not records_path:
         raise click.UsageError(f"--records is required (or set bench.{kind}.records in params.yaml)")
@@ -230,6 +231,7 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
 
     shard = _parse_shard(shard)
     settings = _settings(ctx)
+    settings = settings.for_model(model_spec or settings.model)  # without rome.layer: the model's default layer
     records_path = records_path or settings.bench.records("counterfact")
     if not records_path:
         raise click.UsageError("--records is required (or set bench.counterfact.records in params.yaml)")

@@ -16,7 +16,7 @@ from ..engine.statistics import get_stats, load_stats, save_stats
 from ..evaluation.scoring import greedy_continuation, next_token_top
 from ..engine.prompts import MAX_PROMPT_CHARS
 from ..params import ConfigError, Params, check_layers
-from ..pipeline.deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
+from ..pipeline.deltas import check_onto, DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
 from ..pipeline.manifests import Manifest, ManifestError, check_conflicts, load_manifest
 from ..pipeline.names import BadName
 from ..pipeline.workflow import Layout, eval_manifest, eval_stack, gate_error
@@ -41,9 +41,6 @@ def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
     Edits are applied one after another; each edit's insert holds the earlier edits' keys fixed."""
     settings = _settings(ctx)
     m = settings.resolve_manifest(load_manifest(manifest))  # `layer: auto` -> the traced layer
-    onto = load_deltas(onto_paths)
-    for d in onto:
-        require_pairs(d, "--onto")
     try:
         out = Path(out) if out else Layout().delta(m.name)
     except BadName as e:
@@ -51,8 +48,13 @@ def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
     _check_outputs(ctx, [(out, "--out")], [(manifest, f"the manifest {manifest}"),
                                            *((f, f"--stats {f}") for f in stats_files),
                                            *((p, f"--onto {p}") for p in onto_paths)])
+    onto = load_deltas(onto_paths)
+    for d in onto:
+        require_pairs(d, "--onto")
+    check_onto(m, onto)
     check_sources(settings.rome.protect_sources, _params_path(ctx).parent, str(_params_path(ctx)))
     spec = model_spec or m.model or settings.model
+    settings = settings.for_model(spec)  # without rome.layer: this model's default edit layer
     uses = _layer_uses(m, settings)
     _check_layers(ctx, spec, uses)
     given = [load_stats(f) for f in stats_files]  # checked before the model loads
@@ -66,7 +68,7 @@ def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
 
     with tqdm(total=len(m.edits), desc=f"editing ({m.name})", unit="edit", file=sys.stderr) as bar:
         delta = compute_delta(lm, m, settings.rome, stats, progress=lambda i, r: bar.update(1),
-                              root=_params_path(ctx).parent, onto=onto)
+                              root=_params_path(ctx).parent, onto=onto, corpus=settings.stats.corpus_source())
     save_delta(out, delta)
     table = Table(title=f"{m.name}: {len(m.edits)} edit(s) -> {out}")
     for col in ("#", "prompt", "target", "P before", "P after", "true before", "true after"):
@@ -258,6 +260,9 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpo
     settings = _settings(ctx)
     if tokens is not None and tokens < 1:
         raise click.BadParameter(f"must be at least 1, got {tokens}", param_hint="--tokens")
+    spec = model_spec or settings.model
+    if not layers:
+        settings = settings.for_model(spec)  # without rome.layer: this model's default edit layer
     uses = ([("--layer", l) for l in layers] if layers else [(f"{settings.path}: rome.layer", settings.rome.layer)])
     layers = [l for _, l in uses]
     if out:
@@ -267,7 +272,6 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpo
             [(f, f"{settings.path}: stats.corpus {f}") for f in ((given,) if isinstance(given, str) else given)
              if f != "wikipedia"]
         _check_outputs(ctx, [(t, "--out") for t in targets], corpus_inputs)
-    spec = model_spec or settings.model
     _check_layers(ctx, spec, uses)
     corpus_spec = tuple(corpus_files) if corpus_files else settings.stats.corpus
     corpus = corpus_from(corpus_spec)

@@ -22,7 +22,9 @@ from .hooks import on_input, run_with_hooks
 from .models import (LoadedModel, cache_kwargs, edited_module, edited_module_name, final_hidden, logits_at, new_cache,
                      num_layers, weight_out_in)
 from .prompts import continuation, encode, flush_denormals, mean_per_pair, target_logprobs, teacher_forced
-from .rome import EditRequest, RankOneUpdate, Rome, RomeParams, add_rank_one, rank_one
+from .gated import NeuronUpdate, add_neurons, cut_neurons, hidden_width
+from .inserts import INSERTS
+from .rome import EditRequest, RankOneUpdate, Rome, RomeParams, add_rank_one
 
 
 @dataclass
@@ -30,10 +32,13 @@ class WeightEdit:
     """What one edit changed: original weights (to restore bit for bit) and rank-one factors if any."""
 
     originals: dict[str, torch.Tensor]  # module name -> its (d_out, d_in) weight before the edit
-    updates: list[RankOneUpdate] | None = None
+    updates: list | None = None  # RankOneUpdate / gated.NeuronUpdate
     info: dict = field(default_factory=dict)
+    widths: dict[int, int] = field(default_factory=dict)  # layer -> its MLP's hidden units before neurons were added
 
     def restore(self, model: torch.nn.Module) -> None:
+        for layer, width in self.widths.items():
+            cut_neurons(model, layer, width)
         for name, weight in self.originals.items():
             weight_out_in(model, name).copy_(weight)
 
@@ -65,12 +70,15 @@ class RomeEditor:
     def edit(self, request: EditRequest) -> WeightEdit:
         result = self.rome.compute(request)
         up = result.update
+        info = {"steps": len(result.nll_trace), "final_nll": result.nll_trace[-1], "protected": result.protected,
+                "family": result.family, **({"scale": result.scale} if result.scale != 1.0 else {})}
+        if isinstance(up, NeuronUpdate):  # the gated insert: hidden units appended, cut back on restore
+            width = hidden_width(self.lm.model, up.layer)
+            add_neurons(self.lm.model, up)
+            return WeightEdit({}, [up], info, {up.layer: width})
         originals = _snapshot(self.lm.model, [up.module])
         add_rank_one(self.lm.model, up.module, up.u, up.v)
-        return WeightEdit(originals, [up], {"steps": len(result.nll_trace), "final_nll": result.nll_trace[-1],
-                                            "protected": result.protected,
-                                            "family": result.family,
-                                            **({"scale": result.scale} if result.scale != 1.0 else {})})
+        return WeightEdit(originals, [up], info)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +270,7 @@ class Method:
     section: str  # the params.yaml section of its hyper-parameters (a field of params.Params)
     params: type  # that section's class
     build: Callable  # (lm, params, second_moment, name, values, root) -> Editor
-    derive: Callable = lambda p: p  # the method's hyper-parameters from the section's (rome-r1: rank_one)
+    derive: Callable = lambda p: p  # the method's hyper-parameters from the section's (an insert: rome.insert set)
 
 
 def _rome(lm, params, second_moment, name, values, root):
@@ -277,10 +285,16 @@ def _knowledge_neurons(lm, params, _second_moment, _name, _values, _root):
     return KnowledgeNeurons(lm, params)
 
 
-# name -> Method: a new editor is a class above and a row here (and its params.yaml section)
+def _with_insert(name: str) -> Callable[[RomeParams], RomeParams]:
+    return lambda p: replace(p, insert=name)
+
+
+# name -> Method: a new editor is a class above and a row here (and its params.yaml section); each named
+# insert of inserts.INSERTS is ROME with rome.insert set (`rome` itself takes params.yaml's)
 METHOD_TABLE: dict[str, Method] = {
     "rome": Method("rome", RomeParams, _rome),
-    "rome-r1": Method("rome", RomeParams, _rome, rank_one),  # ROME with no protected keys (the rank-one insert)
+    **{name: Method("rome", RomeParams, _rome, _with_insert(name)) for name in INSERTS},
+    "rome-r1": Method("rome", RomeParams, _rome, _with_insert("rank-one")),  # the name older bench runs use
     "ft": Method("ft", FtParams, _fine_tune),
     "ftl": Method("ftl", FtParams, _fine_tune),
     "kn": Method("kn", KnParams, _knowledge_neurons),
@@ -319,7 +333,7 @@ def parse_variant(spec: str, base, section: str, allowed: tuple[str, ...] | None
 def rome_variant(spec: str, base: RomeParams) -> tuple[str, RomeParams]:
     """'NAME:key=value:key=value' -> (NAME, base with those ROME hyper-parameters changed).
 
-    A benchmark's extra ROME methods, e.g. 'l4:layer=4' or 'p30:protect=30:protect_weight=1'; tuple
+    A benchmark's extra ROME methods, e.g. 'l4:layer=4' or 'e4:insert=entity:layer=4'; tuple
     values are joined by '+' ('protect_sources=wikipedia+data/known_1000.json')."""
     name, changes = parse_variant(spec, base, "rome", reserved=METHODS + ("unedited",))
     return name, replace(base, **changes)

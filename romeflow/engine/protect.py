@@ -8,8 +8,8 @@ close to it and the rank-one update moves them too. ROME's Eq. 2 can hold any se
     reference_names   entity names from a reference list (link targets of the embedded Wikipedia
                       excerpt; known-facts or COUNTERFACT files; plain text files)
     NameIndex         those names grouped by their last token (by the model's tokenizer)
-    leak              how much of the edit's change a candidate key receives: Δ k_j = leak_j (v* − W k*)
-    choose_protected  the candidates with the largest leak, greedily, as long as k* stays separable
+    leak              how much of the edit's change a key receives from a rank-one edit: Δ k_j = leak_j (v* − W k*)
+    residual_share    how much of k* a set of held keys leaves to edit
 """
 
 from __future__ import annotations
@@ -150,32 +150,3 @@ def residual_share(solve, k_star: torch.Tensor, protected: torch.Tensor) -> floa
     b = m[1:, 0]  # (n - 1,)
     schur = m[0, 0] - b @ torch.linalg.pinv(m[1:, 1:], hermitian=True) @ b
     return float((schur / m[0, 0]).clamp(min=0.0))
-
-
-def choose_protected(solve, k_star: torch.Tensor, candidates: list[torch.Tensor], max_keys: int,
-                     min_residual: float, fixed: torch.Tensor | None = None, min_own: float = 1e-3) -> list[int]:
-    """Indices of up to ``max_keys`` candidates to protect, largest |leak| first.
-
-    Each candidate is a (g, d_in) group of one subject's keys (its bare key first, ranked by), all of
-    them held fixed if it is taken. It is taken only if k* keeps at least ``min_residual`` of its
-    C⁻¹-energy outside the span of the keys held so far (with ``fixed``, the user's protected keys
-    (f, d_in), always included), and if its first key is not already (for C) in that span itself
-    (its own residual ≥ min_own).
-    """
-    if max_keys <= 0 or not candidates:
-        return []
-    c_inv_k = solve(k_star)
-    firsts = torch.stack([c[0] for c in candidates])  # (n, d_in)
-    order = leak(c_inv_k, k_star, firsts).abs().argsort(descending=True).tolist()
-    chosen: list[int] = []
-    held = fixed if fixed is not None else k_star.new_zeros((0, k_star.numel()))
-    for j in order:
-        if len(chosen) == max_keys:
-            break
-        if held.numel() and residual_share(solve, candidates[j][0], held) < min_own:
-            continue  # already held fixed by the keys chosen so far
-        with_j = torch.cat([held, candidates[j]])
-        if residual_share(solve, k_star, with_j) >= min_residual:
-            chosen.append(j)
-            held = with_j
-    return chosen

@@ -33,11 +33,14 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..evaluation.scoring import edit_probabilities
 from ..io import atomic_path, check_input
-from .manifests import Manifest
+from .manifests import Manifest, ManifestError
 from ..engine.models import LoadedModel, ModelError, edited_module_name, read_weight, weight_shape, write_weight
 from ..engine.prompts import fill
-from ..engine.rome import (EditResult, InsertError, RankOneUpdate, Rome, RomeParams, Solver, add_rank_one, joint_insert, margins,
-                   next_token, null_space_basis, projected_solver)
+from ..engine.joint import joint_insert, null_space_basis, projected_solver
+from ..engine.margins import margins, next_token
+from ..engine.gated import NeuronUpdate, add_neurons, cut_neurons, hidden_width
+from ..engine.rome import EditResult, InsertError, RankOneUpdate, Rome, RomeParams, Solver, add_rank_one
+from . import neurons
 from ..schemas import validate
 from ..engine.statistics import Stats
 
@@ -63,7 +66,7 @@ class KeyValue:
 
 @dataclass
 class Delta:
-    updates: list[RankOneUpdate]
+    updates: list  # RankOneUpdate (linear inserts) or gated.NeuronUpdate (the gated insert; pipeline/neurons.py)
     meta: dict
     path: str | None = None
     pairs: list[KeyValue] | None = None  # one per edit; None: a delta written before they were stored
@@ -86,9 +89,9 @@ def tensors_sha256(tensors: dict[str, torch.Tensor], n_edits: int) -> str:
     each. A delta with factors only hashes as it did before k*/v* were stored."""
     h = hashlib.sha256()
     for i in range(n_edits):
-        for part in TENSOR_PARTS:
+        for part in TENSOR_PARTS[:2] + neurons.NEURON_PARTS + TENSOR_PARTS[2:]:
             name = f"edits.{i}.{part}"
-            if part not in ("u", "v") and name not in tensors:
+            if name not in tensors:  # (the parts a delta has: u and v, or a neuron edit's)
                 continue
             t = tensors[name].detach().contiguous()
             h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
@@ -143,6 +146,9 @@ def delta_tensors(delta: Delta) -> dict[str, torch.Tensor]:
     """The tensors of a delta file, by name (float32, contiguous, on the host)."""
     tensors = {}
     for i, up in enumerate(delta.updates):
+        if isinstance(up, NeuronUpdate):
+            tensors.update(neurons.tensors_of(i, up))
+            continue
         tensors[f"edits.{i}.u"] = up.u.detach().float().cpu().contiguous()
         tensors[f"edits.{i}.v"] = up.v.detach().float().cpu().contiguous()
         if delta.pairs is not None:
@@ -168,6 +174,9 @@ def save_delta(path: str | os.PathLike, delta: Delta) -> None:
     if errors:
         raise DeltaError(f"{path}: delta metadata {errors[0][0]}: {errors[0][1]}")
     for i, e in enumerate(meta["edits"]):
+        if neurons.is_neurons(e):
+            _check_neurons(str(path), i, tensors, e)
+            continue
         check_factors(str(path), i, tensors[f"edits.{i}.u"], tensors[f"edits.{i}.v"], e["d_out"], e["d_in"],
                       e.get("rank"))
         if meta.get("key_values"):
@@ -204,6 +213,12 @@ def load_delta(path: str | os.PathLike) -> Delta:
                 raise DeltaError(f"{path}: {(extra or missing)[0]}: " + ("a tensor the metadata does not list"
                                                                           if extra else "missing"))
             for i, e in enumerate(meta["edits"]):  # shapes before reading: a huge tensor is never loaded
+                if neurons.is_neurons(e):
+                    for p in neurons.parts(e):
+                        shape = tuple(f.get_slice(f"edits.{i}.{p}").get_shape())
+                        if shape != neurons.shapes(e)[p]:
+                            raise DeltaError(f"{path}: edits.{i}.{p}: shape {shape}, expected {neurons.shapes(e)[p]}")
+                    continue
                 for p, d in (("u", e["d_out"]), ("v", e["d_in"])):
                     shape = f.get_slice(f"edits.{i}.{p}").get_shape()
                     if not shape or shape[0] != d or len(shape) > 2 or (len(shape) == 2 and shape[1] > 4096):
@@ -223,6 +238,10 @@ def load_delta(path: str | os.PathLike) -> Delta:
         raise DeltaError(f"{path}: not a romeflow delta file ({type(e).__name__}: {first})") from e
     updates, pairs = [], [] if meta.get("key_values") else None
     for i, e in enumerate(meta["edits"]):
+        if neurons.is_neurons(e):
+            _check_neurons(str(path), i, tensors, e)
+            updates.append(neurons.update_of(e, i, tensors))
+            continue
         u, v = tensors[f"edits.{i}.u"], tensors[f"edits.{i}.v"]
         check_factors(str(path), i, u, v, e["d_out"], e["d_in"], e.get("rank"))
         updates.append(RankOneUpdate(e["module"], e["layer"], u, v))
@@ -237,8 +256,17 @@ def load_delta(path: str | os.PathLike) -> Delta:
     return Delta(updates, meta, str(path), pairs)
 
 
+def _check_neurons(where: str, i: int, tensors: dict, edit: dict) -> None:
+    try:
+        neurons.check(where, i, tensors, edit, MAX_FACTOR_NORM)
+    except ValueError as e:
+        raise DeltaError(str(e)) from None
+
+
 def _parts(meta: dict, edit: dict) -> tuple[str, ...]:
     """The tensors the metadata announces for one edit."""
+    if neurons.is_neurons(edit):
+        return neurons.parts(edit)
     if not meta.get("key_values"):
         return ("u", "v")
     return ("u", "v", "k_star", "v_star") + (("protected",) if edit.get("protected_keys") else ())
@@ -274,6 +302,12 @@ def check_applicable(delta: Delta, lm: LoadedModel) -> None:
             expected = edited_module_name(lm.model, up.layer)
         except (ValueError, ModelError) as e:
             raise DeltaError(f"{where}: edits[{i}].layer: {e}") from None
+        if isinstance(up, NeuronUpdate):
+            try:
+                neurons.check_fits(where, i, up, lm)
+            except ValueError as e:
+                raise DeltaError(str(e)) from None
+            continue
         if up.module != expected:  # a delta may only touch the edit module of its layer
             raise DeltaError(f"{where}: edits[{i}].module: {up.module} is not layer {up.layer}'s edit module "
                              f"({expected})")
@@ -298,6 +332,7 @@ class EditedModel:
         self.deltas: list[Delta] = []
         self.scales: torch.Tensor | None = None  # each edit's share of its change, when the stack is calibrated
         self._base: dict[str, torch.Tensor] = {}
+        self._widths: dict[int, int] = {}  # layer -> its MLP's hidden units in the base model (gated edits)
 
     def compose(self, deltas: list[Delta], joint: "JointSolve | None" = None) -> None:
         """base + deltas: the sum of their factors (default), or with ``joint`` the one update that the
@@ -309,28 +344,37 @@ class EditedModel:
             joint.check(deltas)
         for d in deltas:
             for up in d.updates:
-                if up.module not in self._base:  # untouched so far, so still the base weight
+                if isinstance(up, NeuronUpdate):
+                    if up.layer not in self._widths:  # untouched so far, so still the base model's width
+                        self._widths[up.layer] = hidden_width(self.lm.model, up.layer)
+                elif up.module not in self._base:  # untouched so far, so still the base weight
                     self._base[up.module] = read_weight(self.lm.model, up.module)
         self.scales = None
         if joint is None:
             updates = [up for d in deltas for up in d.updates]
-        elif joint.margin > 0 and deltas:
+        elif joint.margin > 0 and deltas and not any(is_gated(d) for d in deltas):
             self.scales = self.calibrate(deltas, joint)
             updates = joint.updates(deltas, self._base, self.scales)
         else:
             updates = joint.updates(deltas, self._base)
-        self._write(updates)
+        self._write(updates, deltas)
         self.deltas = list(deltas)
 
     def reset(self) -> None:
         self.compose([])
 
-    def _write(self, updates: list[RankOneUpdate]) -> None:
-        """Base weights, then the updates on top."""
+    def _write(self, updates: list, deltas: list[Delta] = ()) -> None:
+        """Base weights and widths, then the rank-one ``updates`` added and the neurons of ``deltas`` appended
+        in the canonical order (``neurons.canonical``: the same weights whatever the deltas' order)."""
+        for layer, width in self._widths.items():
+            cut_neurons(self.lm.model, layer, width)
         for name, w in self._base.items():
             write_weight(self.lm.model, name, w)
         for up in updates:
-            add_rank_one(self.lm.model, up.module, up.u, up.v)
+            if isinstance(up, RankOneUpdate):
+                add_rank_one(self.lm.model, up.module, up.u, up.v)
+        for up in neurons.canonical(deltas):
+            add_neurons(self.lm.model, up)
 
     def calibrate(self, deltas: list[Delta], joint: "JointSolve") -> torch.Tensor:
         """Each edit's share s_j of its change (stack.margin): the least, to 2^-rounds, at which its
@@ -367,7 +411,7 @@ class EditedModel:
 
 def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict[int, Stats],
                   progress: Callable[[int, EditResult], None] | None = None, root: Path = Path("."),
-                  onto: list[Delta] = ()) -> Delta:
+                  onto: list[Delta] = (), corpus=None) -> Delta:
     """Apply a manifest's edits one after another with ROME and return them as a delta.
 
     The model is left as it was (the base): the delta alone carries the edits. ``root``: the folder
@@ -376,7 +420,8 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
 
     ``onto``: deltas of an existing stack (with k*/v* pairs) to apply onto: the edits are computed on
     base + their sum, every insert also holds their edits' keys fixed, and the new delta is meant to be
-    added to them (its metadata lists them under ``onto``).
+    added to them (its metadata lists them under ``onto``). ``corpus``: the statistics' text (the gated
+    insert fits its gate against its first tokens; default the Wikipedia excerpt).
     """
     layers = [manifest.layer_of(e, params.layer) for e in manifest.edits]
     for d in onto:
@@ -384,7 +429,8 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
         check_applicable(d, lm)
     modules = {edited_module_name(lm.model, l) for l in layers} | {up.module for d in onto for up in d.updates}
     saved = {m: read_weight(lm.model, m) for m in modules}
-    editor = Rome(lm, params, lambda layer: stats[layer].second_moment, root)
+    widths = {l: hidden_width(lm.model, l) for l in layers}  # the gated insert appends units: cut back after
+    editor = Rome(lm, params, lambda layer: stats[layer].second_moment, root, corpus=corpus)
     probe = lambda e: edit_probabilities(lm, e.prompt, e.target, e.target_true)  # noqa: E731
     hold: dict[int, list[torch.Tensor]] = {}
     for d in onto:
@@ -397,10 +443,13 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
                                {layer: torch.stack(keys) for layer, keys in hold.items()})
         after = [probe(e) for e in manifest.edits]
     finally:
+        for layer, width in widths.items():
+            cut_neurons(lm.model, layer, width)
         for m, w in saved.items():
             write_weight(lm.model, m, w)
+    gated = any(isinstance(r.update, NeuronUpdate) for r in results)
     meta = {
-        "format": DELTA_FORMAT,
+        "format": neurons.NEURON_FORMAT if gated else DELTA_FORMAT,
         "romeflow_version": __version__,
         "method": editor.name,
         "manifest": {"name": manifest.name, "sha256": manifest.sha256, "canonical": manifest.canonical()},
@@ -415,9 +464,8 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
         "threads": torch.get_num_threads(),
         "device": lm.device.type,
         "context_prefixes": editor.prefixes,
-        "edits": [{"index": i, "module": r.update.module, "layer": r.update.layer,
-                   "d_in": r.update.v.shape[0], "d_out": r.update.u.shape[0],
-                   **({"rank": r.update.u.shape[1]} if r.update.u.dim() == 2 else {}), "steps": len(r.nll_trace) - 1,
+        "edits": [{"index": i, "module": r.update.module, "layer": r.update.layer, **_shape_meta(r),
+                   "steps": len(r.nll_trace) - 1,
                    "final_nll": r.nll_trace[-1], "before": b, "after": a, "protected": list(r.protected),
                    **({"held": r.held} if r.held else {}), **({"scale": r.scale} if r.scale != 1.0 else {}),
                    **({"centroid": True} if r.family.get("centroid") else {})}
@@ -426,8 +474,18 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
     if onto:
         meta["onto"] = [{"manifest": d.name, "tensors_sha256": d.meta.get("tensors_sha256")
                      or tensors_sha256(delta_tensors(d), len(d.updates))} for d in onto]
-    pairs = [KeyValue(r.update.module, r.update.layer, r.k_star, r.v_star, r.protected_keys) for r in results]
+    pairs = None if gated else [KeyValue(r.update.module, r.update.layer, r.k_star, r.v_star, r.protected_keys)
+                                for r in results]
     return Delta([r.update for r in results], meta, pairs=pairs)
+
+
+def _shape_meta(r: EditResult) -> dict:
+    """An edit's shape fields: d_in, d_out (and rank) of its factors, or of its units (and their gate)."""
+    up = r.update
+    if isinstance(up, NeuronUpdate):
+        return {"d_in": up.gate.shape[1], "d_out": up.down.shape[0], "neurons": up.width,
+                "mlp": "gated" if up.up is not None else "bias", "gate": r.family["gate"]}
+    return {"d_in": up.v.shape[0], "d_out": up.u.shape[0], **({"rank": up.u.shape[1]} if up.u.dim() == 2 else {})}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,6 +500,20 @@ def require_pairs(delta: Delta, why: str = "stack.method: joint") -> None:
                          f"romeflow stored them); {why} needs them: recompute it with `romeflow apply` or `dvc repro`")
 
 
+def check_onto(manifest: Manifest, onto: list[Delta]) -> None:
+    """Refuse to apply a manifest onto deltas that already edit one of its facts (the same subject and
+    relation): that edit's key is held by the stack, so there is nothing left to write. One line naming
+    the manifest's edit and the delta (ManifestError), before any model is loaded."""
+    for d in onto:
+        theirs = {(e["subject"], e["relation"]): j for j, e in enumerate(d.meta["manifest"]["canonical"]["edits"])}
+        for i, e in enumerate(manifest.edits):
+            j = theirs.get((e.subject, e.relation))
+            if j is not None:
+                raise ManifestError(f"{manifest.path}: edits[{i}]: '{e.subject}' with relation '{e.relation}' is "
+                                    f"already edited by {d.path or d.name} (edits[{j}]); apply onto the stack without "
+                                    f"that delta, or revert it first")
+
+
 def calibration_prompts(delta: Delta, rewrite: str, prefixes: int) -> list[str]:
     """The prompts whose mean margin calibrates an edit: its rewrite prompt, and after ``prefixes`` of
     the delta's own context prefixes (those v* was optimised over), evenly spaced over the list."""
@@ -453,6 +525,11 @@ def calibration_prompts(delta: Delta, rewrite: str, prefixes: int) -> list[str]:
     return [rewrite] + [own[i] + rewrite for i in picks]
 
 
+def is_gated(delta: Delta) -> bool:
+    """A delta of the gated insert: hidden units added to an MLP, not a linear update."""
+    return any(isinstance(up, NeuronUpdate) for up in delta.updates)
+
+
 def edits(deltas: list[Delta]) -> list[tuple[Delta, int]]:
     """Every edit of a stack, in order: (delta, index of the edit in it)."""
     return [(d, i) for d in deltas for i in range(len(d.updates))]
@@ -460,7 +537,7 @@ def edits(deltas: list[Delta]) -> list[tuple[Delta, int]]:
 
 class JointSolve:
     """The composed update of a stack, recomputed from all its deltas' (k*, v*) pairs in one call of
-    ``rome.joint_insert`` per edited module (docs/method.md, "The joint stack solve").
+    ``joint.joint_insert`` per edited module (docs/method.md, "The joint stack solve").
 
     second_moment: layer -> C (the statistics the deltas were computed with); ridge, null_space
     (the threshold of ``null_space_basis``) and protect (hold each edit's protected keys fixed) are
@@ -488,8 +565,17 @@ class JointSolve:
         return self._solvers[layer]
 
     def check(self, deltas: list[Delta]) -> None:
+        """Linear deltas need their k*/v* pairs; gated ones (neurons) are composed as they are, so a stack of
+        gated deltas passes, and a stack that mixes both is refused (one line naming one of each)."""
+        gated = [d for d in deltas if is_gated(d)]
+        if gated and len(gated) < len(deltas):
+            linear = next(d for d in deltas if not is_gated(d))
+            raise DeltaError(f"stack.method: joint: {gated[0].path or gated[0].name} is a gated edit and "
+                             f"{linear.path or linear.name} a linear one; the joint solve re-solves linear edits "
+                             f"only: recompute them with one rome.insert, or use stack.method: sum")
         for d in deltas:
-            require_pairs(d)
+            if not is_gated(d):
+                require_pairs(d)
 
     @staticmethod
     def protected_rows(d: Delta, i: int, kv: KeyValue, edited: set[str]) -> torch.Tensor | None:
@@ -510,8 +596,11 @@ class JointSolve:
         """One rank-≤n update per module, from the base weights (module -> (d_out, d_in)).
 
         scales: one per edit of the stack, in the order of ``edits(deltas)``: edit j asks for
-        W k_j + s_j (v_j − W k_j) (the calibration of ``EditedModel.compose``); None: all 1."""
+        W k_j + s_j (v_j − W k_j) (the calibration of ``EditedModel.compose``); None: all 1. A stack of
+        gated deltas has no linear update to solve ([]): its neurons are appended as they are."""
         self.check(deltas)
+        if any(is_gated(d) for d in deltas):
+            return []
         by_module: dict[str, list[tuple[Delta, int, KeyValue]]] = {}
         share: dict[str, list[float]] = {}
         for j, (d, i) in enumerate(edits(deltas)):

@@ -21,7 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from .deltas import Delta, check_applicable, check_distinct
+from .deltas import Delta, check_applicable, check_distinct, is_gated
+from ..engine.gated import add_neurons, cut_neurons, hidden_width, zero_units
+from ..engine.models import arch_of, num_layers
 from ..io import atomic_folder
 from ..engine.models import LoadedModel
 
@@ -40,11 +42,28 @@ def provenance(lm: LoadedModel, deltas: list[Delta], fmt: str) -> dict:
 
 
 def write_merged(out: Path, lm: LoadedModel, deltas: list[Delta]) -> None:
-    """``--format hf``: the model as it is now (base + deltas composed by the caller), tokenizer included."""
-    with atomic_folder(out) as tmp:  # built under .romeflow-tmp-..., renamed
-        lm.model.save_pretrained(tmp, safe_serialization=True)
-        lm.tokenizer.save_pretrained(tmp)
-        (tmp / PROVENANCE).write_text(json.dumps(provenance(lm, deltas, "hf"), indent=1))
+    """``--format hf``: the model as it is now (base + deltas composed by the caller), tokenizer included.
+
+    Gated edits widen their layer's MLP; a standard config has one MLP width for every layer, so the
+    other layers get zero units up to the widest (φ(0)·0 = 0 and a zero column: they add exactly nothing)
+    and the config's width field says the new width. The live model is put back as it was afterwards."""
+    model = lm.model
+    widths = [hidden_width(model, layer) for layer in range(num_layers(model))]
+    field = arch_of(model).width
+    saved_width = getattr(model.config, field)
+    try:
+        for layer, width in enumerate(widths):
+            if width < max(widths):
+                add_neurons(model, zero_units(model, layer, max(widths) - width))
+        setattr(model.config, field, max(widths))
+        with atomic_folder(out) as tmp:  # built under .romeflow-tmp-..., renamed
+            model.save_pretrained(tmp, safe_serialization=True)
+            lm.tokenizer.save_pretrained(tmp)
+            (tmp / PROVENANCE).write_text(json.dumps(provenance(lm, deltas, "hf"), indent=1))
+    finally:
+        setattr(model.config, field, saved_width)
+        for layer, width in enumerate(widths):
+            cut_neurons(model, layer, width)
 
 
 def lora_factors(deltas: list[Delta]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -92,6 +111,9 @@ def write_peft(out: Path, lm: LoadedModel, deltas: list[Delta], base: str) -> di
     check_distinct(deltas)
     for d in deltas:
         check_applicable(d, lm)
+        if is_gated(d):
+            raise ValueError(f"{d.path or d.name}: --format peft: a gated edit adds hidden units to an MLP, which a "
+                             f"LoRA adapter cannot express; export it with --format hf")
     if not deltas:
         raise ValueError("--format peft: needs at least one delta")
     factors = lora_factors(deltas)

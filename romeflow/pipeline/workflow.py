@@ -165,9 +165,15 @@ def edited_weights_sha256(lm: LoadedModel, deltas: list[Delta]) -> str:
     """sha256 over every module the deltas touch, as it is now: equal hashes = equal edited models."""
     h = hashlib.sha256()
     for name in sorted({up.module for d in deltas for up in d.updates}):
-        w = read_weight(lm.model, name).cpu().contiguous()
-        h.update(f"{name}|{tuple(w.shape)}|".encode())
-        h.update(w.view(torch.uint8).numpy().tobytes())
+        module = lm.model.get_submodule(name)
+        if hasattr(module, "weight"):  # a linear edit's projection
+            tensors = {"": read_weight(lm.model, name)}
+        else:  # a gated edit's MLP: every projection, widened by its units
+            tensors = dict(sorted(module.state_dict().items()))
+        for part, w in tensors.items():
+            w = w.cpu().contiguous()
+            h.update(f"{name}{'.' + part if part else ''}|{tuple(w.shape)}|".encode())
+            h.update(w.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

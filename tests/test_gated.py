@@ -1,0 +1,149 @@
+"""The gated insert (engine/gated.py, pipeline/neurons.py) on tiny random models of every architecture:
+the edit is exactly δ at the rewrite prompt and exactly nothing below the threshold; delta files, composition,
+revert and export keep that."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from romeflow.engine import gated, models
+from romeflow.engine.hooks import on_input, on_output, run_with_hooks
+from romeflow.engine.prompts import encode, subject_last_index
+from romeflow.engine.rome import EditRequest, Rome, RomeParams, apply_update
+from romeflow.pipeline.deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_delta, save_delta
+from romeflow.pipeline.manifests import Manifest, ManifestEdit
+
+from conftest import ARCHS, EDIT_LAYER
+
+PARAMS = RomeParams(layer=EDIT_LAYER, insert="gated", prefix_lengths=(3,), prefixes_per_length=2, steps=8, seed=0)
+CURIE = EditRequest("Pierre Curie", "{} worked in the field of", "medicine", "physics")
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+def mlp_output_at(lm, layer: int, text: str, position: int) -> torch.Tensor:
+    """The MLP's output (d_model,) at one token of a text."""
+    mlp = models.block_submodule(lm.model, layer, "mlp")
+    found = {}
+    batch = encode(lm.tokenizer, [text])
+    with torch.no_grad(), run_with_hooks(lm.model, [on_output(mlp, lambda _m, _i, out: found.__setitem__("y", out))]):
+        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return found["y"][0, position].detach().clone()
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_gated_edit_is_delta_at_the_prompt_and_exactly_nothing_below_the_threshold(tiny_lm, second_moment, corpus,
+                                                                                   model_type):
+    lm = tiny_lm(model_type)
+    stats = second_moment(model_type)
+    rome = Rome(lm, PARAMS, lambda layer: stats[layer], corpus=corpus)
+    result = rome.compute(CURIE)
+    up = result.update
+    assert isinstance(up, gated.NeuronUpdate) and up.width == 2
+    assert (up.up is not None) == (models.arch_of(lm.model).mlp_gate is not None)  # gated MLP: no bias
+    delta = result.v_star - rome.module_out(EDIT_LAYER, result.k_star)  # (d_model,) v* − W k*
+    at = subject_last_index(lm.tokenizer, CURIE.relation, CURIE.subject)
+    before = mlp_output_at(lm, EDIT_LAYER, CURIE.prompt, at)
+    width = gated.hidden_width(lm.model, EDIT_LAYER)
+    apply_update(lm.model, up)
+    assert gated.hidden_width(lm.model, EDIT_LAYER) == width + 2
+    after = mlp_output_at(lm, EDIT_LAYER, CURIE.prompt, at)
+    # At the rewrite prompt the gate is 1 (s = c = 1 there by construction, past τ₁): the edit adds δ, as Eq. 2
+    # maps k* to v*. The MLP sums its units in another order once widened: float32 rounding of sums of ~64
+    # terms, ~1e-6 relative to the output; 1e-4 of δ (which is comparable in size to it here) leaves a margin.
+    assert rel(after - before, delta) < 1e-4
+
+    # Below the threshold the two units are exactly 0: the input of the output projection, at every token of
+    # generic text, in the units' two coordinates.
+    down = models.edited_module(lm.model, EDIT_LAYER)
+    mlp = models.block_submodule(lm.model, EDIT_LAYER, "mlp")
+    seen = {}
+    text = rome.text_inputs(EDIT_LAYER)  # (N, d_model), the gate's own negatives
+    ids = encode(lm.tokenizer, ["The river flows through the old town and the city of Rome.",
+                                "Albert Einstein worked in the field of physics."])
+    with torch.no_grad(), run_with_hooks(lm.model, [on_input(mlp, lambda _m, a: seen.__setitem__("x", a[0])),
+                                                    on_input(down, lambda _m, a: seen.__setitem__("k", a[0]))]):
+        lm.model(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
+    x, k = seen["x"].reshape(-1, seen["x"].shape[-1]), seen["k"].reshape(-1, seen["k"].shape[-1])
+    x = torch.cat([x, text])
+    gate = rome.scratch["gate"]  # the edit's gate (engine/gated.py: Gate)
+    z0 = gated.exact_zero_below(lm.model, EDIT_LAYER)
+    s, c = gate.score(x), gate.c(x)
+    below = gate.beta * (s - torch.minimum(gate.low * c, gate.high * c)) <= -z0  # (N,) both pre-activations ≤ −z₀
+    assert below.float().mean() > 0.5  # most of generic text is below the threshold
+    units = gated.unit_activations(lm.model, EDIT_LAYER, x, 2)  # (N, 2) what the widened MLP computes
+    assert torch.equal(units[below].abs(), torch.zeros_like(units[below]))
+    assert torch.equal(k[:, -2:][below[:k.shape[0]]], torch.zeros_like(k[:, -2:][below[:k.shape[0]]]))
+    gated.cut_neurons(lm.model, EDIT_LAYER, width)
+    assert torch.equal(mlp_output_at(lm, EDIT_LAYER, CURIE.prompt, at), before)
+
+
+class _Stats:
+    def __init__(self, c):
+        self.second_moment, self.sha256 = c, "0" * 64
+        self.meta = {"corpus_id": "tiny", "corpus_sha256": "0" * 64, "tokens": 1}
+
+
+def gated_delta(lm, stats, corpus, name: str, subject: str, target: str, tmp_path):
+    edit = ManifestEdit(subject, "{} worked in the field of", target)
+    manifest = Manifest(str(tmp_path / f"{name}.yaml"), name, "0" * 64, (edit,))
+    delta = compute_delta(lm, manifest, PARAMS, {EDIT_LAYER: _Stats(stats[EDIT_LAYER])}, corpus=corpus)
+    path = tmp_path / f"{name}.safetensors"
+    save_delta(path, delta)
+    return load_delta(path)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt2"])
+def test_gated_deltas_compose_in_any_order_revert_bit_exactly_and_export(tiny_lm, second_moment, corpus,
+                                                                         model_type, tmp_path):
+    import transformers
+
+    from romeflow.pipeline.export import write_merged, write_peft
+
+    lm = tiny_lm(model_type)
+    stats = second_moment(model_type)
+    a = gated_delta(lm, stats, corpus, "a", "Pierre Curie", "medicine", tmp_path)
+    b = gated_delta(lm, stats, corpus, "b", "Albert Einstein", "music", tmp_path)
+    assert a.meta["format"] == "romeflow.delta/2" and a.meta["edits"][0]["neurons"] == 2 and a.pairs is None
+    base = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    edited = EditedModel(lm)
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+    edited.compose([a, b])
+    ab = weights()
+    edited.compose([b, a])
+    assert ab.keys() == weights().keys() and all(torch.equal(ab[k], v) for k, v in weights().items())  # any order
+    edited.compose([a])
+    only_a = weights()
+    edited.reset()
+    assert all(torch.equal(base[k], v) for k, v in weights().items()) and weights().keys() == base.keys()
+    edited.compose([a])
+    assert all(torch.equal(only_a[k], v) for k, v in weights().items())  # revert of b = a alone, bit for bit
+    edited.reset()
+    linear = compute_delta(lm, Manifest(str(tmp_path / "c.yaml"), "c", "0" * 64,
+                                        (ManifestEdit("Marie Curie", "{} was born in", "Rome"),)),
+                           RomeParams(layer=EDIT_LAYER, prefix_lengths=(3,), prefixes_per_length=2, steps=4),
+                           {EDIT_LAYER: _Stats(stats[EDIT_LAYER])})
+    save_delta(tmp_path / "c.safetensors", linear)
+    with pytest.raises(DeltaError, match="stack.method: joint: .* is a gated edit and .* a linear one"):
+        JointSolve(lambda layer: stats[layer]).check([a, load_delta(tmp_path / "c.safetensors")])
+    edited.compose([a, b])
+    with pytest.raises(ValueError, match="--format peft: a gated edit"):
+        write_peft(tmp_path / "peft", lm, [a, b], "base")
+
+    ids = encode(lm.tokenizer, [CURIE.prompt, "Albert Einstein worked in the field of"])
+    with torch.no_grad():
+        want = lm.model(input_ids=ids.input_ids, attention_mask=ids.attention_mask).logits
+    write_merged(tmp_path / "export", lm, [a, b])
+    assert all(torch.equal(ab[k], v) for k, v in weights().items())  # the live model is left as it was
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        got = stock(input_ids=ids.input_ids, attention_mask=ids.attention_mask).logits
+    # The exported model has zero units in every other layer (φ(0)·0 = 0 exactly) and the same weights in this
+    # one: the same computation up to the sums' order in the wider matmuls (float32, ~1e-7 relative).
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
