@@ -105,3 +105,30 @@ def test_factor_difference_is_relative_to_the_largest_stored_entry(project):
     assert diff == b.updates[0].v.abs().max().item() / 2 and rel == 0.5
     b.updates.append(b.updates[0])
     assert factor_difference(a, b) == (float("inf"), float("inf"))  # edits that do not line up
+
+
+def test_factor_difference_compares_a_gated_edits_units_too():
+    from romeflow.engine.gated import NeuronUpdate
+    from romeflow.pipeline.deltas import Delta
+
+    gen = torch.Generator().manual_seed(0)
+    units = lambda: NeuronUpdate("m.mlp", 1, torch.randn(2, 8, generator=gen), None,  # noqa: E731
+                                 torch.randn(2, generator=gen), torch.randn(8, 2, generator=gen))
+    a = units()
+    b = NeuronUpdate(a.module, a.layer, a.gate.clone(), None, a.bias.clone(), a.down * 2)
+    diff, rel = factor_difference(Delta([b], {}), Delta([a], {}))
+    assert diff == a.down.abs().max().item() and rel == 1.0  # |2x - x| / |x|: 1 (doubling is exact)
+    assert factor_difference(Delta([a], {}), Delta([a], {})) == (0.0, 0.0)
+    with_up = NeuronUpdate(a.module, a.layer, a.gate, a.gate.clone(), None, a.down)  # another MLP kind
+    assert factor_difference(Delta([with_up], {}), Delta([a], {})) == (float("inf"), float("inf"))
+
+
+def test_a_gated_delta_verifies_identical(project):
+    """The gated insert scores against the statistics' corpus: verify passes it as apply does."""
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("  lr: 0.1\n", "  lr: 0.1\n  insert: gated\n", 1))
+    r = cli(project, "apply", "edits/a.yaml", "--out", "deltas/a.safetensors")
+    assert r.exit_code == 0, r.output
+    assert load_delta(project / "deltas" / "a.safetensors").meta["format"] == "romeflow.delta/2"
+    code, rows = verify_json(project, "a")
+    assert code == 0 and rows[0]["result"] == "identical", rows

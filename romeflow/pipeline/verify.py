@@ -20,6 +20,7 @@ provenance check, whatever their size.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import tempfile
@@ -53,17 +54,25 @@ def threads_as_recorded(recorded: int | None) -> Iterator[int]:
             torch.set_num_threads(before)
 
 
+def _factors(update) -> dict[str, torch.Tensor | None]:
+    """An edit's tensors by name: u (d_out[, r]) and v (d_in[, r]) of a rank-one update, or gate, up,
+    bias and down of a gated edit's units (engine/gated.NeuronUpdate)."""
+    return {f.name: getattr(update, f.name) for f in dataclasses.fields(update) if f.name not in ("module", "layer")}
+
+
 def factor_difference(fresh: Delta, stored: Delta) -> tuple[float, float]:
-    """(max |Δ|, max |Δ| / max |stored factor|) over every edit's u and v; (inf, inf) when the edits do
-    not line up (count, module or shapes)."""
+    """(max |Δ|, max |Δ| / max |stored factor|) over every tensor of every edit, each relative to its own
+    largest entry; (inf, inf) when the edits do not line up (count, kind, module or shapes)."""
     if len(fresh.updates) != len(stored.updates):
         return math.inf, math.inf
     worst_abs, worst_rel = 0.0, 0.0
     for a, b in zip(fresh.updates, stored.updates):
-        if a.module != b.module or a.u.shape != b.u.shape or a.v.shape != b.v.shape:
+        fa, fb = _factors(a), _factors(b)
+        if type(a) is not type(b) or a.module != b.module or any(
+                (fa[k] is None) != (fb[k] is None) or (fa[k] is not None and fa[k].shape != fb[k].shape) for k in fa):
             return math.inf, math.inf
-        for x, y in ((a.u, b.u), (a.v, b.v)):  # (d_out[, r]) and (d_in[, r])
-            d, scale = (x - y).abs().max().item(), y.abs().max().item()
+        for k in (k for k in fa if fa[k] is not None):
+            d, scale = (fa[k] - fb[k]).abs().max().item(), fb[k].abs().max().item()
             worst_abs = max(worst_abs, d)
             worst_rel = max(worst_rel, d / scale if scale > 0 else (0.0 if d == 0 else math.inf))
     return worst_abs, worst_rel
@@ -83,11 +92,12 @@ def compute_differences(stored: Delta, lm: LoadedModel, threads: int) -> list[st
 
 
 def verify_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict, stored: Delta,
-                 root: Path = Path(".")) -> dict:
+                 root: Path = Path("."), corpus=None) -> dict:
     """Recompute ``stored`` from its manifest (with its recorded thread count) and compare: byte-identical
-    files, else the factors' max |difference|, absolute and relative to the stored factor's max |entry|."""
+    files, else the factors' max |difference|, absolute and relative to the stored factor's max |entry|.
+    ``corpus``: the statistics' corpus, as `apply` passes it (the gated insert scores against its text)."""
     with threads_as_recorded(stored.meta.get("threads")) as threads:
-        fresh = compute_delta(lm, manifest, params, stats, root=root)
+        fresh = compute_delta(lm, manifest, params, stats, root=root, corpus=corpus)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fresh.safetensors"
         save_delta(path, fresh)
@@ -109,7 +119,7 @@ def verify_manifest(lm: LoadedModel, layout: Layout, settings: Params, name: str
     stored = load_delta(layout.delta(name))
     issues = provenance_issues(stored, m, lm.fingerprint, stats_hashes(layout), settings.rome)
     layers = sorted({m.layer_of(e, settings.rome.layer) for e in m.edits})
-    v = verify_delta(lm, m, settings.rome, stats_for(layers), stored, layout.root)
+    v = verify_delta(lm, m, settings.rome, stats_for(layers), stored, layout.root, settings.stats.corpus_source())
     ok = v["identical"] or v["max_rel_diff"] <= rtol or v["max_abs_diff"] <= atol
     why = f" ({'; '.join(v['compute'])})" if v["compute"] else ""
     v["result"] = ("identical" if v["identical"] else f"equal factors{why}" if v["max_abs_diff"] == 0 else
