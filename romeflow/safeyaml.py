@@ -4,7 +4,8 @@ On top of PyYAML's safe loader it refuses what could make a small file mean some
 things at once: anchors and aliases (an "alias bomb" of a few hundred bytes expands to gigabytes),
 merge keys (``<<``), duplicate keys (the second ``rome:`` section would silently win), files over
 ``MAX_FILE_BYTES``, strings over ``MAX_STRING``, keys over ``MAX_KEY``, nesting deeper than
-``MAX_DEPTH`` and more than ``MAX_NODES`` values. It is checked on the node tree before anything is
+``MAX_DEPTH``, more than ``MAX_NODES`` values and numbers written with more than ``MAX_NUMBER``
+characters (Python refuses to convert an integer of over 4,300 digits, without saying where). It is checked on the node tree before anything is
 constructed, so refusing costs no more than reading the file once.
 
 Floats are read as YAML 1.2 (and DVC) read them: ``1e-3`` is a number, not the string PyYAML 1.1 makes.
@@ -19,11 +20,15 @@ from pathlib import Path
 
 import yaml
 
+from .io import check_input
+
 MAX_FILE_BYTES = 1 << 20  # 1 MiB
 MAX_STRING = 10_000  # characters in any one string (fields have tighter limits in their schemas)
 MAX_KEY = 200  # characters in a mapping key
 MAX_DEPTH = 32  # nested mappings / lists
 MAX_NODES = 100_000  # values in one document
+MAX_NUMBER = 100  # characters in a number (an int or a float as YAML resolves it)
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
 class YamlError(ValueError):
@@ -64,6 +69,8 @@ class _Loader(yaml.SafeLoader):
         if isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_STRING:
             what = "key" if parent is not None and index is None else "value"
             raise _Refused(here, f"{what} is {len(event.value)} characters long, more than the {MAX_STRING} allowed")
+        if isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_NUMBER and self._is_number(event):
+            raise _Refused(here, f"a number of {len(event.value)} characters, more than the {MAX_NUMBER} allowed")
         self._path = here
         try:
             node = super().compose_node(parent, index)
@@ -72,6 +79,11 @@ class _Loader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             self._check_keys(node, here)
         return node
+
+    def _is_number(self, event: yaml.ScalarEvent) -> bool:
+        """Whether the scalar would be constructed as an int or a float (plain, or tagged !!int/!!float)."""
+        tag = event.tag if event.tag not in (None, "!") else self.resolve(yaml.ScalarNode, event.value, event.implicit)
+        return tag in _NUMBER_TAGS
 
     @staticmethod
     def _check_keys(node: yaml.MappingNode, here: list) -> None:
@@ -126,7 +138,7 @@ def loads(text: str | bytes, name: str | os.PathLike) -> object:
 
 def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:
     """The file's bytes, refusing (without reading them all) a file over MAX_FILE_BYTES."""
-    path = Path(path)
+    path = check_input(path, what, YamlError)  # a FIFO would block open()
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)

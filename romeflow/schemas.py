@@ -34,8 +34,12 @@ def _where(path) -> str:
 
 
 def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    """A number as itself; anything else by its kind only: a message never echoes text from the file (a
+    params file or manifest that is a link to /etc/passwd must not show it)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return {str: "a string", list: "a list", dict: "a mapping"}.get(type(value), f"a {type(value).__name__}")
 
 
 _TYPES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",

@@ -9,11 +9,15 @@ CLI paths and names, outputs, faults.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
+import socket
+import stat
 import time
 import tracemalloc
 from pathlib import Path
@@ -75,11 +79,19 @@ def built(tmp_path_factory, model_dir):
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry's kind and mode, with a file's sha256 and a link's target; FIFOs, sockets and devices
+    are never opened (reading a FIFO would block)."""
     out = {}
     for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = ("dir", p.stat().st_mode) if p.is_dir() else (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                                                  p.stat().st_mode)
+        rel, st = str(p.relative_to(root)), p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = ("link", os.readlink(p))
+        elif stat.S_ISDIR(st.st_mode):
+            out[rel] = ("dir", st.st_mode)
+        elif stat.S_ISREG(st.st_mode):
+            out[rel] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mode)
+        else:
+            out[rel] = ("special", st.st_mode, st.st_rdev)
     return out
 
 
@@ -167,6 +179,33 @@ def both(*setups):
     return setup
 
 
+def symlink(rel: str, target: str):
+    def setup(root: Path):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).unlink(missing_ok=True)
+        (root / rel).symlink_to(target)
+    return setup
+
+
+def special(rel: str, kind: str):
+    """A FIFO, a character device (the null device, as `mknod F c 1 3` makes it) or a Unix socket at ``rel``."""
+    def setup(root: Path):
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.unlink(missing_ok=True)
+        if kind == "fifo":
+            os.mkfifo(p)
+        elif kind == "chr":
+            try:
+                os.mknod(p, stat.S_IFCHR | 0o644, os.makedev(1, 3))
+            except PermissionError:
+                pytest.skip("mknod needs CAP_MKNOD")
+        else:
+            with contextlib.chdir(root), socket.socket(socket.AF_UNIX) as s:
+                s.bind(rel)  # relative: a socket's path is limited to ~100 bytes
+    return setup
+
+
 def strip_pairs(t, m):
     """A delta as written before k*/v* were stored: factors only."""
     for k in [k for k in t if k.endswith((".k_star", ".v_star", ".protected"))]:
@@ -248,7 +287,7 @@ CASES = [
 
     # ---- params.yaml ----------------------------------------------------------------------------
     ("params-steps-negative", params_edit("  steps: 6", "  steps: -1"), APPLY, ["params.yaml: rome.steps: must be >= 1, got -1"]),
-    ("params-lr-string", params_edit("  lr: 0.1", "  lr: abc"), APPLY, ["params.yaml: rome.lr: must be a number, got 'abc'"]),
+    ("params-lr-string", params_edit("  lr: 0.1", "  lr: abc"), APPLY, ["params.yaml: rome.lr: must be a number, got a string"]),
     ("params-lr-zero", params_edit("  lr: 0.1", "  lr: 0"), APPLY, ["params.yaml: rome.lr: must be > 0, got 0"]),
     ("params-lr-nan", params_edit("  lr: 0.1", "  lr: .nan"), APPLY, ["params.yaml: rome.lr: must be a finite number"]),
     ("params-protect-source-missing", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_sources: [wikipedia, names.txt]"),
@@ -257,7 +296,7 @@ CASES = [
      ["params.yaml: stats.tokens: must be >= 1, got -5"]),
     ("params-seq-len-one", params_edit("  seq_len: 64", "  seq_len: 1"), ("stats",), ["params.yaml: stats.seq_len: must be >= 2, got 1"]),
     ("params-layer-word", params_edit("  layer: 1", "  layer: one"), APPLY,
-     ["params.yaml: rome.layer: must be an integer", "or 'auto' or 'default', got 'one'"]),
+     ["params.yaml: rome.layer: must be an integer", "or 'auto' or 'default', got a string"]),
     ("params-layer-beyond-model", params_edit("  layer: 1", "  layer: 9"), ("stats", "--out", "s.safetensors"),
      ["params.yaml: rome.layer: must be a layer of the model, 0 to 2, got 9"]),
     ("params-layer-auto-untraced", params_edit("  layer: 1", "  layer: auto"), APPLY,
@@ -296,7 +335,7 @@ CASES = [
     ("params-model-number", params_edit("model: ", "model: 3\n#"), APPLY, ["params.yaml: model: must be a string or a mapping, got 3"]),
     # ---- model: placement (device, dtype, device_map) -----------------------------------------
     ("params-model-device-unknown", params_edit("model: ", "model:\n  device: gpu\n  name: "), APPLY,
-     ["params.yaml: model.device: must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"]),
+     ["params.yaml: model.device: must be auto, cpu, mps, cuda or cuda:N, got a string"]),
     ("params-model-dtype-unknown", params_edit("model: ", "model:\n  dtype: float8\n  name: "), APPLY,
      ["params.yaml: model.dtype: must be"]),
     ("params-model-unknown-field", params_edit("model: ", "model:\n  precision: half\n  name: "), APPLY,
@@ -323,7 +362,7 @@ CASES = [
     ("params-protect-sources-empty", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_sources: []"), APPLY,
      ["params.yaml: rome.protect_sources: must not be empty"]),
     ("params-insert-unknown", params_edit("  lr: 0.1", "  lr: 0.1\n  insert: gated2"), APPLY,
-     ["params.yaml: rome.insert: must be 'rank-one' or 'family' or 'entity'", "got 'gated2'"]),
+     ["params.yaml: rome.insert: must be 'rank-one' or 'family' or 'entity'", "got a string"]),
     ("params-insert-not-a-name", params_edit("  lr: 0.1", "  lr: 0.1\n  insert: [entity]"), APPLY,
      ["params.yaml: rome.insert:"]),
     ("params-removed-option", params_edit("  lr: 0.1", "  lr: 0.1\n  protect_weight: 0.3"), APPLY,
@@ -395,7 +434,7 @@ CASES = [
     ("manifest-add-conflicting", manifest(A_CONFLICT, "c2"), ("add", "edits/c2.yaml"),
      ["edits/c2.yaml: edits[0].target: conflicts with edits/a.yaml edits[0]"]),
     ("params-stack-method", params_edit("  window: 64", "  window: 64\n  method: product"), ("stack",),
-     ["params.yaml: stack.method:", "product"]),
+     ["params.yaml: stack.method: must be 'sum' or 'joint', got a string"]),
     ("params-stack-ridge-negative", params_edit("  window: 64", "  window: 64\n  ridge: -1"), ("stack",),
      ["params.yaml: stack.ridge: must be >= 0, got -1"]),
     ("params-stack-null-space", params_edit("  window: 64", "  window: 64\n  null_space: 2"), ("stack",),
@@ -510,6 +549,91 @@ CASES = [
     ("fault-params-unreadable-yaml", write("params.yaml", "rome: [\n"), APPLY, ["params.yaml: invalid YAML at line 2"]),
 ]
 
+# Issue 20 §5: outputs that are inputs, outputs and inputs that are not regular files, numbers too long
+# to convert, prompts too long, layers that only `apply` checked, symlink loops.
+FACTS = '[{"known_id": 0, "subject": "Pierre Curie", "attribute": " physics", "prompt": "Pierre Curie worked in"}]'
+TRACE = ("trace", "Pierre Curie worked in", "--subject", "Pierre Curie")
+DIGITS = "9" * 5000
+CASES += [
+    ("out-is-input-apply-manifest", None, APPLY[:-1] + ("edits/curie.yaml",),
+     ["--out edits/curie.yaml: is also an input (the manifest edits/curie.yaml)"]),
+    ("out-is-input-apply-stats", None, APPLY[:-1] + ("stats/layer1.safetensors",),
+     ["--out stats/layer1.safetensors: is also an input (--stats stats/layer1.safetensors)"]),
+    ("out-is-input-apply-onto", None, APPLY[:-1] + ("deltas/a.safetensors", "--onto", "deltas/a.safetensors"),
+     ["--out deltas/a.safetensors: is also an input (--onto deltas/a.safetensors)"]),
+    ("out-is-input-apply-params", None, APPLY[:-1] + ("params.yaml",),
+     ["--out params.yaml: is also an input (the params file params.yaml)"]),
+    ("out-is-input-eval-delta", None,
+     ("eval", "edits/curie.yaml", "--delta", "deltas/curie.safetensors", "--out", "deltas/curie.safetensors"),
+     ["--out deltas/curie.safetensors: is also an input (--delta deltas/curie.safetensors)"]),
+    ("out-is-input-eval-default-delta", None, ("eval", "edits/curie.yaml", "--out", "deltas/curie.safetensors"),
+     ["--out deltas/curie.safetensors: is also an input (the delta deltas/curie.safetensors)"]),
+    ("out-is-input-eval-manifest", None, ("eval", "edits/curie.yaml", "--details", "edits/curie.yaml", "--out", "r.json"),
+     ["--details edits/curie.yaml: is also an input (the manifest edits/curie.yaml)"]),
+    ("out-is-details-eval", None, ("eval", "edits/curie.yaml", "--out", "S.json", "--details", "S.json"),
+     ["--details S.json: is also --out S.json"]),
+    ("out-is-input-stack-md", None, ("stack", "--md", "params.yaml"), ["--md params.yaml: is also an input (the params file"]),
+    ("out-is-input-stack-delta", None, ("stack", "--out", "deltas/a.safetensors"),
+     ["--out deltas/a.safetensors: is also an input (the delta deltas/a.safetensors)"]),
+    ("out-is-md-stack", None, ("stack", "--out", "r.json", "--md", "r.json"), ["--md r.json: is also --out r.json"]),
+    ("out-is-input-stats-corpus", None, ("stats", "--corpus", "data/corpus0.txt", "--out", "data/corpus0.txt"),
+     ["--out data/corpus0.txt: is also an input (--corpus data/corpus0.txt)"]),
+    ("out-is-input-stats-params-corpus", None, ("stats", "--out", "data/corpus1.txt"),
+     ["--out data/corpus1.txt: is also an input (params.yaml: stats.corpus data/corpus1.txt)"]),
+    ("out-is-input-trace", None, TRACE + ("--out", "params.yaml"), ["--out params.yaml: is also an input (the params file"]),
+    ("out-is-plot-trace", None, TRACE + ("--plot", "t.png", "--plot", "t.png"), ["--plot t.png: is also --plot t.png"]),
+    ("out-is-input-trace-average-rows", write("data/facts.json", FACTS),
+     ("trace-average", "--facts", "data/facts.json", "--rows", "data/facts.json", "--out", "tr"),
+     ["--rows data/facts.json: is also an input (--facts data/facts.json)"]),
+    ("out-is-device-apply", special("devnull", "chr"), APPLY[:-1] + ("devnull",),
+     ["--out devnull: is a character device, not a regular file; refusing to replace it"]),
+    ("out-is-fifo-eval", special("r.fifo", "fifo"), ("eval", "edits/curie.yaml", "--out", "r.fifo"),
+     ["--out r.fifo: is a FIFO (named pipe), not a regular file"]),
+    ("out-is-socket-stats", special("s.sock", "sock"), ("stats", "--out", "s.sock"), ["--out s.sock: is a socket"]),
+    ("out-is-device-trace-rows", both(write("data/facts.json", FACTS), special("rows.jsonl", "chr")),
+     ("trace-average", "--facts", "data/facts.json", "--rows", "rows.jsonl", "--out", "tr"), ["--rows rows.jsonl: is a character device"]),
+    ("fifo-manifest-apply", special("edits/bad.yaml", "fifo"), APPLY_BAD,
+     ["edits/bad.yaml: manifest is a FIFO (named pipe), not a regular file"]),
+    ("fifo-manifest-add", special("edits/bad.yaml", "fifo"), ("add", "edits/bad.yaml"), ["edits/bad.yaml: manifest is a FIFO"]),
+    ("fifo-manifest-eval", special("edits/bad.yaml", "fifo"), ("eval", "edits/bad.yaml"), ["edits/bad.yaml: manifest is a FIFO"]),
+    ("device-manifest", special("edits/bad.yaml", "chr"), APPLY_BAD, ["edits/bad.yaml: manifest is a character device"]),
+    ("socket-manifest", special("edits/bad.yaml", "sock"), APPLY_BAD, ["edits/bad.yaml: manifest is a socket"]),
+    ("fifo-params", special("p.yaml", "fifo"), None, ["p.yaml: params file is a FIFO (named pipe)"]),
+    ("fifo-delta", special("deltas/bad.safetensors", "fifo"), GEN_BAD,
+     ["deltas/bad.safetensors: delta file is a FIFO (named pipe), not a regular file"]),
+    ("socket-delta", special("deltas/bad.safetensors", "sock"), GEN_BAD, ["deltas/bad.safetensors: delta file is a socket"]),
+    ("delta-symlink-loop", symlink("deltas/bad.safetensors", "bad.safetensors"), GEN_BAD,
+     ["deltas/bad.safetensors: delta file is a symbolic link loop"]),
+    ("delta-dangling-symlink", symlink("deltas/bad.safetensors", "gone.safetensors"), GEN_BAD,
+     ["deltas/bad.safetensors: delta file is a symbolic link to a missing file"]),
+    ("fifo-stats", special("stats/bad.safetensors", "fifo"), APPLY + ("--stats", "stats/bad.safetensors"),
+     ["stats/bad.safetensors: statistics file is a FIFO (named pipe)"]),
+    ("fifo-records", special("r.json", "fifo"), ("bench", "zsre", "--records", "r.json", "--methods", "rome"),
+     ["r.json: zsRE records file is a FIFO (named pipe)"]),
+    ("fifo-facts", special("data/facts.json", "fifo"), ("trace-average", "--facts", "data/facts.json"),
+     ["data/facts.json: facts file is a FIFO (named pipe)"]),
+    ("manifest-5000-digit-layer", edit_field("layer", DIGITS), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].layer: a number of 5000 characters, more than the 100 allowed"]),
+    ("manifest-5000-digit-float", edit_field("layer", DIGITS + ".5"), APPLY_BAD,
+     ["edits/bad.yaml: edits[0].layer: a number of 5002 characters"]),
+    ("params-5000-digit-steps", params_edit("  steps: 6", "  steps: " + DIGITS), APPLY,
+     ["params.yaml: rome.steps: a number of 5000 characters, more than the 100 allowed"]),
+    ("records-5000-digit", write("r.json", '[{"subject": ' + DIGITS + '}]'),
+     ("bench", "zsre", "--records", "r.json", "--methods", "rome"), ["r.json: invalid JSON (a number of more than"]),
+    ("cli-generate-prompt-too-long", None, ("generate", "w " * 3000), ["PROMPT: is 6000 characters long, more than the 2000 allowed"]),
+    ("cli-trace-prompt-too-long", None, ("trace", "Pierre Curie " + "w " * 1000, "--subject", "Pierre Curie"),
+     ["PROMPT: is 2013 characters long, more than the 2000 allowed"]),
+    ("cli-trace-target-too-long", None, TRACE + ("--target", "t" * 201), ["--target: is 201 characters long, more than the 200"]),
+    ("params-layer-999-status", params_edit("  layer: 1", "  layer: 999"), ("status",),
+     ["params.yaml: rome.layer: must be a layer of the model, 0 to 2, got 999"]),
+    ("manifest-layer-beyond-model-status", manifest("layer: 7\n" + CURIE, "a"), ("status",),
+     ["edits/a.yaml: layer: must be a layer of the model, 0 to 2, got 7"]),
+    ("manifest-symlink-to-passwd", symlink("edits/bad.yaml", "/etc/passwd"), APPLY_BAD,
+     ["edits/bad.yaml: (top level): must be a mapping, got a string"]),
+]
+SPECIAL_ARGV_20 = {"fifo-params": ("--params", "p.yaml", "status")}
+
+
 # The bad deltas the issue reproduced, for each command that composes deltas.
 NAN = set_tensor("edits.0.u", lambda u: u * float("nan"))
 INF = set_tensor("edits.0.v", lambda v: v.index_fill(0, torch.tensor([0]), float("inf")))
@@ -545,12 +669,28 @@ CASES += [delta_case(f, c) for f in DELTA_FAULTS for c in DELTA_COMMANDS]
 SPECIAL_ARGV = {
     "fault-stack-heldout-missing": ("stack",),
     "fault-params-missing": ("--params", "nope.yaml", "status"),
+    **SPECIAL_ARGV_20,
 }
 
 
 def special_setup(case_id: str, root: Path) -> None:
     if case_id == "fault-stack-heldout-missing":
         (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("  - b\n", ""))
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """SIGALRM after ``seconds``: a call blocked in open() (a FIFO) raises TimeoutError instead of hanging."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s (blocked on a FIFO?)")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture
@@ -578,11 +718,13 @@ def test_bad_input(project, case_id, setup, argv, expected):
         cwd = os.getcwd()
         os.chdir(project)
         try:
-            r = CliRunner().invoke(main, list(argv))
+            with deadline(60):
+                r = CliRunner().invoke(main, list(argv))
         finally:
             os.chdir(cwd)
     else:
-        r = cli(project, *argv)
+        with deadline(60):  # a FIFO opened for reading blocks: fail, never hang
+            r = cli(project, *argv)
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.exit_code != 0, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)  # no traceback
@@ -809,7 +951,8 @@ def test_a_full_disk_while_writing_leaves_no_temporary_and_no_target(project, mo
 
     monkeypatch.setattr(deltas_module, "save_file", full)
     r = cli(project, "apply", "edits/curie.yaml", "--stats", "stats/layer1.safetensors", "--out", "full/d.safetensors")
-    assert r.exit_code != 0 and r.stderr.strip().splitlines()[-1] == "Error: [Errno 28] No space left on device"
+    assert r.exit_code != 0 and r.stderr.strip().splitlines()[-1] == ("Error: full/d.safetensors: cannot write (No "
+                                                                       "space left on device)")
     assert not (project / "full" / "d.safetensors").exists() and list((project / "full").iterdir()) == []
 
 
@@ -849,7 +992,7 @@ def test_embedded_conversion_is_atomic_and_its_leftovers_are_removed(tmp_path, m
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match="cannot write [(]No space left on device[)]"):  # io.OutputError, one line
         models.convert_embedded("fake-model", cache)
     assert list(target.parent.iterdir()) == []  # nothing half-built left
     leftover = target.parent / f".romeflow-tmp-999999999-{target.name}.abc"  # a killed conversion's
@@ -967,3 +1110,148 @@ def test_kill_9_leaves_no_partial_target_and_the_next_run_cleans_up(project, com
         assert r.exit_code == 0, r.output
         assert not list(folder.glob(".romeflow-tmp-*")) and _tree(target) == reference, stall
         shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 20 §5: what the corpus above cannot show (a real device, a size limit, links, locks, signals)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_dev_null_is_refused_as_an_output_and_never_replaced(project):
+    from romeflow.io import OutputError, atomic_path, check_writable
+
+    null = Path("/dev/null")
+    if not null.is_char_device():
+        pytest.skip("no /dev/null")
+    before = null.stat()
+    with pytest.raises(OutputError, match="^--out /dev/null: is a character device, not a regular file"):
+        check_writable(null, "--out")
+    with pytest.raises(OutputError, match="^/dev/null: is a character device"):  # the writer itself refuses too
+        with atomic_path(null) as tmp:
+            tmp.write_text("never")
+    r = cli(project, *APPLY[:-1], "/dev/null")
+    assert r.exit_code != 0 and r.stderr.strip() == "Error: --out /dev/null: is a character device, not a regular " \
+                                                    "file; refusing to replace it", r.stderr
+    after = null.stat()
+    assert (after.st_ino, after.st_rdev, stat.S_ISCHR(after.st_mode)) == (before.st_ino, before.st_rdev, True)
+
+
+@pytest.mark.parametrize("what, limit", [("apply", 2048), ("export", 60 * 1024), ("peft", 512)])
+def test_a_file_size_limit_is_one_line_and_leaves_nothing(project, what, limit):
+    """`ulimit -f`: the write fails with EFBIG (SIGXFSZ ignored), reported as one line naming the output."""
+    import resource
+    import subprocess
+    import sys
+
+    out = {"apply": "out/d.safetensors", "export": "out/model", "peft": "out/adapter"}[what]
+    argv = {"apply": APPLY[:-1] + (out,), "export": ("export", out, "--delta", "deltas/curie.safetensors"),
+            "peft": ("export", "--format", "peft", out, "--delta", "deltas/curie.safetensors")}[what]
+    (project / "out").mkdir()
+
+    def small_files():  # in the child, before exec: files larger than `limit` bytes cannot be written
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # as a shell starts it: the signal would kill romeflow
+
+    r = subprocess.run([sys.executable, "-m", "romeflow.cli", "--params", "params.yaml", "--cache", "cache", *argv],
+                       cwd=project, capture_output=True, text=True, preexec_fn=small_files,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    errors = [l for l in r.stderr.splitlines() if l.startswith("Error:")]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert errors == [r.stderr.strip().splitlines()[-1]] and errors[0].startswith(f"Error: {out}: cannot write ("), r.stderr
+    assert "File too large" in errors[0], errors
+    assert list((project / "out").iterdir()) == []  # no target, no temporary
+
+
+@pytest.mark.parametrize("command", ["add", "revert"])
+def test_a_symlinked_params_file_is_written_through_the_link(project, command):
+    real = project / "config" / "params.yaml"
+    real.parent.mkdir()
+    (project / "params.yaml").rename(real)
+    (project / "params.yaml").symlink_to("config/params.yaml")
+    r = cli(project, *(("add", "edits/curie.yaml") if command == "add" else ("revert", "a")))
+    assert r.exit_code == 0, r.output
+    assert (project / "params.yaml").is_symlink() and os.readlink(project / "params.yaml") == "config/params.yaml"
+    assert read_manifests(real) == (["a", "b", "curie"] if command == "add" else ["b"])
+    assert not [p for p in real.parent.iterdir() if p.name.startswith(".romeflow-tmp")]
+
+
+def test_add_says_that_it_waits_for_the_lock_and_gives_up_after_wait(project):
+    import fcntl
+
+    fd = os.open(project / ".params.yaml.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another add/revert holds the registry
+        before = snapshot(project)
+        t = time.perf_counter()
+        with deadline(60):
+            r = cli(project, "add", "edits/curie.yaml", "--wait", "1")
+        took = time.perf_counter() - t
+    finally:
+        os.close(fd)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.exit_code == 1 and 1 <= took < 30, (r.output, took)
+    assert len(lines) == 2 and lines[0].startswith("waiting for the lock on params.yaml"), lines
+    assert lines[1] == ("Error: params.yaml: manifests: another romeflow add/revert held the lock "
+                        ".params.yaml.lock for 1 s (--wait); try again"), lines
+    assert snapshot(project) == before
+    r = cli(project, "add", "edits/curie.yaml")  # released: registers at once, without a word of waiting
+    assert r.exit_code == 0 and "waiting" not in r.stderr and read_manifests(project / "params.yaml")[-1] == "curie"
+
+
+@pytest.mark.parametrize("path", ["secret", "/etc/passwd"])
+@pytest.mark.parametrize("as_what", ["manifest", "params"])
+def test_a_refused_file_is_never_echoed(project, path, as_what):
+    secret = "sesame-open-42 the vault code is 1234"
+    if path == "secret":
+        (project / "outside" / "secret.txt").write_text(secret + "\n")
+        path = str(project / "outside" / "secret.txt")
+    elif not Path(path).is_file():
+        pytest.skip(f"no {path}")
+    content = Path(path).read_text(errors="replace")
+    link = project / ("edits/bad.yaml" if as_what == "manifest" else "p.yaml")
+    link.symlink_to(path)
+    argv = APPLY_BAD if as_what == "manifest" else ("--params", "p.yaml", "status")
+    with contextlib.chdir(project):
+        r = CliRunner().invoke(main, ["--cache", "cache", *(() if as_what == "params" else ("--params", "params.yaml")),
+                                      *argv])
+    line = r.stderr.strip()
+    assert r.exit_code == 1 and line.startswith(f"Error: {link.relative_to(project)}: "), line
+    echoed = [content[i:i + 8] for i in range(len(content) - 8) if content[i:i + 8].strip() and content[i:i + 8] in line]
+    assert not echoed, (line, echoed[:3])
+
+
+def test_eval_of_a_manifest_with_another_manifests_delta_warns(project):
+    r = cli(project, "eval", "edits/curie.yaml", "--delta", "deltas/a.safetensors")
+    warnings = [l for l in r.stderr.splitlines() if l.startswith("warning:")]
+    assert r.exit_code == 0, r.output
+    assert warnings == ["warning: deltas/a.safetensors: computed from the manifest 'a', not from edits/curie.yaml; "
+                        "the scores are of edits/curie.yaml's prompts on another edit"], r.stderr
+    r = cli(project, "eval", "edits/curie.yaml")  # its own delta: no warning
+    assert r.exit_code == 0 and "warning:" not in r.stderr, r.stderr
+
+
+def _interrupted_cli(root: str, argv: list[str], stalled) -> None:
+    """The CLI in a forked child, as a user runs it (exit status from sys.exit), stalled mid-write."""
+    import romeflow.pipeline.deltas as deltas_module
+
+    def half(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a delta")
+        stalled.set()
+        time.sleep(600)
+    deltas_module.save_file = half
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.chdir(root)
+    main(["--params", "params.yaml", "--cache", "cache", *argv])
+
+
+def test_sigint_exits_130_and_removes_the_temporaries(project):
+    ctx = multiprocessing.get_context("fork")
+    stalled = ctx.Event()
+    child = ctx.Process(target=_interrupted_cli, args=(str(project), list(APPLY[:-1]) + ["new/d.safetensors"], stalled))
+    child.start()
+    assert stalled.wait(120)
+    assert list((project / "new").glob(".romeflow-tmp-*"))  # the half-written temporary exists now
+    os.kill(child.pid, signal.SIGINT)
+    child.join(60)
+    assert child.exitcode == 130
+    assert list((project / "new").iterdir()) == []  # no target, no temporary

@@ -8,6 +8,8 @@ register them."""
 from __future__ import annotations
 
 import re
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +21,7 @@ from .. import __version__
 from ..engine.models import (DEVICE_MAP_STRATEGIES, DEVICE_PATTERN, DTYPES, EMBEDDED, LoadedModel, ModelError, Placement,
                              cache_dir, layer_count, load_model, resolve)
 from ..engine.statistics import Stats, get_stats, load_stats
+from ..io import check_outputs
 from ..params import ConfigError, Params, check_layers, load_params
 from ..pipeline.deltas import DeltaError
 from ..pipeline.history import RevisionError
@@ -52,6 +55,9 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # SIGINT: the writers have removed their temporaries on the way out
+            click.echo("Error: interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
         except click.UsageError as e:
             if type(e).__name__ == "NoArgsIsHelpError":  # a group without its command: show its help
                 raise
@@ -79,6 +85,8 @@ def main(ctx, params_path, cache, threads, device, dtype, device_map):
     """romeflow: factual edits of language models (ROME) as versioned, reproducible artifacts."""
     import torch
 
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over a file-size limit a write fails (EFBIG), one line
     if threads:
         torch.set_num_threads(threads)
     if device is not None and not re.fullmatch(DEVICE_PATTERN, device):
@@ -163,6 +171,19 @@ def _tokenizer(ctx, spec: str):
 
     folder, _name, _fp = resolve(spec, cache_dir(ctx.obj["cache"]), log=lambda s: err.print(f"[dim]{s}[/dim]"))
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _check_outputs(ctx, outputs, inputs=()) -> None:
+    """io.check_outputs, with the params file among the inputs: no output may replace what is read."""
+    params = _params_path(ctx)
+    extra = [(params, f"the params file {params}")] if params.is_file() else []
+    check_outputs(outputs, [*inputs, *extra])
+
+
+def _check_text(value: str | None, name: str, limit: int) -> None:
+    """A text given on the command line (a prompt, a subject), at most ``limit`` characters."""
+    if value is not None and len(value) > limit:
+        raise ValueError(f"{name}: is {len(value)} characters long, more than the {limit} allowed")
 
 
 def _params_path(ctx) -> Path:

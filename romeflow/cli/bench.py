@@ -13,10 +13,10 @@ from rich.table import Table
 from ..engine.models import sha256_file
 from ..engine.protect import check_sources
 from ..engine.rome import RomeParams
-from ..io import check_writable
+from ..io import check_input
 from ..params import ConfigError, check_layers
 from ..pipeline.deltas import JointSolve
-from . import _check_layers, _load, _params_path, _settings, _stats_for, _tokenizer, console, err, main
+from . import _check_layers, _check_outputs, _load, _params_path, _settings, _stats_for, _tokenizer, console, err, main
 
 
 @main.group()
@@ -83,7 +83,10 @@ def _run_bench(ctx, kind: str, records_path, n, methods, out, model_spec, refere
     names += list(variant_params)
     params.update(variant_params)
     out = Path(out or Path("reports") / "bench" / kind)
-    check_writable(out, "--out", folder=True)
+    _check_outputs(ctx, [(out, "--out", True)], [(records_path, f"--records {records_path}"),
+                                                 (references_path, f"--references {references_path}")])
+    if references_path:
+        check_input(references_path, "--references file")  # a FIFO would block the read
     for p in params.values():
         if isinstance(p, RomeParams):
             check_sources(p.protect_sources, _params_path(ctx).parent, str(_params_path(ctx)))
@@ -254,7 +257,7 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
         joints[name] = stack_params
         names.append(name)
     out = Path(out)
-    check_writable(out, "--out", folder=True)
+    _check_outputs(ctx, [(out, "--out", True)], [(records_path, f"--records {records_path}")])
     root = _params_path(ctx).parent
     check_sources(settings.rome.protect_sources, root, str(_params_path(ctx)))
     heldout = root / settings.stack.heldout

@@ -9,8 +9,10 @@ import click
 from rich.table import Table
 
 from ..engine.models import cache_dir
-from ..io import check_writable
-from . import _load, _params_path, _settings, console, err, main
+from ..engine.prompts import MAX_PROMPT_CHARS
+from . import _check_outputs, _check_text, _load, _params_path, _settings, console, err, main
+
+MAX_ANSWER_CHARS = 200  # a subject or a target, as in a manifest (schemas/manifest.schema.json)
 
 
 def _trace_params(ctx, **overrides):
@@ -47,15 +49,16 @@ def trace(ctx, prompt, subject, target, model_spec, samples, window, noise_scale
 
     from ..tracing.causal import write_trace, trace_prompt
 
+    for text, name, limit in ((prompt, "PROMPT", MAX_PROMPT_CHARS), (subject, "--subject", MAX_ANSWER_CHARS),
+                              (target, "--target", MAX_ANSWER_CHARS)):
+        _check_text(text, name, limit)
     for p in plots:
         if Path(p).suffix not in (".png", ".svg"):
             raise click.BadParameter(f"{p}: must end in .png or .svg", param_hint="--plot")
     if subject not in prompt:
         raise ValueError(f"--subject: {subject!r} not found in the prompt {prompt!r}")
     settings, params = _trace_params(ctx, samples=samples, window=window, noise_scale=noise_scale, seed=seed)
-    for path, option in [(out, "--out")] + [(p, "--plot") for p in plots]:
-        if path:
-            check_writable(path, option)
+    _check_outputs(ctx, [(out, "--out")] + [(p, "--plot") for p in plots])
     lm = _load(ctx, model_spec or settings.model)
     with tqdm(desc="restorations", unit="state", file=sys.stderr) as bar:
         result = trace_prompt(lm, prompt, subject, target, params, progress=bar.update,
@@ -102,9 +105,11 @@ def trace_average_cmd(ctx, facts_path, n, model_spec, samples, window, out, rows
 
     settings, params = _trace_params(ctx, n=n, samples=samples, window=window)
     root = _params_path(ctx).parent  # params.yaml's paths are relative to its folder (the project root)
+    facts_label = f"--facts {facts_path}" if facts_path else f"{settings.path}: trace.facts {root / params.facts}"
     facts_path = facts_path or root / params.facts
     load_facts(facts_path)  # fail on a bad file before loading the model
-    check_writable(Path(out) if out else root / params.out, "--out", folder=True)
+    _check_outputs(ctx, [(Path(out) if out else root / params.out, "--out", True), (rows_path, "--rows")],
+                   [(facts_path, facts_label)])
     lm = _load(ctx, model_spec or settings.model)
     rows_path = rows_path or rows_file(cache_dir(ctx.obj["cache"]), lm, params, embedding_std(lm), facts_path)
     out = Path(out) if out else root / params.out

@@ -15,15 +15,15 @@ from ..engine.protect import check_sources, reference_names
 from ..engine.statistics import get_stats, load_stats, save_stats
 from ..evaluation.bystanders import TokenSharing
 from ..evaluation.scoring import greedy_continuation, next_token_top
-from ..io import check_writable
+from ..engine.prompts import MAX_PROMPT_CHARS
 from ..params import ConfigError, Params, check_layers
 from ..pipeline.deltas import check_onto, DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
-from ..pipeline.manifests import ManifestError, check_conflicts, load_manifest
+from ..pipeline.manifests import Manifest, ManifestError, check_conflicts, load_manifest
 from ..pipeline.names import BadName
 from ..pipeline.workflow import Layout, eval_manifest, eval_stack, gate_error
 from ..schemas import validate
-from . import (DELTAS_MODEL, _check_layers, _layer_uses, _layout, _load, _model_spec, _params_path, _settings, _stats_for,
-               console, err, main)
+from . import (DELTAS_MODEL, _check_layers, _check_outputs, _check_text, _layer_uses, _layout, _load, _model_spec,
+               _params_path, _settings, _stats_for, console, err, main)
 
 
 @main.command()
@@ -43,15 +43,17 @@ def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
     Edits are applied one after another; each edit's insert holds the earlier edits' keys fixed."""
     settings = _settings(ctx)
     m = settings.resolve_manifest(load_manifest(manifest))  # `layer: auto` -> the traced layer
-    onto = load_deltas(onto_paths)
-    for d in onto:
-        require_pairs(d, "--onto")
-    check_onto(m, onto)
     try:
         out = Path(out) if out else Layout().delta(m.name)
     except BadName as e:
         raise ManifestError(f"{manifest}: {e}; pass --out") from None
-    check_writable(out, "--out")
+    _check_outputs(ctx, [(out, "--out")], [(manifest, f"the manifest {manifest}"),
+                                           *((f, f"--stats {f}") for f in stats_files),
+                                           *((p, f"--onto {p}") for p in onto_paths)])
+    onto = load_deltas(onto_paths)
+    for d in onto:
+        require_pairs(d, "--onto")
+    check_onto(m, onto)
     check_sources(settings.rome.protect_sources, _params_path(ctx).parent, str(_params_path(ctx)))
     spec = model_spec or m.model or settings.model
     settings = settings.for_model(spec)  # without rome.layer: this model's default edit layer
@@ -99,15 +101,15 @@ def evaluate(ctx, manifest, deltas, out, details, use_gate, model_spec):
     if details and not out:
         raise click.UsageError("--details needs --out")
     settings = _settings(ctx)
-    for path, option in ((out, "--out"), (details, "--details")):
-        if path:
-            check_writable(path, option)
     m = load_manifest(manifest)
     try:
         paths = deltas or [_layout(ctx).delta(m.name)]
     except BadName as e:
         raise ManifestError(f"{manifest}: {e}; pass --delta") from None
+    _check_outputs(ctx, [(out, "--out"), (details, "--details")],
+                   [(manifest, f"the manifest {manifest}"), *((p, f"{'--delta' if deltas else 'the delta'} {p}") for p in paths)])
     loaded = load_deltas(paths)
+    _warn_if_not_its_delta(m, loaded)
     gate = settings.gate if use_gate else None
     sharing = _sharing(ctx, settings)  # the reference names, read before the model loads
     lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
@@ -157,6 +159,16 @@ def _print_other_subjects(others: list[dict], k: int) -> None:
                           + ("" if k else " (eval.token_neighbors: 0)"), highlight=False)
 
 
+def _warn_if_not_its_delta(m: Manifest, deltas: list) -> None:
+    """One line on stderr when none of the deltas was computed from this manifest: the scores would be
+    of its prompts on another edit (legitimate, e.g. to see what an edit does to other facts)."""
+    if deltas and not any(d.name == m.name for d in deltas):
+        names = ", ".join(repr(d.name) for d in deltas)
+        click.echo(f"warning: {', '.join(str(d.path) for d in deltas)}: computed from the manifest"
+                   f"{'s' if len(deltas) > 1 else ''} {names}, not from {m.path}; the scores are of {m.path}'s "
+                   f"prompts on another edit", err=True)
+
+
 @main.command()
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Stack report (JSON, schemas/stack.schema.json) [default: reports/stack.json].")
@@ -177,9 +189,11 @@ def stack(ctx, out, markdown, plots_dir, use_gate):
     settings = _settings(ctx)
     layout = _layout(ctx)
     out = Path(out or layout.stack_report)
-    for path, option, folder in ((out, "--out", False), (markdown or layout.stack_markdown, "--md", False),
-                                 (plots_dir or layout.plots, "--plots", True)):
-        check_writable(path, option, folder)
+    reads = [(p, f"the {what} {p}") for n in settings.manifests
+             for p, what in ((layout.manifest(n), "manifest"), (layout.delta(n), "delta"))]
+    _check_outputs(ctx, [(out, "--out"), (markdown or layout.stack_markdown, "--md"),
+                         (plots_dir or layout.plots, "--plots", True)],
+                   reads + [(layout.root / settings.stack.heldout, f"{settings.path}: stack.heldout")])
     manifests = [load_manifest(layout.manifest(n)) for n in settings.manifests]
     check_conflicts(manifests)
     deltas = load_deltas(layout.delta(n) for n in settings.manifests)
@@ -238,6 +252,7 @@ def _joint_solve(ctx, lm: LoadedModel, settings: Params, layout: Layout, deltas:
 @click.pass_context
 def generate(ctx, prompt, deltas, model_spec, max_new_tokens, top_k, as_json):
     """Next-token ranking and a greedy continuation of PROMPT, on base + deltas."""
+    _check_text(prompt, "PROMPT", MAX_PROMPT_CHARS)
     settings = _settings(ctx)
     loaded = load_deltas(deltas)
     lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
@@ -288,8 +303,11 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpo
     layers = [l for _, l in uses]
     if out:
         targets = [Path(out)] if len(layers) == 1 else [Path(out) / f"layer{l}.safetensors" for l in layers]
-        for t in targets:
-            check_writable(t, "--out")
+        given = settings.stats.corpus if not corpus_files else ()
+        corpus_inputs = [(f, f"--corpus {f}") for f in corpus_files] + \
+            [(f, f"{settings.path}: stats.corpus {f}") for f in ((given,) if isinstance(given, str) else given)
+             if f != "wikipedia"]
+        _check_outputs(ctx, [(t, "--out") for t in targets], corpus_inputs)
     _check_layers(ctx, spec, uses)
     corpus_spec = tuple(corpus_files) if corpus_files else settings.stats.corpus
     corpus = corpus_from(corpus_spec)
@@ -347,7 +365,7 @@ def export(ctx, out, deltas, model_spec, fmt):
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out}: already exists; choose a new folder")
-    check_writable(out, "OUT", folder=True)
+    _check_outputs(ctx, [(out, "OUT", True)], [(p, f"--delta {p}") for p in deltas])
     settings = _settings(ctx)
     loaded = load_deltas(deltas)
     reports = _eval_reports(ctx, loaded)

@@ -14,6 +14,11 @@ import torch
 
 from .models import final_hidden, logits_at
 
+# The longest prompt read from the command line (`generate`, `trace`) or a records file (docs/limits.md):
+# a manifest's prompt is at most a relation (1,000) with a subject (200) in it; the forward passes of a
+# prompt cost time and memory linear to quadratic in its length.
+MAX_PROMPT_CHARS = 2000
+
 
 def continuation(target: str) -> str:
     """How a target follows its prompt: 'medicine' -> ' medicine' (kept as is if it has a space)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import check_input
 from .models import LoadedModel, keys_at
 from .prompts import encode, fill, subject_last_index
 
@@ -56,6 +57,7 @@ def wikipedia_names() -> tuple[str, ...]:
 
 def _file_names(path: Path) -> list[str]:
     """A JSON list (of names, or of records with a 'subject' field) or a text file, one name a line."""
+    check_input(path, "reference names file", ProtectError)  # a FIFO would block the read
     try:
         text = path.read_text()
     except OSError as e:

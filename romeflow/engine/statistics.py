@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..io import atomic_path
+from ..io import atomic_path, check_input
 from .models import LoadedModel, edited_module_name, keys_at, sha256_file, weight_shape
 from .prompts import pad
 
@@ -63,6 +63,7 @@ def text_files_corpus(paths: Iterable[str | os.PathLike]) -> Corpus:
     paths = [Path(p) for p in paths]
     h = hashlib.sha256()
     for p in paths:
+        check_input(p, "corpus file")
         if not p.is_file():
             raise FileNotFoundError(f"{p}: corpus file not found")
         h.update(f"{p.name}:{sha256_file(p)}\n".encode())
@@ -320,7 +321,7 @@ def load_stats(path: str | os.PathLike) -> Stats:
     """Read and check a statistics file: metadata fields, one float32 (d, d) tensor, finite, symmetric,
     non-negative diagonal, and its sha256 against the metadata's ``tensor_sha256`` (files written
     before that field existed are accepted without it). Problems are ValueErrors, one line."""
-    path = Path(path)
+    path = check_input(path, "statistics file")  # a FIFO, a link loop: said, never opened
     if not path.is_file():
         raise FileNotFoundError(f"{path}: statistics file not found")
     try:

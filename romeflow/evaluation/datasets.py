@@ -10,7 +10,8 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..engine.prompts import fill
+from ..engine.prompts import MAX_PROMPT_CHARS, fill
+from ..io import check_input, json_number_problem
 from ..engine.rome import EditRequest
 
 
@@ -19,13 +20,15 @@ class DatasetError(ValueError):
 
 
 def _read_list(path: str | Path, what: str) -> list:
-    path = Path(path)
+    path = check_input(path, f"{what} records file", DatasetError)  # a FIFO would block the read
     try:
         data = json.loads(path.read_text())
     except OSError as e:
         raise DatasetError(f"{path}: cannot read {what} records ({e.strerror})") from e
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from e
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise DatasetError(f"{path}: invalid JSON ({json_number_problem(e)})") from e
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of {what} records")
     return data
@@ -35,6 +38,8 @@ def _text(raw: dict, key: str) -> str:
     value = raw[key]
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"'{key}' (must be a non-empty string)")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"'{key}' (is {len(value)} characters long, more than the {MAX_PROMPT_CHARS} allowed)")
     return value
 
 
@@ -44,6 +49,8 @@ def _texts(raw: dict, key: str, default=None) -> tuple[str, ...]:
     value = raw[key]
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise ValueError(f"'{key}' (must be a list of non-empty strings)")
+    if any(len(v) > MAX_PROMPT_CHARS for v in value):
+        raise ValueError(f"'{key}' (a string longer than the {MAX_PROMPT_CHARS} characters allowed)")
     return tuple(value)
 
 

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..evaluation.scoring import edit_probabilities
-from ..io import atomic_path
+from ..io import atomic_path, check_input
 from .manifests import Manifest, ManifestError
 from ..engine.models import LoadedModel, ModelError, edited_module_name, read_weight, weight_shape, write_weight
 from ..engine.prompts import fill
@@ -189,7 +189,7 @@ def save_delta(path: str | os.PathLike, delta: Delta) -> None:
 
 def load_delta(path: str | os.PathLike) -> Delta:
     """Read and check a delta file (module docstring); every problem is a DeltaError, one line."""
-    path = Path(path)
+    path = check_input(path, "delta file", DeltaError)  # a FIFO, a link loop: said, never opened
     if not path.is_file():
         raise DeltaError(f"{path}: delta file not found")
     try:
@@ -460,6 +460,9 @@ def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats
         "hyperparameters": params.to_dict(),
         "seed": params.seed,
         **({} if lm.dtype == torch.float32 else {"dtype": str(lm.dtype).removeprefix("torch.")}),
+        # where and with how many CPU threads: the order of float operations, so the last bits (romeflow verify)
+        "threads": torch.get_num_threads(),
+        "device": lm.device.type,
         "context_prefixes": editor.prefixes,
         "edits": [{"index": i, "module": r.update.module, "layer": r.update.layer, **_shape_meta(r),
                    "steps": len(r.nll_trace) - 1,

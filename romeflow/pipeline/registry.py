@@ -6,7 +6,10 @@ changed. Supported forms: a block list (``manifests:`` then ``  - name`` lines, 
 between them), a flow list (``manifests: [a, b]``), an empty value, or no key at all.
 
 Every change holds an exclusive lock (``fcntl.flock`` on ``.params.yaml.lock`` beside the file),
-re-reads the file under it and replaces it atomically, so concurrent `add`/`revert` lose nothing.
+re-reads the file under it and replaces it atomically, so concurrent `add`/`revert` lose nothing. A
+lock held by another process is waited for, at most ``wait`` seconds (``on_wait`` is told once, so the
+user knows why nothing happens). A params file that is a symbolic link is written through the link:
+its target is replaced atomically and the link stays.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import contextlib
 import fcntl
 import os
 import re
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import yaml
 
@@ -38,13 +42,34 @@ def check_name(name: str, where: str) -> None:
         raise ConfigError(f"{where}: {e}") from None
 
 
+WAIT = 60.0  # seconds add/revert wait for another one's lock by default (their --wait)
+
+
+def _target(params: Path) -> Path:
+    """The file a params path names: a symbolic link's target (written through the link), else itself."""
+    return Path(os.path.realpath(params)) if params.is_symlink() else params
+
+
 @contextlib.contextmanager
-def params_lock(params: Path) -> Iterator[None]:
-    """An exclusive lock on params.yaml's registry (a lock file beside it), released on exit."""
-    lock = params.parent / f".{params.name}.lock"
+def params_lock(params: Path, wait: float = WAIT, on_wait: Callable[[Path], None] | None = None) -> Iterator[None]:
+    """An exclusive lock on params.yaml's registry (a lock file beside the file), released on exit.
+    Held by another process: ``on_wait(lock)``, then retried until ``wait`` seconds have passed."""
+    lock = _target(params).parent / f".{_target(params).name}.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        give_up = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= give_up:
+                    raise ConfigError(f"{params}: manifests: another romeflow add/revert held the lock {lock.name} "
+                                      f"for {wait:g} s (--wait); try again") from None
+                if on_wait is not None:
+                    on_wait(lock)
+                    on_wait = None
+                time.sleep(min(0.05, wait))
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -120,7 +145,8 @@ def edit_manifest_list(text: str, add: str | None = None, remove: str | None = N
 
 
 def _write_list(params: Path, add: str | None = None, remove: str | None = None) -> None:
-    """Under the lock: re-read, check (the file as it is now), edit one line, check again, replace."""
+    """Under the lock: re-read, check (the file as it is now), edit one line, check again, replace (the
+    link's target, for a params file that is a symbolic link)."""
     try:
         text = safeyaml.read_bytes(params, "params file").decode("utf-8") if params.exists() else ""
     except (safeyaml.YamlError, UnicodeDecodeError) as e:
@@ -141,25 +167,26 @@ def _write_list(params: Path, add: str | None = None, remove: str | None = None)
     if after is None or after.get("manifests") != want or {**before, "manifests": want} != after:
         raise ConfigError(f"{params}: manifests: cannot edit this list without touching the rest of the file; "
                           f"edit it by hand")
-    write_text_atomic(params, new)
+    write_text_atomic(_target(params), new)
 
 
-def register(params: Path, name: str) -> None:
+def register(params: Path, name: str, wait: float = WAIT, on_wait: Callable[[Path], None] | None = None) -> None:
     """Append ``name`` to params.yaml ``manifests:``; error if it is there already."""
     check_name(name, f"{params}: manifests")
     if params.exists() and name in read_manifests(params):  # refused before the lock file is made
         raise ConfigError(f"{params}: manifests: '{name}' is already registered")
-    with params_lock(params):
+    with params_lock(params, wait, on_wait):
         _write_list(params, add=name)
 
 
-def unregister(params: Path, name: str, then=None) -> None:
+def unregister(params: Path, name: str, then=None, wait: float = WAIT,
+               on_wait: Callable[[Path], None] | None = None) -> None:
     """Remove ``name`` from params.yaml ``manifests:`` (error if it is not there); ``then()``, if given,
     runs under the same lock (revert deletes the manifest's artifacts there)."""
     check_name(name, f"{params}: manifests")
     if not params.exists() or name not in read_manifests(params):  # refused before the lock file is made
         raise ConfigError(f"{params}: manifests: '{name}' is not registered")
-    with params_lock(params):
+    with params_lock(params, wait, on_wait):
         _write_list(params, remove=name)
         if then is not None:
             then()

@@ -1,5 +1,5 @@
 """The DVC workflow's library: project layout, per-manifest reports, the stack of all deltas, gates,
-and the provenance checks behind ``romeflow status`` and ``romeflow verify``.
+and the provenance checks behind ``romeflow status`` and ``romeflow verify`` (``verify.py``).
 
 Stages (dvc.yaml) and what they call here:
 
@@ -15,14 +15,12 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .deltas import Delta, DeltaError, EditedModel, JointSolve, compute_delta, load_delta, save_delta
+from .deltas import Delta, DeltaError, EditedModel, JointSolve, load_delta
 from ..evaluation.bystanders import Bystanders, TokenSharing
 from ..evaluation.scoring import base_references, evaluate_manifest, score_manifest, text_predictions
 from ..io import write_json_atomic, write_text_atomic
@@ -432,46 +430,3 @@ def _stack_state(layout: Layout, manifests: tuple[str, ...]) -> str:
         if not p.is_file() or sha256_file(p) != shas.get(name):
             return "stale"
     return "ok"
-
-
-def verify_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict, stored: Delta,
-                 root: Path = Path(".")) -> dict:
-    """Recompute ``stored`` from its manifest and compare: byte-identical files, else the factors'
-    max |difference| (inf when the edits do not line up)."""
-    fresh = compute_delta(lm, manifest, params, stats, root=root)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "fresh.safetensors"
-        save_delta(path, fresh)
-        identical = path.read_bytes() == Path(stored.path).read_bytes()
-    diff = 0.0
-    if len(fresh.updates) != len(stored.updates):
-        diff = math.inf
-    for a, b in zip(fresh.updates, stored.updates):
-        if a.module != b.module or a.u.shape != b.u.shape or a.v.shape != b.v.shape:
-            diff = math.inf
-            break
-        diff = max(diff, (a.u - b.u).abs().max().item(), (a.v - b.v).abs().max().item())
-    return {"name": manifest.name, "path": str(stored.path), "identical": identical, "max_abs_diff": diff,
-            "metadata_equal": json.loads(json.dumps(fresh.meta)) == stored.meta}
-
-
-def verify_manifest(lm: LoadedModel, layout: Layout, settings: Params, name: str,
-                    stats_for: Callable[[list[int]], dict], atol: float = 0.0) -> dict:
-    """``romeflow verify NAME``: provenance of deltas/NAME vs the current inputs, and a recomputation.
-
-    ``stats_for(layers)`` gives the statistics to recompute with. ``problems`` lists one line per failure.
-    """
-    m = settings.resolve_manifest(load_manifest(layout.manifest(name)))  # `layer: auto` -> the traced layer
-    stored = load_delta(layout.delta(name))
-    issues = provenance_issues(stored, m, lm.fingerprint, stats_hashes(layout), settings.rome)
-    layers = sorted({m.layer_of(e, settings.rome.layer) for e in m.edits})
-    v = verify_delta(lm, m, settings.rome, stats_for(layers), stored, layout.root)
-    ok = v["identical"] or v["max_abs_diff"] <= atol
-    v["result"] = ("identical" if v["identical"] else "equal factors" if v["max_abs_diff"] == 0 else
-                   "within tolerance" if ok else "DIFFERENT")
-    v["issues"] = issues
-    v["problems"] = [f"{stored.path}: {i}" for i in issues[:1]]
-    if not ok:
-        v["problems"].append(f"{stored.path}: differs from a recomputation "
-                             f"(max |Δ| of the factors = {v['max_abs_diff']:.3g})")
-    return v

@@ -41,8 +41,9 @@ from torch import nn
 
 from .. import __version__
 from ..engine.hooks import on_output, run_with_hooks
+from ..io import check_input, json_number_problem
 from ..engine.models import LoadedModel, blocks, block_submodule, final_hidden, input_device, logits_at, num_layers
-from ..engine.prompts import continuation, flush_denormals
+from ..engine.prompts import MAX_PROMPT_CHARS, continuation, flush_denormals
 
 KINDS = ("hidden", "mlp", "attn")  # block output (the residual stream), MLP output, attention output
 SEVERABLE = ("mlp", "attn")
@@ -378,13 +379,15 @@ class Fact:
 
 def load_facts(path: str | Path) -> list[Fact]:
     """known_1000.json-style records: {known_id, subject, attribute, prompt, ...}."""
-    path = Path(path)
+    path = check_input(path, "facts file")  # a FIFO would block the read
     try:
         raw = json.loads(path.read_text())
     except OSError as e:
         raise FileNotFoundError(f"{path}: cannot read the facts file ({e.strerror})") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise ValueError(f"{path}: invalid JSON ({json_number_problem(e)})") from e
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"{path}: must be a non-empty JSON list of facts")
     facts = []
@@ -394,6 +397,9 @@ def load_facts(path: str | Path) -> list[Fact]:
         for key in ("subject", "attribute", "prompt"):
             if not isinstance(r.get(key), str) or not r[key].strip():
                 raise ValueError(f"{path}: [{i}].{key}: missing or empty")
+            if len(r[key]) > MAX_PROMPT_CHARS:
+                raise ValueError(f"{path}: [{i}].{key}: is {len(r[key])} characters long, more than the "
+                                 f"{MAX_PROMPT_CHARS} allowed")
         if r["subject"] not in r["prompt"]:
             raise ValueError(f"{path}: [{i}].subject: {r['subject']!r} not found in the prompt")
         facts.append(Fact(int(r.get("known_id", i)), r["subject"], r["prompt"], r["attribute"]))
