@@ -27,7 +27,7 @@ import jsonschema
 from . import safeyaml
 from .evaluation.bench import GenerationParams
 from .engine.editors import METHOD_TABLE, FtParams, KnParams
-from .engine.inserts import INSERTS
+from .engine.inserts import INSERTS, spec_of
 from .engine.models import DEFAULT_MODEL, ModelError, Placement, default_layer
 from .pipeline.names import BadName, check_name
 from .engine.rome import RomeParams
@@ -132,6 +132,7 @@ class Params:
     rome: RomeParams = field(default_factory=RomeParams)  # rome.layer already resolved when layer_auto
     layer_auto: bool = False  # rome.layer is `auto`
     layer_default: bool = False  # rome.layer not set: the model's measured default (``for_model``)
+    layer_model: str | None = None  # the model that default was taken for (``for_model``; None: ``model``)
     trace: TraceParams = field(default_factory=TraceParams)
     manifests: tuple[str, ...] = ()
     stack: StackParams = field(default_factory=StackParams)
@@ -157,14 +158,23 @@ class Params:
 
     def for_model(self, spec: str) -> "Params":
         """These parameters for the model ``spec``: without rome.layer in the file, the edit layer is that
-        model's measured default (models.EMBEDDED); a model without one needs rome.layer (ConfigError)."""
+        model's measured default for the insert (models.EMBEDDED); a model without one needs rome.layer
+        (ConfigError)."""
         if not self.layer_default:
             return self
-        layer = default_layer(spec)
+        layer = default_layer(spec, spec_of(self.rome.insert).gated)
         if layer is None:
             raise ConfigError(f"{self.path}: rome.layer: {spec} has no measured default edit layer: "
                               f"set one (a layer index, or auto for the traced layer)")
-        return replace(self, rome=replace(self.rome, layer=layer))
+        return replace(self, rome=replace(self.rome, layer=layer), layer_model=spec)
+
+    def _own_layer(self, p: RomeParams, changes: dict = ()) -> RomeParams:
+        """A method's or variant's ROME parameters with the default layer of its own insert, when params.yaml
+        sets none and the variant does not either (the gated insert's measured layer differs)."""
+        if not self.layer_default or "layer" in changes:
+            return p
+        layer = default_layer(self.layer_model or self.model, spec_of(p.insert).gated)
+        return p if layer is None else replace(p, layer=layer)
 
     def resolve_manifest(self, manifest):
         """The manifest with every ``layer: auto`` replaced by the traced layer."""
@@ -178,13 +188,15 @@ class Params:
         if name not in METHOD_TABLE:
             raise ConfigError(f"--methods: unknown method '{name}' (known: {', '.join(METHOD_TABLE)})")
         method = METHOD_TABLE[name]
-        return method.derive(getattr(self, method.section))
+        p = method.derive(getattr(self, method.section))
+        return self._own_layer(p) if isinstance(p, RomeParams) else p
 
     def rome_variant(self, spec: str) -> tuple[str, RomeParams]:
         """``--variant NAME:key=value:...``: rome with those fields changed, checked by the rome rules."""
-        from .engine.editors import rome_variant
+        from .engine.editors import parse_variant, rome_variant
 
         name, p = rome_variant(spec, self.rome)
+        p = self._own_layer(p, parse_variant(spec, self.rome, "rome")[1])
         errors = validate_with(_section_validator("rome"), _plain(p))
         if errors:
             raise ConfigError(f"--variant {spec!r}: rome.{errors[0][0]}: {errors[0][1]}")

@@ -24,3 +24,14 @@ def test_every_named_insert_is_a_value_of_rome_insert():
         assert parse_params({"rome": {"insert": name}}).method("rome").insert == name
     with pytest.raises(ConfigError, match=r"rome\.insert: must be 'rank-one' or 'family' or 'entity'"):
         parse_params({"rome": {"insert": "gated-v0"}})
+
+
+def test_the_gated_insert_takes_its_own_measured_layer_unless_one_is_set():
+    p = parse_params({"model": "gemma-3-270m", "rome": {"layer": "default", "insert": "gated"}})
+    assert p.rome.layer == 3  # Gemma-3-270M's gated layer (docs/specificity.md); linear inserts: 1
+    linear = parse_params({"model": "gemma-3-270m", "rome": {"layer": "default", "insert": "family"}})
+    assert linear.rome.layer == 1 and linear.method("gated").layer == 3 and linear.method("entity").layer == 1
+    assert linear.rome_variant("g:insert=gated")[1].layer == 3
+    assert linear.rome_variant("g1:insert=gated:layer=1")[1].layer == 1  # a variant's own layer wins
+    assert parse_params({"rome": {"layer": 2, "insert": "family"}}).method("gated").layer == 2  # a set layer wins
+    assert linear.for_model("smollm2-135m").method("gated").layer == 4  # no gated layer measured there: its own

