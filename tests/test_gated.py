@@ -171,3 +171,29 @@ def test_gated_value_with_the_prompt_heads_cached_is_the_full_computation(tiny_l
     # per step, compounded over 8 Adam steps; 1e-3 relative is far above that and far below any real difference.
     assert len(trace_fast) == len(trace_full)
     torch.testing.assert_close(fast, full, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt2"])
+def test_a_protected_subject_gets_exactly_nothing(tiny_lm, second_moment, corpus, model_type):
+    """protect: subjects are the gate's negatives, and the fit checks that the gate is exactly closed at their
+    inputs (else one line naming them); the edit then adds exactly 0 there."""
+    import dataclasses
+
+    from romeflow.engine.rome import InsertError
+
+    lm = tiny_lm(model_type)
+    stats = second_moment(model_type)
+    rome = Rome(lm, PARAMS, lambda layer: stats[layer], corpus=corpus)
+    request = dataclasses.replace(CURIE, protect=("Marie Curie",))
+    try:
+        result = rome.compute(request)
+    except InsertError as e:  # a tiny random model may not separate them: then it says so, naming her
+        assert "protect: Marie Curie:" in str(e)
+        return
+    assert result.protected == ["Marie Curie"]
+    held = gated.held_inputs(rome, request, EDIT_LAYER)  # (h, d_model)
+    width = gated.hidden_width(lm.model, EDIT_LAYER)
+    apply_update(lm.model, result.update)
+    units = gated.unit_activations(lm.model, EDIT_LAYER, held, 2)
+    assert torch.equal(units.abs(), torch.zeros_like(units))
+    gated.cut_neurons(lm.model, EDIT_LAYER, width)

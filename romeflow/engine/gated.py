@@ -314,15 +314,31 @@ def prompt_inputs(lm: LoadedModel, layer: int, texts: list[str], where: list[int
     return x[torch.arange(len(texts)), at], x[rest.to(x.device)]
 
 
+def held_inputs(rome, request, layer: int) -> torch.Tensor:
+    """x of the request's ``protect:`` subjects at their last token, asked the relation, alone, and after each
+    context prefix: (h, d_model), or (0, d_model). The gate must stay exactly closed there (``fit_gate``)."""
+    names = [n for n in dict.fromkeys(request.protect) if n != request.subject]
+    if not names:
+        return torch.zeros(0, rome.lm.model.config.hidden_size)
+    templates = [request.relation, "{}"] + [p + "{}" for p in rome.prefixes if p]
+    tok = rome.lm.tokenizer
+    return mlp_inputs(rome.lm, layer, [fill(t, n) for n in names for t in templates],
+                      [subject_last_index(tok, t, n) for n in names for t in templates])
+
+
 def fit_gate(rome, request, layer: int, low: float, high: float, l2: float) -> Gate:
     """The edit's gate: a from its prefixes and rewrite prompt (at the last subject token) against the rest
-    of those prompts' tokens, its family and text; e from text."""
+    of those prompts' tokens, its family, the ``protect:`` subjects and text; e from text. A protected
+    subject's input the gate would not keep exactly closed is refused (InsertError, naming it)."""
+    from .rome import InsertError
+
     tok = rome.lm.tokenizer
     templates = [p + "{}" for p in rome.prefixes] + [request.relation]
     pos, rest = prompt_inputs(rome.lm, layer, [fill(t, request.subject) for t in templates],
                               [subject_last_index(tok, t, request.subject) for t in templates])  # (p, d), (r, d)
     text = rome.text_inputs(layer)  # (t, d_model)
-    a = logistic_direction(pos, [family_inputs(rome, request, layer), rest], text, l2)
+    held = held_inputs(rome, request, layer)  # (h, d_model)
+    a = logistic_direction(pos, [family_inputs(rome, request, layer), rest, held], text, l2)
     x_star = pos[-1].double()  # the rewrite prompt's input
     if not float(x_star @ a) > 0:
         raise ValueError(f"the gate of '{request.subject}' does not separate its own prompt from the family and "
@@ -333,7 +349,17 @@ def fit_gate(rome, request, layer: int, low: float, high: float, l2: float) -> G
     if gated:
         e = e / (x_star @ e)  # c(x*) = 1
     beta = exact_zero_below(rome.lm.model, layer) / SOFT
-    return Gate(a.float(), e.float(), low, high, max(beta, 1.0 / SOFT), gated)
+    gate = Gate(a.float(), e.float(), low, high, max(beta, 1.0 / SOFT), gated)
+    if len(held):
+        z0 = exact_zero_below(rome.lm.model, layer)
+        s, c = gate.score(held), gate.c(held)
+        open_ = gate.beta * (s - torch.minimum(low * c, high * c)) > -z0  # (h,) not exactly closed
+        if open_.any():
+            names = [n for n in dict.fromkeys(request.protect) if n != request.subject]
+            who = names[int(open_.nonzero()[0]) // (len(held) // len(names))]
+            raise InsertError(f"protect: {who}: the gate of '{request.subject}' at layer {layer} cannot keep it "
+                              f"closed (its score {float(s[open_].max()):.2f} is above the threshold)")
+    return gate
 
 
 def gate_values(gate: Gate, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -419,5 +445,6 @@ def compute(rome, request, layer: int):
         update = gate.update(mlp_name(lm.model, layer), layer, delta)
         t4 = clock()
     timings = {"prefixes": t1 - t0, "key": t2 - t1, "value": t3 - t2, "insert": t4 - t3}
-    return EditResult(request, update, k_star, v_star, trace, timings,
+    held = [n for n in dict.fromkeys(request.protect) if n != request.subject]  # the gate is closed there, exactly
+    return EditResult(request, update, k_star, v_star, trace, timings, protected=held,
                       family={"gate": {"low": gate.low, "high": gate.high, "beta": gate.beta}})
