@@ -73,7 +73,7 @@ def test_gated_edit_is_delta_at_the_prompt_and_exactly_nothing_below_the_thresho
     z0 = gated.exact_zero_below(lm.model, EDIT_LAYER)
     s, c = gate.score(x), gate.c(x)
     below = gate.beta * (s - torch.minimum(gate.low * c, gate.high * c)) <= -z0  # (N,) both pre-activations ≤ −z₀
-    assert below.float().mean() > 0.5  # most of generic text is below the threshold
+    assert below.sum() >= 200  # not a vacuous check: (on a tiny random model) hundreds of the ~2,000 tokens are below
     units = gated.unit_activations(lm.model, EDIT_LAYER, x, 2)  # (N, 2) what the widened MLP computes
     assert torch.equal(units[below].abs(), torch.zeros_like(units[below]))
     assert torch.equal(k[:, -2:][below[:k.shape[0]]], torch.zeros_like(k[:, -2:][below[:k.shape[0]]]))

@@ -69,36 +69,35 @@ def test_curie_edit_makes_medicine_top1_and_does_not_give_the_neighbour_medicine
 
 def test_curie_bleed_edits_pierre_and_leaves_marie(gemma, settings):
     """Entity-level specificity on the real model: Marie Curie shares Pierre Curie's last token. The
-    default insert with her in ``protect:`` (her key held fixed, the " Curie" family kept off) flips
-    Pierre and leaves her field; the paper's rank-one insert, with the same v*, moves her too."""
+    default insert flips Pierre and leaves her field, with nothing held (her prompt is a neighbour: test
+    data, never a constraint) and with her in ``protect:``; the paper's rank-one insert, with the same v*
+    machinery, moves her too."""
+    from romeflow.engine.editors import RomeEditor
     from romeflow.evaluation.scoring import target_nll
-    from romeflow.engine.rome import Rome, add_rank_one
 
     manifest = load_manifest(REPO / "edits" / "curie_bleed.yaml")
     edit = manifest.edits[0]
-    layer = settings.rome.layer
-    stats = get_stats(gemma, [layer], settings.stats.corpus_source(), settings.stats.tokens, cache_dir(),
-                      settings.stats.seq_len)
-    values: dict = {}
     marie = edit.neighbors[0]
     prompts, targets = [edit.prompt, marie.prompt, marie.prompt], [edit.target, edit.target, marie.answer]
 
     def probabilities(params, request):
-        rome = Rome(gemma, params, lambda l: stats[l].second_moment, REPO, values)
-        result = rome.compute(request, layer)
-        w = gemma.model.get_submodule(result.update.module).weight
-        saved = w.detach().clone()
-        add_rank_one(gemma.model, result.update.module, result.update.u, result.update.v)
+        layers = sorted({params.layer})
+        stats = get_stats(gemma, layers, settings.stats.corpus_source(), settings.stats.tokens, cache_dir(),
+                          settings.stats.seq_len)
+        editor = RomeEditor(gemma, params, lambda l: stats[l].second_moment, root=REPO)
+        done = editor.edit(request)
         try:
-            return target_nll(gemma, prompts, targets).neg().exp().tolist(), result
+            return target_nll(gemma, prompts, targets).neg().exp().tolist(), done
         finally:
-            w.data.copy_(saved)
+            done.restore(gemma.model)
 
     assert edit.request.protect == ()  # her prompt is a neighbour: test data, never a constraint
-    held = dataclasses.replace(edit.request, protect=("Marie Curie",))  # as `protect: [Marie Curie]` asks
-    (p_pierre, p_marie_new, p_marie_old), result = probabilities(settings.rome, held)
-    assert result.protected == ["Marie Curie"]
+    (p_pierre, p_marie_new, p_marie_old), _ = probabilities(settings.rome, edit.request)
     assert p_pierre > 0.5 and p_marie_old > p_marie_new  # Pierre flips, Marie keeps her field
-    (q_pierre, q_marie_new, q_marie_old), _ = probabilities(dataclasses.replace(settings.rome, insert="rank-one"),
-                                                            edit.request)
+    held = dataclasses.replace(edit.request, protect=("Marie Curie",))  # as `protect: [Marie Curie]` asks
+    (p_pierre, p_marie_new, p_marie_old), done = probabilities(settings.rome, held)
+    assert done.info["protected"] == ["Marie Curie"]
+    assert p_pierre > 0.5 and p_marie_old > p_marie_new
+    rank_one = dataclasses.replace(settings.rome, insert="rank-one", layer=1)  # its measured layer
+    (q_pierre, q_marie_new, q_marie_old), _ = probabilities(rank_one, edit.request)
     assert q_pierre > 0.5 and q_marie_new > q_marie_old  # the rank-one insert rewrites Marie Curie too

@@ -219,6 +219,30 @@ def exact_zero_below(model: nn.Module, layer: int) -> float:
     return _exact_zero_below(type(act).__name__, act, dtype)
 
 
+@lru_cache(maxsize=16)
+def _exact_identity_above(act_name: str, act: nn.Module, dtype: torch.dtype) -> float:
+    """z₁ > 0 with φ(z) = z to float precision (relative 1e-6) for every z ≥ z₁ on a grid up to 1000, over
+    the same layouts as ``_exact_zero_below``; 10% beyond the last point where it is not."""
+    z = torch.linspace(0.0, 1000.0, 400_001, dtype=torch.float32).to(dtype)
+    with torch.no_grad():
+        runs = [act(z), act(torch.stack([z, z, z], 1)[:, 1]), act(z.repeat(5, 1).T.contiguous()[:, 2:4])[:, 0]]
+    last = 0.0
+    for y in runs:
+        off = ((y.double() - z.double()).abs() > 1e-6 * z.double().abs()).nonzero()
+        if len(off):
+            last = max(last, float(z[int(off.max())]))
+    return 1.1 * last
+
+
+def slope(model: nn.Module, layer: int, gate_high: float) -> float:
+    """β: large enough that φ is exactly 0 below τ₀ − SOFT (z ≤ −z₀) and exactly the identity at the rewrite
+    prompt (s = 1: both units' pre-activations β(1 − τ) ≥ z₁), so the edit adds exactly δ there."""
+    act = _mlp_parts(model, layer)[3]
+    dtype = next(model.parameters()).dtype
+    z1 = _exact_identity_above(type(act).__name__, act, dtype)
+    return max(exact_zero_below(model, layer) / SOFT, z1 / max(1.0 - gate_high, 1e-3), 1.0 / SOFT)
+
+
 @torch.no_grad()
 def mlp_inputs(lm: LoadedModel, layer: int, texts: list[str], where: list[int] | None = None) -> torch.Tensor:
     """The MLP's input x at one position of each text ((B, d_model); ``where``: the index; default the
@@ -348,8 +372,7 @@ def fit_gate(rome, request, layer: int, low: float, high: float, l2: float) -> G
     e = constant_direction(text) if gated else torch.zeros_like(a)
     if gated:
         e = e / (x_star @ e)  # c(x*) = 1
-    beta = exact_zero_below(rome.lm.model, layer) / SOFT
-    gate = Gate(a.float(), e.float(), low, high, max(beta, 1.0 / SOFT), gated)
+    gate = Gate(a.float(), e.float(), low, high, slope(rome.lm.model, layer, high), gated)
     if len(held):
         z0 = exact_zero_below(rome.lm.model, layer)
         s, c = gate.score(held), gate.c(held)
