@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from romeflow.engine import models
-from romeflow.pipeline.deltas import Delta, EditedModel
+from romeflow.pipeline.deltas import Delta
+from romeflow.pipeline.compose import EditedModel
 from romeflow.pipeline.export import PEFT_CONFIG, lora_factors, write_peft
 from romeflow.engine.rome import EditRequest, RankOneUpdate, Rome, RomeParams
 

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 from romeflow.cli import main
 from romeflow.params import ConfigError, load_params
-from romeflow.pipeline.deltas import DeltaError, EditedModel, JointSolve, load_delta
+from romeflow.pipeline.deltas import DeltaError, load_delta
+from romeflow.pipeline.compose import EditedModel, JointSolve
 from romeflow.evaluation.scoring import evaluate_manifest, text_predictions
 from romeflow.pipeline.history import diff_reports, metric_rows, read_reports
 from romeflow.pipeline.manifests import load_manifest

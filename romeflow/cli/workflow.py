@@ -17,7 +17,8 @@ from ..evaluation.bystanders import TokenSharing
 from ..evaluation.scoring import greedy_continuation, next_token_top
 from ..engine.prompts import MAX_PROMPT_CHARS
 from ..params import ConfigError, Params, check_layers
-from ..pipeline.deltas import check_onto, DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
+from ..pipeline.deltas import check_onto, DeltaError, compute_delta, load_deltas, require_pairs, save_delta
+from ..pipeline.compose import EditedModel, JointSolve
 from ..pipeline.manifests import Manifest, ManifestError, check_conflicts, load_manifest
 from ..pipeline.names import BadName
 from ..pipeline.workflow import Layout, eval_manifest, eval_stack, gate_error

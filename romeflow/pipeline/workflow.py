@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .deltas import Delta, DeltaError, EditedModel, JointSolve, load_delta
+from .deltas import Delta, DeltaError, load_delta
+from .compose import EditedModel, JointSolve
 from ..evaluation.bystanders import Bystanders, TokenSharing
 from ..evaluation.scoring import base_references, evaluate_manifest, score_manifest, text_predictions
 from ..io import write_json_atomic, write_text_atomic
