@@ -19,53 +19,87 @@ from ..engine.margins import margins, next_token
 from ..engine.models import LoadedModel, read_weight, write_weight
 from ..engine.prompts import fill
 from ..engine.rome import InsertError, RankOneUpdate, Solver, add_rank_one
+from ..params import StackParams
 from . import neurons
 from .deltas import (Delta, DeltaError, KeyValue, check_applicable, check_distinct, edits, is_gated,
                      require_pairs)
 
 
 class EditedModel:
-    """A base model with deltas on top: W = W_base + Σ_deltas Σ_edits u vᵀ, in the order given.
+    """A base model with deltas on top, composed by ``stack.method``: W = W_base + Σ_deltas Σ_edits u vᵀ in
+    the order given (``joint`` None: sum), or W_base + the joint solve's update (a ``JointSolve``).
+
+    Every command that puts deltas on a model builds one of these with params.yaml's composition
+    (``composition``), so a set of deltas is the same model wherever it is scored or written: one delta
+    too (under ``joint`` it is the joint solve of that one delta, re-solved from its pairs).
 
     Base weights of every module a delta touched are kept (one (d_out, d_in) copy each), and every
     composition starts again from them.
     """
 
-    def __init__(self, lm: LoadedModel):
+    def __init__(self, lm: LoadedModel, joint: "JointSolve | None" = None):
         self.lm = lm
+        self.joint = joint  # how compose() composes: None sum, else the joint solve (stack.method)
         self.deltas: list[Delta] = []
+        self.updates: list[RankOneUpdate] = []  # the linear updates in place now (what a LoRA export holds)
         self.scales: torch.Tensor | None = None  # each edit's share of its change, when the stack is calibrated
         self._base: dict[str, torch.Tensor] = {}
         self._widths: dict[int, int] = {}  # layer -> its MLP's hidden units in the base model (gated edits)
 
+    @property
+    def method(self) -> str:
+        return "sum" if self.joint is None else "joint"
+
+    def composed_by(self) -> dict:
+        """{method, settings (joint)}: what the reports and the stack file record; ``composed_by(stack)`` of
+        the params.yaml that built this model."""
+        return {"method": self.method, **({} if self.joint is None else {"settings": self.joint.settings()})}
+
     def compose(self, deltas: list[Delta], joint: "JointSolve | None" = None) -> None:
-        """base + deltas: the sum of their factors (default), or with ``joint`` the one update that the
-        joint solve recomputes from all their (k*, v*) pairs (stack.method: joint)."""
+        """base + deltas by this model's composition: the sum of their factors (``self.joint`` None), or the
+        one update that the joint solve recomputes from all their (k*, v*) pairs (stack.method: joint).
+        ``joint``: another joint solve for this call only (bench stack's methods)."""
+        joint = self.joint if joint is None else joint
         check_distinct(deltas)
         for d in deltas:
             check_applicable(d, self.lm)
         if joint is not None:
             joint.check(deltas)
-        for d in deltas:
-            for up in d.updates:
-                if isinstance(up, NeuronUpdate):
-                    if up.layer not in self._widths:  # untouched so far, so still the base model's width
-                        self._widths[up.layer] = hidden_width(self.lm.model, up.layer)
-                elif up.module not in self._base:  # untouched so far, so still the base weight
-                    self._base[up.module] = read_weight(self.lm.model, up.module)
+        self._keep_base(deltas, [])
         self.scales = None
         if joint is None:
-            updates = [up for d in deltas for up in d.updates]
+            updates = [up for d in deltas for up in d.updates if isinstance(up, RankOneUpdate)]
         elif joint.margin > 0 and deltas and not any(is_gated(d) for d in deltas):
             self.scales = self.calibrate(deltas, joint)
             updates = joint.updates(deltas, self._base, self.scales)
         else:
             updates = joint.updates(deltas, self._base)
         self._write(updates, deltas)
-        self.deltas = list(deltas)
+        self.deltas, self.updates = list(deltas), updates
+
+    def rebuild(self, deltas: list[Delta], updates: list[RankOneUpdate]) -> None:
+        """base + ``updates`` (linear, already composed: a stack file's solved update) + the neurons of the
+        gated ones among ``deltas``: the weights of the composition that produced ``updates``, without
+        solving again (``stackfile.StackFile.linear``)."""
+        check_distinct(deltas)
+        for d in deltas:
+            check_applicable(d, self.lm)
+        self._keep_base(deltas, updates)
+        self.scales = None
+        self._write(updates, deltas)
+        self.deltas, self.updates = list(deltas), list(updates)
 
     def reset(self) -> None:
         self.compose([])
+
+    def _keep_base(self, deltas: list[Delta], updates: list[RankOneUpdate]) -> None:
+        """Remember the base weight of every module, and the base width of every MLP, about to be touched."""
+        for up in [up for d in deltas for up in d.updates] + list(updates):
+            if isinstance(up, NeuronUpdate):
+                if up.layer not in self._widths:  # untouched so far, so still the base model's width
+                    self._widths[up.layer] = hidden_width(self.lm.model, up.layer)
+            elif up.module not in self._base:  # untouched so far, so still the base weight
+                self._base[up.module] = read_weight(self.lm.model, up.module)
 
     def _write(self, updates: list, deltas: list[Delta] = ()) -> None:
         """Base weights and widths, then the rank-one ``updates`` added and the neurons of ``deltas`` appended
@@ -131,20 +165,30 @@ class JointSolve:
     second_moment: layer -> C (the statistics the deltas were computed with); ridge, null_space
     (the threshold of ``null_space_basis``) and protect (hold each edit's protected keys fixed) are
     params.yaml's ``stack.ridge``, ``stack.null_space`` and ``stack.protect``. Factorisations are cached
-    per layer, so re-solving after dropping a delta costs one solve.
+    per layer, so re-solving after dropping a delta costs one solve. stats_sha256: layer -> sha256 of
+    the statistics file C came from (provenance for the stack file; {} when not known).
     """
 
     def __init__(self, second_moment: Callable[[int], torch.Tensor], ridge: float = 0.0, null_space: float = 0.0,
-                 protect: bool = True, margin: float = 0.0, rounds: int = 7, prefixes: int = 0):
+                 protect: bool = True, margin: float = 0.0, rounds: int = 7, prefixes: int = 0,
+                 stats_sha256: dict[int, str] | None = None):
         self.second_moment, self.ridge, self.null_space, self.protect = second_moment, ridge, null_space, protect
         # the calibration (EditedModel.calibrate); margin 0: off
         self.margin, self.rounds, self.prefixes = margin, rounds, prefixes
+        self.stats_sha256 = dict(stats_sha256 or {})
         self._solvers: dict[int, tuple[Solver, torch.Tensor | None]] = {}
 
     @classmethod
-    def from_params(cls, second_moment: Callable[[int], torch.Tensor], p) -> "JointSolve":
+    def from_params(cls, second_moment: Callable[[int], torch.Tensor], p,
+                    stats_sha256: dict[int, str] | None = None) -> "JointSolve":
         """From params.yaml's ``stack:`` (a ``params.StackParams``)."""
-        return cls(second_moment, p.ridge, p.null_space, p.protect, p.margin, p.rounds, p.prefixes)
+        return cls(second_moment, p.ridge, p.null_space, p.protect, p.margin, p.rounds, p.prefixes, stats_sha256)
+
+    def settings(self) -> dict:
+        """What the solve depends on besides the deltas and C, as ``StackParams.joint_settings`` says it
+        (the calibration's fields only when it is on)."""
+        return StackParams(method="joint", ridge=self.ridge, null_space=self.null_space, protect=self.protect,
+                           margin=self.margin, rounds=self.rounds, prefixes=self.prefixes).joint_settings()
 
     def solver(self, layer: int) -> tuple[Solver, torch.Tensor | None]:
         if layer not in self._solvers:
@@ -153,9 +197,11 @@ class JointSolve:
             self._solvers[layer] = (Solver(c) if basis is None else projected_solver(c, basis), basis)
         return self._solvers[layer]
 
-    def check(self, deltas: list[Delta]) -> None:
+    @staticmethod
+    def check(deltas: list[Delta]) -> None:
         """Linear deltas need their k*/v* pairs; gated ones (neurons) are composed as they are, so a stack of
-        gated deltas passes, and a stack that mixes both is refused (one line naming one of each)."""
+        gated deltas passes, and a stack that mixes both is refused (one line naming one of each). Needs no
+        model: commands call it before one loads."""
         gated = [d for d in deltas if is_gated(d)]
         if gated and len(gated) < len(deltas):
             linear = next(d for d in deltas if not is_gated(d))
@@ -218,3 +264,19 @@ class JointSolve:
                                  f"the other edits' ({e}); set stack.ridge > 0 for a least-squares solve") from None
             out.append(RankOneUpdate(module, layer, u, v))
         return out
+
+
+def composition(stack: StackParams, second_moment: Callable[[int], torch.Tensor],
+                stats_sha256: dict[int, str] | None = None) -> JointSolve | None:
+    """How params.yaml's ``stack:`` composes deltas, for ``EditedModel(lm, composition(...))``: None for
+    ``stack.method: sum`` (base + Σ deltas), else the joint solve with ``stack``'s settings over the
+    statistics ``second_moment`` (layer -> C, read only when a linear delta of that layer is solved)."""
+    if stack.method == "sum":
+        return None
+    return JointSolve.from_params(second_moment, stack, stats_sha256)
+
+
+def composed_by(stack: StackParams) -> dict:
+    """{method, settings (joint: ``stack.joint_settings()``)}: params.yaml's composition, as
+    ``EditedModel.composed_by`` records it."""
+    return {"method": stack.method, **({} if stack.method == "sum" else {"settings": stack.joint_settings()})}
