@@ -228,10 +228,12 @@ def test_export_refuses_a_stack_file_older_than_the_deltas_or_params(project, lm
     r = cli(project, "export", "x")
     assert r.exit_code == 1 and not (project / "x").exists()
     assert "reports/stack.safetensors: deltas: composed ['a', 'b'], " in r.stderr and "run `dvc repro`" in r.stderr
+    assert json.loads(cli(project, "status", "--json").stdout)["stack_file"] == "stale"
     params.write_text(params.read_text().replace("  - c\n", "  - b\n").replace("margin: 0.5", "margin: 0.25"))
     r = cli(project, "export", "x")
     assert r.exit_code == 1 and "reports/stack.safetensors: composition: composed with joint (" in r.stderr
     params.write_text(params.read_text().replace("margin: 0.25", "margin: 0.5"))
+    assert json.loads(cli(project, "status", "--json").stdout)["stack_file"] == "ok"
     assert cli(project, "export", "x").exit_code == 0
     sf = load_stack_file(Layout(project).stack_file)
     settings = load_params(params)

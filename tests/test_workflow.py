@@ -464,7 +464,7 @@ def status_of(project) -> dict:
 def test_status_follows_manifests_deltas_reports_and_hyperparameters(project):
     st = status_of(project)
     assert [(e["name"], e["state"], e["report"]) for e in st["manifests"]] == [("a", "ok", "missing"), ("b", "ok", "missing")]
-    assert st["stack"] == "missing" and st["model"]["fingerprint"] == load_delta(project / "deltas" / "a.safetensors").base_fingerprint
+    assert st["stack"] == st["stack_file"] == "missing" and st["model"]["fingerprint"] == load_delta(project / "deltas" / "a.safetensors").base_fingerprint
     (project / "edits" / "a.yaml").write_text(MANIFESTS["a"] + "description: changed\n")
     (project / "deltas" / "b.safetensors").unlink()
     params = project / "params.yaml"

@@ -31,7 +31,7 @@ from ..io import write_json_atomic, write_text_atomic
 from .manifests import Manifest, ManifestError, load_manifest
 from ..engine.models import EMBEDDED, LoadedModel, read_weight, resolve, sha256_file
 from .names import check_name
-from .stackfile import StackFile, save_stack_file, stack_file
+from .stackfile import StackFile, StackFileError, load_stack_file, save_stack_file, stack_file, stale
 from ..params import METRICS, Gate, Params  # noqa: F401 - METRICS, Gate re-exported
 from ..engine.rome import RomeParams
 from ..schemas import validate
@@ -426,7 +426,23 @@ def status(layout: Layout, settings: Params, cache=None) -> dict:
         entries.append(e)
     return {"model": {"spec": settings.model, "fingerprint": model_fp},
             "stats": {str(k): v for k, v in stats.items()}, "manifests": entries,
-            "stack": _stack_state(layout, settings.manifests)}
+            "stack": _stack_state(layout, settings.manifests),
+            "stack_file": _stack_file_state(layout, settings, model_fp, stats)}
+
+
+def _stack_file_state(layout: Layout, settings: Params, model_fp: str, stats: dict[int, str]) -> str:
+    """reports/stack.safetensors: missing, invalid, stale (stackfile.stale: what `romeflow export` refuses) or ok."""
+    if not layout.stack_file.is_file():
+        return "missing"
+    try:
+        sf = load_stack_file(layout.stack_file)
+    except StackFileError:
+        return "invalid"
+    try:
+        deltas = [load_delta(layout.delta(n)) for n in settings.manifests]
+    except DeltaError:
+        return "stale"
+    return "stale" if stale(sf, settings, deltas, model_fp, stats) else "ok"
 
 
 def _stack_state(layout: Layout, manifests: tuple[str, ...]) -> str:
