@@ -549,6 +549,102 @@ CASES = [
     ("fault-params-unreadable-yaml", write("params.yaml", "rome: [\n"), APPLY, ["params.yaml: invalid YAML at line 2"]),
 ]
 
+# Issue 22 §0: the stack file (reports/stack.safetensors) that `romeflow export` with no --delta rebuilds the
+# pipeline's stack from, and the composition every command now takes from params.yaml stack:.
+EXPORT_STACK = ("export", "exported")
+ONLY_A = params_edit("  - b\n", "")  # manifests: [a] (the built project has no deltas/b)
+
+
+def stack_file(manifests=("a",), joint: bool = False, change=None, rehash: bool = True):
+    """reports/stack.safetensors as the stack stage writes it for deltas/<manifests>: sum (no tensors), or joint
+    with delta a's factors standing for the solved update; then ``change(tensors, meta)``, the tensors' sha256
+    recomputed (``rehash``) so that the check under test is the one that fires."""
+    def setup(root: Path):
+        from romeflow.pipeline.stackfile import tensors_sha256 as stack_sha256
+
+        metas = {n: read_delta(root / "deltas" / f"{n}.safetensors") for n in manifests}
+        tensors_a, meta_a = read_delta(root / "deltas" / "a.safetensors")
+        e = meta_a["edits"][0]
+        u, v = tensors_a["edits.0.u"], tensors_a["edits.0.v"]
+        u, v = (u[:, None], v[:, None]) if u.dim() == 1 else (u, v)
+        tensors = {"updates.0.u": u.contiguous(), "updates.0.v": v.contiguous()} if joint else {}
+        meta = {"format": "romeflow.stackfile/1", "romeflow_version": "test", "base_model": meta_a["base_model"],
+                "composition": ({"method": "joint", "settings": {"ridge": 0.0, "null_space": 0.0, "protect": True}}
+                                if joint else {"method": "sum"}),
+                "deltas": [{"manifest": n, "sha256": hashlib.sha256((root / "deltas" / f"{n}.safetensors").read_bytes())
+                            .hexdigest(), "tensors_sha256": m["tensors_sha256"]} for n, (_, m) in metas.items()],
+                "stats": [], "dtype": "float32", "weights_sha256": "0" * 64,
+                "updates": ([{"module": e["module"], "layer": e["layer"], "d_out": u.shape[0], "d_in": v.shape[0],
+                              "rank": u.shape[1]}] if joint else [])}
+        if change is not None:
+            change(tensors, meta)
+        if rehash or "tensors_sha256" not in meta:
+            meta["tensors_sha256"] = stack_sha256(tensors, len(meta["updates"])) if rehash else "0" * 64
+        (root / "reports").mkdir(exist_ok=True)
+        save_file(tensors, root / "reports" / "stack.safetensors", metadata={"romeflow": json.dumps(meta)})
+    return setup
+
+
+def tamper(t, m):
+    t["updates.0.u"] = t["updates.0.u"] * 2
+
+
+def stack_meta(**fields):
+    def change(t, m):
+        m.update(fields)
+    return change
+
+
+CASES += [
+    ("stackfile-missing", ONLY_A, EXPORT_STACK,
+     ["reports/stack.safetensors: stack file not found", "`dvc repro`"]),
+    ("stackfile-garbage", both(ONLY_A, write("reports/stack.safetensors", b"\x00" * 64)), EXPORT_STACK,
+     ["reports/stack.safetensors: not a romeflow stack file"]),
+    ("stackfile-tampered", both(ONLY_A, stack_file(joint=True, change=tamper, rehash=False)), EXPORT_STACK,
+     ["reports/stack.safetensors: tensors_sha256: the tensors' sha256 is"]),
+    ("stackfile-nan", both(ONLY_A, stack_file(joint=True, change=set_tensor("updates.0.v", lambda v: v * float("nan")))),
+     EXPORT_STACK, ["reports/stack.safetensors: updates.0.v: holds NaN or infinite values"]),
+    ("stackfile-float64", both(ONLY_A, stack_file(joint=True, change=set_tensor("updates.0.u", lambda u: u.double()))),
+     EXPORT_STACK, ["reports/stack.safetensors: updates.0.u: dtype float64, not float32"]),
+    ("stackfile-rank", both(ONLY_A, stack_file(joint=True, change=lambda t, m: m["updates"][0].update(rank=3))),
+     EXPORT_STACK, ["reports/stack.safetensors: updates.0.u: shape", "the metadata says"]),
+    ("stackfile-extra-tensor", both(ONLY_A, stack_file(joint=True, change=lambda t, m: t.update({"w": torch.zeros(2)}))),
+     EXPORT_STACK, ["reports/stack.safetensors: w: a tensor the metadata does not list"]),
+    ("stackfile-method", both(ONLY_A, stack_file(change=stack_meta(composition={"method": "product"}))), EXPORT_STACK,
+     ["reports/stack.safetensors: metadata composition.method: must be 'sum' or 'joint'"]),
+    ("stackfile-no-hash", both(ONLY_A, stack_file(change=lambda t, m: m.update(tensors_sha256=None), rehash=False)),
+     EXPORT_STACK,
+     ["reports/stack.safetensors: metadata tensors_sha256: must be a string"]),
+    ("stackfile-sum-with-updates", both(ONLY_A, stack_file(joint=True, change=stack_meta(composition={"method": "sum"}))),
+     EXPORT_STACK, ["reports/stack.safetensors: updates: solved updates in a stack composed by 'sum'"]),
+    ("stackfile-stale-manifests", both(ONLY_A, stack_file(manifests=("a", "curie"))), EXPORT_STACK,
+     ["reports/stack.safetensors: deltas: composed ['a', 'curie'], params.yaml manifests: lists ['a']",
+      "run `dvc repro`"]),
+    ("stackfile-stale-delta", both(ONLY_A, stack_file(change=lambda t, m: m["deltas"][0].update(sha256="0" * 64))),
+     EXPORT_STACK, ["reports/stack.safetensors: deltas[0]: deltas/a.safetensors changed since the stack was composed"]),
+    ("stackfile-stale-composition", both(ONLY_A, params_edit("  window: 64", JOINT), stack_file()), EXPORT_STACK,
+     ["reports/stack.safetensors: composition: composed with sum, params.yaml stack: says joint (ridge 0.0"]),
+    ("export-stack-no-manifests", params_edit("  - a\n  - b\n", "  []\n"), EXPORT_STACK,
+     ["params.yaml: manifests: no active manifest, so no stack to export; give --delta"]),
+    ("stack-weights-is-folder", None, ("stack", "--weights", "edits"),
+     ["Invalid value for '--weights': File 'edits' is a directory"]),
+    ("stack-weights-is-the-report", None, ("stack", "--weights", "r.json", "--out", "r.json"),
+     ["--weights r.json: is also --out r.json"]),
+    ("stack-weights-is-a-delta", None, ("stack", "--weights", "deltas/a.safetensors"),
+     ["--weights deltas/a.safetensors: is also an input (the delta deltas/a.safetensors)"]),
+    ("eval-joint-without-pairs", both(params_edit("  window: 64", JOINT), delta(strip_pairs)),
+     ("eval", "edits/curie.yaml", "--delta", "deltas/bad.safetensors"),
+     ["deltas/bad.safetensors: key_values: the delta holds no k*/v* pairs", "stack.method: joint needs them"]),
+    ("generate-joint-without-pairs", both(params_edit("  window: 64", JOINT), delta(strip_pairs)), GEN_BAD,
+     ["deltas/bad.safetensors: key_values:", "stack.method: joint needs them"]),
+    ("export-joint-without-pairs", both(params_edit("  window: 64", JOINT), delta(strip_pairs)),
+     ("export", "exported", "--delta", "deltas/bad.safetensors"), ["deltas/bad.safetensors: key_values:"]),
+    ("generate-joint-other-stats", both(params_edit("  window: 64", JOINT), stats(lambda t, m: t["second_moment"].mul_(2),
+                                                                                 dst="stats/layer1.safetensors")),
+     ("generate", "Pierre Curie", "--delta", "deltas/curie.safetensors"),
+     ["deltas/curie.safetensors: stats: computed with other statistics of layer 1", "recompute it"]),
+]
+
 # Issue 20 §5: outputs that are inputs, outputs and inputs that are not regular files, numbers too long
 # to convert, prompts too long, layers that only `apply` checked, symlink loops.
 FACTS = '[{"known_id": 0, "subject": "Pierre Curie", "attribute": " physics", "prompt": "Pierre Curie worked in"}]'
@@ -1255,3 +1351,16 @@ def test_sigint_exits_130_and_removes_the_temporaries(project):
     child.join(60)
     assert child.exitcode == 130
     assert list((project / "new").iterdir()) == []  # no target, no temporary
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_the_stack_files_the_cases_break_are_good_ones(project, joint):
+    """The stackfile-* cases break one field of these: whole, they export (so each case's line is its own check)."""
+    ONLY_A(project)
+    if joint:
+        params_edit("  window: 64", JOINT)(project)
+    stack_file(joint=joint)(project)
+    r = cli(project, *EXPORT_STACK)
+    assert r.exit_code == 0, r.output
+    composition = json.loads((project / "exported" / "romeflow-export.json").read_text())["composition"]
+    assert composition["method"] == ("joint" if joint else "sum")

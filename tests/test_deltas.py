@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from romeflow.pipeline.deltas import Delta, DeltaError, EditedModel, check_applicable, compute_delta, load_delta, save_delta
+from romeflow.pipeline.deltas import Delta, DeltaError, check_applicable, compute_delta, load_delta, save_delta
+from romeflow.pipeline.compose import EditedModel
 from romeflow.pipeline.manifests import load_manifest
 from romeflow.engine.statistics import Stats
 

@@ -96,7 +96,8 @@ def _folder_digest(folder):
 def test_disk_offloaded_model_edits_and_exports_like_the_in_memory_one(tmp_path, tiny_lm, second_moment, llama_dir):
     from transformers import AutoModelForCausalLM
 
-    from romeflow.pipeline.deltas import Delta, EditedModel
+    from romeflow.pipeline.compose import EditedModel
+    from romeflow.pipeline.deltas import Delta
 
     stats = second_moment("llama")
     checkpoint = _folder_digest(llama_dir)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from romeflow.engine import models
-from romeflow.pipeline.deltas import Delta, EditedModel
+from romeflow.pipeline.deltas import Delta
+from romeflow.pipeline.compose import EditedModel
 from romeflow.pipeline.export import PEFT_CONFIG, lora_factors, write_peft
 from romeflow.engine.rome import EditRequest, RankOneUpdate, Rome, RomeParams
 
@@ -68,10 +69,43 @@ def test_peft_adapter_equals_the_merged_model(tmp_path, tiny_lm, second_moment, 
                                    models.weight_out_in(merged.model, module), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_the_adapter_of_a_joint_stack_is_its_solved_update(tmp_path, tiny_lm, second_moment, model_type):
+    """A joint stack is one update U Vᵀ per module, rank = its edits: the adapter holds B = U, A = Vᵀ and
+    equals the merged joint model."""
+    from test_joint import PARAMS, one_edit_manifest
+
+    from romeflow.engine.statistics import Stats
+    from romeflow.pipeline.compose import JointSolve
+    from romeflow.pipeline.deltas import compute_delta
+
+    lm = tiny_lm(model_type)
+    c = second_moment(model_type)[EDIT_LAYER]
+    stats = {EDIT_LAYER: Stats(c, {"corpus_id": "tiny", "corpus_sha256": "0" * 64, "tokens": 4000}, "1" * 64)}
+    deltas = [compute_delta(lm, one_edit_manifest(n, s, "Paris"), PARAMS, stats)
+              for n, s in (("a", "Anna Brandt"), ("b", "Felix Dorn"), ("c", "Hugo Falk"))]
+    for d in deltas:
+        d.meta["tensors_sha256"] = d.name * 64  # (never saved: the export's provenance names each by this)
+    merged = EditedModel(lm, JointSolve(lambda layer: c, ridge=0.05))
+    merged.compose(deltas)
+    (up,) = merged.updates
+    config = write_peft(tmp_path / "adapter", lm, deltas, "base", updates=merged.updates)
+    assert config["r"] == config["lora_alpha"] == 3 and config["target_modules"] == [up.module]
+    (b, a), = lora_factors(merged.updates).values()
+    assert torch.equal(b, up.u) and torch.equal(a, up.v.T)  # B = U, A = Vᵀ: nothing summed or rescaled
+    adapted = peft.PeftModel.from_pretrained(tiny_lm(model_type).model, tmp_path / "adapter")
+    with torch.no_grad():
+        got, want = adapted(input_ids=X).logits, lm.model(input_ids=X).logits
+        before = tiny_lm(model_type).model(input_ids=X).logits
+    assert (want - before).abs().max() > 1e-3  # the stack does change the model
+    # the same float32 rounding as test_peft_adapter_equals_the_merged_model: x Wᵀ + (x Aᵀ) Bᵀ vs x (W + BA)ᵀ
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 def test_lora_factors_stack_every_update_of_a_module(tiny_lm):
     lm = tiny_lm("llama")
     ups = [random_update(lm, 1, None, 1), random_update(lm, 1, 3, 2)]
-    (b, a), = lora_factors([fake_delta(lm, "a", ups)]).values()
+    (b, a), = lora_factors(ups).values()
     assert b.shape == (ups[0].u.shape[0], 4) and a.shape == (4, ups[0].v.shape[0])
     want = torch.outer(ups[0].u, ups[0].v) + ups[1].u @ ups[1].v.T
     torch.testing.assert_close(b @ a, want, rtol=1e-5, atol=1e-6)

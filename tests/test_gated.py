@@ -11,7 +11,8 @@ from romeflow.engine import gated, models
 from romeflow.engine.hooks import on_input, on_output, run_with_hooks
 from romeflow.engine.prompts import encode, subject_last_index
 from romeflow.engine.rome import EditRequest, Rome, RomeParams, apply_update
-from romeflow.pipeline.deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_delta, save_delta
+from romeflow.pipeline.deltas import DeltaError, compute_delta, load_delta, save_delta
+from romeflow.pipeline.compose import EditedModel, JointSolve
 from romeflow.pipeline.manifests import Manifest, ManifestEdit
 
 from conftest import ARCHS, EDIT_LAYER

@@ -15,7 +15,8 @@ from romeflow.engine.rome import EditRequest
 from romeflow.engine.statistics import Stats
 from romeflow.evaluation.bystanders import Bystanders, TokenSharing, held_subjects
 from romeflow.evaluation.scoring import evaluate_manifest
-from romeflow.pipeline.deltas import EditedModel, compute_delta, load_delta, save_delta
+from romeflow.pipeline.deltas import compute_delta, load_delta, save_delta
+from romeflow.pipeline.compose import EditedModel
 from romeflow.pipeline.manifests import ManifestEdit, load_manifest
 from romeflow.pipeline.workflow import Gate, eval_gate, eval_manifest, eval_stack, stack_markdown
 from romeflow.schemas import validate

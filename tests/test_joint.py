@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from romeflow.engine import models
-from romeflow.pipeline.deltas import DeltaError, EditedModel, JointSolve, compute_delta, load_delta, save_delta
+from romeflow.pipeline.deltas import DeltaError, compute_delta, load_delta, save_delta
+from romeflow.pipeline.compose import EditedModel, JointSolve
 from romeflow.pipeline.manifests import Manifest, ManifestEdit, ManifestError, check_conflicts
 from romeflow.engine.joint import joint_insert, null_space_basis, projected_solver
 from romeflow.engine.rome import InsertError, RomeParams, Solver

@@ -254,7 +254,8 @@ def test_prompt_key_gives_the_prompts_own_key_the_edits_change(tiny_lm, second_m
     """prompt_key: Ŵ k* = v* and Ŵ k_p = W k_p + (v* − W k*) for the rewrite prompt's own key k_p, in a
     rank-one update (symmetric keys); without symmetric keys a rank-2 update, saved and loaded as (d, 2)
     factors, that composes like any delta."""
-    from romeflow.pipeline.deltas import EditedModel, compute_delta, load_delta, save_delta
+    from romeflow.pipeline.compose import EditedModel
+    from romeflow.pipeline.deltas import compute_delta, load_delta, save_delta
     from romeflow.pipeline.manifests import Manifest, ManifestEdit
     from romeflow.engine.rome import subject_keys
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from romeflow.params import load_params as load_settings
-from romeflow.pipeline.deltas import EditedModel, compute_delta, load_delta, save_delta
+from romeflow.pipeline.deltas import compute_delta, load_delta, save_delta
+from romeflow.pipeline.compose import EditedModel
 from romeflow.evaluation.scoring import next_token_top
 from romeflow.pipeline.manifests import load_manifest
 from romeflow.engine.models import EMBEDDED, cache_dir, converted_folder, load_model

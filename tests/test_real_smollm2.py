@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from romeflow.pipeline.deltas import EditedModel, compute_delta
+from romeflow.pipeline.deltas import compute_delta
+from romeflow.pipeline.compose import EditedModel
 from romeflow.evaluation.scoring import next_token_top
 from romeflow.pipeline.manifests import load_manifest
 from romeflow.engine.models import EMBEDDED, cache_dir, converted_folder, load_model

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 from romeflow.cli import main
 from romeflow.params import ConfigError, load_params
-from romeflow.pipeline.deltas import DeltaError, EditedModel, JointSolve, load_delta
+from romeflow.pipeline.deltas import DeltaError, load_delta
+from romeflow.pipeline.compose import EditedModel, JointSolve
 from romeflow.evaluation.scoring import evaluate_manifest, text_predictions
 from romeflow.pipeline.history import diff_reports, metric_rows, read_reports
 from romeflow.pipeline.manifests import load_manifest
@@ -270,8 +271,8 @@ def test_eval_report_is_small_schema_valid_and_equals_evaluate_manifest(built, l
     result = eval_manifest(EditedModel(lm), m, [d])
     report = result.report
     assert validate("report", report) == [] and validate("details", json.loads(json.dumps(result.details))) == []
-    assert set(report) == {"format", "manifest", "deltas", "pre", "post", "other_subjects"}
-    assert report["manifest"] == {"name": "a", "sha256": m.sha256}
+    assert set(report) == {"format", "manifest", "deltas", "composition", "pre", "post", "other_subjects"}
+    assert report["manifest"] == {"name": "a", "sha256": m.sha256} and report["composition"] == {"method": "sum"}
     assert report["deltas"][0]["sha256"] == hashlib.sha256(Path(d.path).read_bytes()).hexdigest()
     plain = evaluate_manifest(EditedModel(lm), m, [d])
     assert report["pre"] == plain["pre"] and report["post"] == plain["post"]
@@ -463,7 +464,7 @@ def status_of(project) -> dict:
 def test_status_follows_manifests_deltas_reports_and_hyperparameters(project):
     st = status_of(project)
     assert [(e["name"], e["state"], e["report"]) for e in st["manifests"]] == [("a", "ok", "missing"), ("b", "ok", "missing")]
-    assert st["stack"] == "missing" and st["model"]["fingerprint"] == load_delta(project / "deltas" / "a.safetensors").base_fingerprint
+    assert st["stack"] == st["stack_file"] == "missing" and st["model"]["fingerprint"] == load_delta(project / "deltas" / "a.safetensors").base_fingerprint
     (project / "edits" / "a.yaml").write_text(MANIFESTS["a"] + "description: changed\n")
     (project / "deltas" / "b.safetensors").unlink()
     params = project / "params.yaml"
@@ -608,14 +609,24 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
     assert stack["composed"]["weights_sha256"] != stack_before["composed"]["weights_sha256"]
     assert repro()[0] == set()
 
-    # stack.method: joint: only the stack re-runs; after a revert it is the joint solve of the remaining
-    # deltas exactly (a fresh solve without the reverted manifest)
+    # stack.method: joint: the stack and the per-manifest evals re-run (every command composes by stack:), not
+    # the edits; the exported stack is the stack stage's weights; after a revert the export is refused until
+    # the stack is re-solved, and then it is the joint solve of the remaining deltas exactly (a fresh solve
+    # without the reverted manifest)
     params = repo / "params.yaml"
     params.write_text(params.read_text().replace("  window: 64\n", "  window: 64\n  method: joint\n  margin: 0.5\n"
                                                  "  rounds: 3\n", 1))  # calibrated (docs/method.md)
-    assert repro()[0] == {"stack"}
-    assert json.loads((repo / "reports" / "stack.json").read_text())["composed"]["method"] == "joint"
+    assert repro()[0] == {"stack", "eval@a", "eval@c"}
+    stack = json.loads((repo / "reports" / "stack.json").read_text())
+    assert stack["composed"]["method"] == "joint"
+    assert json.loads((repo / "reports" / "a.json").read_text())["composition"]["method"] == "joint"
+    romeflow("export", str(tmp_path / "exported"))
+    exported = load_model(str(tmp_path / "exported"))  # the same U Vᵀ added to the same base: the same bits
+    assert edited_weights_sha256(exported, [load_delta(repo / "deltas" / f"{n}.safetensors") for n in ("a", "c")]) \
+        == stack["composed"]["weights_sha256"]
     romeflow("revert", "c")
+    r = CliRunner().invoke(main, ["--params", str(repo / "params.yaml"), "export", str(tmp_path / "stale")])
+    assert r.exit_code == 1 and "reports/stack.safetensors: deltas: composed ['a', 'c']" in r.stderr
     assert repro()[0] == {"stack"}
     stack = json.loads((repo / "reports" / "stack.json").read_text())
     assert stack["composed"]["manifests"] == ["a"] and stack["composed"]["method"] == "joint"
@@ -633,7 +644,8 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
     # a manifest tuned to fail the gate: the repro fails with one line, and its report is written
     romeflow("add", str(repo / "edits" / "bad.yaml"))
     ran, r = repro(ok=False)
-    assert r.returncode != 0 and {"edit@bad", "eval@bad"} <= ran <= {"edit@bad", "eval@bad", "stack"}
+    assert r.returncode != 0 and {"edit@bad", "eval@bad"} <= ran <= {"edit@bad", "eval@bad", "eval@a", "stack"}  # eval@a:
+    # stack: is back to sum
     reason = "Error: reports/bad.json: manifest bad: post NS = 0.0 is below the gate (gate.eval.NS = 50)"
     assert reason in (r.stdout + r.stderr).splitlines()
     assert json.loads((repo / "reports" / "bad.json").read_text())["post"]["NS"] == 0.0

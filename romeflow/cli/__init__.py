@@ -1,7 +1,7 @@
 """The ``romeflow`` command line: one command per workflow step, each a thin call into the library.
 
 This module holds the `main` group, its global options and the helpers every command shares; the
-commands live by group in `workflow` (apply, eval, stack, generate, stats, export), `project` (add,
+commands live by group in `workflow` (apply, eval, stack, generate, stats), `export`, `project` (add,
 revert, diff, status, verify), `bench` and `trace` (trace, trace-average), imported at the end to
 register them."""
 
@@ -19,11 +19,12 @@ from rich.console import Console
 
 from .. import __version__
 from ..engine.models import (DEVICE_MAP_STRATEGIES, DEVICE_PATTERN, DTYPES, EMBEDDED, LoadedModel, ModelError, Placement,
-                             cache_dir, layer_count, load_model, resolve)
+                             cache_dir, layer_count, load_model, resolve, sha256_file)
 from ..engine.statistics import Stats, get_stats, load_stats
 from ..io import check_outputs
 from ..params import ConfigError, Params, check_layers, load_params
-from ..pipeline.deltas import DeltaError
+from ..pipeline.compose import EditedModel, JointSolve, composition
+from ..pipeline.deltas import DeltaError, is_gated
 from ..pipeline.history import RevisionError
 from ..pipeline.manifests import Manifest, ManifestError
 from ..pipeline.workflow import GateError, Layout
@@ -165,6 +166,47 @@ def _stats_for(ctx, lm: LoadedModel, settings: Params, layers: list[int], files)
     return found
 
 
+def _check_composable(ctx, settings: Params, deltas: list) -> None:
+    """What params.yaml's stack.method asks of the deltas, before any model loads: under joint, every linear
+    delta's k*/v* pairs, no mix of gated and linear deltas, and the statistics it was computed with where
+    the project's stats/ file of its layer is there (one line naming a delta)."""
+    if settings.stack.method != "joint":
+        return
+    JointSolve.check(deltas)
+    layout, now = _layout(ctx), {}
+    for d in deltas:
+        for s in d.meta["stats"] if not is_gated(d) else []:
+            path = layout.stats(s["layer"])
+            if s["layer"] not in now and path.is_file():
+                now[s["layer"]] = sha256_file(path)
+            _check_stats_of(d, s, now)
+
+
+def _check_stats_of(delta, s: dict, now: dict[int, str]) -> None:
+    """Refuse ``delta`` if its statistics record ``s`` (layer, sha256) is not the layer's now (layer -> sha256)."""
+    if s["layer"] in now and now[s["layer"]] != s["sha256"]:
+        raise DeltaError(f"{delta.path}: stats: computed with other statistics of layer {s['layer']} "
+                         f"({s['sha256'][:12]}, now {now[s['layer']][:12]}); recompute it")
+
+
+def _edited(ctx, lm: LoadedModel, settings: Params, deltas: list) -> EditedModel:
+    """The model that every command puts deltas on: it composes them by params.yaml's ``stack:``
+    (compose.composition). For joint, with the statistics the linear deltas were computed with: the
+    project's stats/ files where present, else the cache; a delta computed with other statistics is
+    refused (one line)."""
+    if settings.stack.method == "sum":
+        return EditedModel(lm)
+    layers = sorted({up.layer for d in deltas if not is_gated(d) for up in d.updates})
+    layout = _layout(ctx)
+    files = tuple(str(layout.stats(l)) for l in layers if layout.stats(l).is_file())
+    stats = _stats_for(ctx, lm, settings, layers, files) if layers else {}
+    for d in deltas:
+        for s in d.meta["stats"] if not is_gated(d) else []:
+            _check_stats_of(d, s, {layer: st.sha256 for layer, st in stats.items()})
+    return EditedModel(lm, composition(settings.stack, lambda layer: stats[layer].second_moment,
+                                       {layer: s.sha256 for layer, s in stats.items()}))
+
+
 def _tokenizer(ctx, spec: str):
     """The model's tokenizer alone (no weights loaded): for what must be known before the model is."""
     from transformers import AutoTokenizer
@@ -196,4 +238,4 @@ def _layout(ctx) -> Layout:
 
 
 
-from . import bench, project, trace, workflow  # noqa: E402,F401  registers the commands on `main`
+from . import bench, export, project, trace, workflow  # noqa: E402,F401  registers the commands on `main`

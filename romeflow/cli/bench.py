@@ -15,7 +15,7 @@ from ..engine.protect import check_sources
 from ..engine.rome import RomeParams
 from ..io import check_input
 from ..params import ConfigError, check_layers
-from ..pipeline.deltas import JointSolve
+from ..pipeline.compose import JointSolve
 from . import _check_layers, _check_outputs, _load, _params_path, _settings, _stats_for, _tokenizer, console, err, main
 
 

@@ -136,7 +136,8 @@ def status(ctx, as_json):
         return
     console.print(f"base model {st['model']['spec']} ({st['model']['fingerprint'][:12]}); statistics: "
                   + (", ".join(f"layer {k} ({v[:12]})" for k, v in st["stats"].items()) or "none"), highlight=False)
-    table = Table(title=f"{len(st['manifests'])} active manifest(s); stack report: {st['stack']}")
+    table = Table(title=f"{len(st['manifests'])} active manifest(s); stack report: {st['stack']}, stack file: "
+                        f"{st['stack_file']}")
     for col in ("manifest", "state", "delta", "report", "why"):
         table.add_column(col)
     for e in st["manifests"]:

@@ -1,4 +1,4 @@
-"""The workflow commands: apply, eval, stack, generate, stats, export."""
+"""The workflow commands: apply, eval, stack, generate, stats (export: export.py)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,19 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..engine.models import LoadedModel, Placement, cache_dir, resolve, sha256_file
+from ..engine.models import Placement, cache_dir, resolve
 from ..engine.protect import check_sources, reference_names
 from ..engine.statistics import get_stats, load_stats, save_stats
 from ..evaluation.bystanders import TokenSharing
 from ..evaluation.scoring import greedy_continuation, next_token_top
 from ..engine.prompts import MAX_PROMPT_CHARS
 from ..params import ConfigError, Params, check_layers
-from ..pipeline.deltas import check_onto, DeltaError, EditedModel, JointSolve, compute_delta, load_deltas, require_pairs, save_delta
+from ..pipeline.deltas import check_onto, compute_delta, load_deltas, require_pairs, save_delta
 from ..pipeline.manifests import Manifest, ManifestError, check_conflicts, load_manifest
 from ..pipeline.names import BadName
 from ..pipeline.workflow import Layout, eval_manifest, eval_stack, gate_error
-from ..schemas import validate
-from . import (DELTAS_MODEL, _check_layers, _check_outputs, _check_text, _layer_uses, _layout, _load, _model_spec,
-               _params_path, _settings, _stats_for, console, err, main)
+from . import (DELTAS_MODEL, _check_composable, _check_layers, _check_outputs, _check_text, _edited, _layer_uses,
+               _layout, _load, _model_spec, _params_path, _settings, _stats_for, console, err, main)
 
 
 @main.command()
@@ -97,7 +96,9 @@ def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
 @click.pass_context
 def evaluate(ctx, manifest, deltas, out, details, use_gate, model_spec):
     """Score a manifest's edits (rewrite, paraphrases, neighbours) before and after its delta, and ask
-    up to eval.token_neighbors reference subjects sharing each subject's last token what else moved."""
+    up to eval.token_neighbors reference subjects sharing each subject's last token what else moved.
+
+    The delta(s) are composed by params.yaml stack: (stack.method), as every command composes them."""
     if details and not out:
         raise click.UsageError("--details needs --out")
     settings = _settings(ctx)
@@ -109,11 +110,12 @@ def evaluate(ctx, manifest, deltas, out, details, use_gate, model_spec):
     _check_outputs(ctx, [(out, "--out"), (details, "--details")],
                    [(manifest, f"the manifest {manifest}"), *((p, f"{'--delta' if deltas else 'the delta'} {p}") for p in paths)])
     loaded = load_deltas(paths)
+    _check_composable(ctx, settings, loaded)
     _warn_if_not_its_delta(m, loaded)
     gate = settings.gate if use_gate else None
     sharing = _sharing(ctx, settings)  # the reference names, read before the model loads
     lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
-    result = eval_manifest(EditedModel(lm), m, loaded, gate, sharing)
+    result = eval_manifest(_edited(ctx, lm, settings, loaded), m, loaded, gate, sharing)
     if out:
         result.write(out, details)
     report = result.report
@@ -176,40 +178,41 @@ def _warn_if_not_its_delta(m: Manifest, deltas: list) -> None:
               help="Readable tables [default: reports/stack.md].")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for the DVC plot data [default: reports/plots].")
+@click.option("--weights", "weights_path", type=click.Path(dir_okay=False), default=None,
+              help="The composed stack's solved update and provenance (safetensors, schemas/stackfile.schema.json), "
+                   "what `romeflow export` with no --delta rebuilds the weights from [default: reports/stack.safetensors].")
 @click.option("--gate", "use_gate", is_flag=True,
               help="After writing, fail (exit 1, one line) if the stack is outside params.yaml gate.stack.")
 @click.pass_context
-def stack(ctx, out, markdown, plots_dir, use_gate):
+def stack(ctx, out, markdown, plots_dir, weights_path, use_gate):
     """Compose every active delta (params.yaml manifests:) and measure interference and damage.
 
-    Each manifest's edits are scored with its own delta alone and with all deltas; the damage
-    guard is the perplexity of a held-out text (params.yaml stack.heldout) and the neighbour
-    prompts' top-1 agreement, both vs the base model.
+    Each manifest's edits are scored with its own delta alone and with all deltas, both composed by
+    params.yaml stack:; the damage guard is the perplexity of a held-out text (params.yaml
+    stack.heldout) and the neighbour prompts' top-1 agreement, both vs the base model. The composed
+    update is written to --weights, from which `romeflow export` rebuilds these weights exactly.
     """
     settings = _settings(ctx)
     layout = _layout(ctx)
     out = Path(out or layout.stack_report)
     reads = [(p, f"the {what} {p}") for n in settings.manifests
              for p, what in ((layout.manifest(n), "manifest"), (layout.delta(n), "delta"))]
+    weights_path = Path(weights_path or layout.stack_file)
     _check_outputs(ctx, [(out, "--out"), (markdown or layout.stack_markdown, "--md"),
-                         (plots_dir or layout.plots, "--plots", True)],
+                         (plots_dir or layout.plots, "--plots", True), (weights_path, "--weights")],
                    reads + [(layout.root / settings.stack.heldout, f"{settings.path}: stack.heldout")])
     manifests = [load_manifest(layout.manifest(n)) for n in settings.manifests]
     check_conflicts(manifests)
     deltas = load_deltas(layout.delta(n) for n in settings.manifests)
-    joint = settings.stack.method == "joint"
-    if joint:
-        for d in deltas:
-            require_pairs(d)
+    _check_composable(ctx, settings, deltas)
     heldout = layout.root / settings.stack.heldout
     if not heldout.is_file():
         raise ConfigError(f"{settings.path}: stack.heldout: {heldout} not found")
     sharing = _sharing(ctx, settings)
     lm = _load(ctx, settings.model)
-    solve = _joint_solve(ctx, lm, settings, layout, deltas) if joint else None
-    result = eval_stack(EditedModel(lm), manifests, deltas, heldout, settings.stack.window,
-                        settings.gate if use_gate else None, solve, sharing)
-    result.write(out, markdown or layout.stack_markdown, plots_dir or layout.plots)
+    result = eval_stack(_edited(ctx, lm, settings, deltas), manifests, deltas, heldout, settings.stack.window,
+                        settings.gate if use_gate else None, sharing)
+    result.write(out, markdown or layout.stack_markdown, plots_dir or layout.plots, weights_path)
     r = result.report
     table = Table(title=f"stack of {len(manifests)} manifest(s): S alone -> stack")
     for col in ("manifest", "S alone", "S stack", "ΔS"):
@@ -227,20 +230,6 @@ def stack(ctx, out, markdown, plots_dir, use_gate):
         raise gate_error(out, result.failures)
 
 
-def _joint_solve(ctx, lm: LoadedModel, settings: Params, layout: Layout, deltas: list) -> JointSolve:
-    """stack.method: joint with the statistics the deltas were computed with (the pipeline's files where
-    present, else the cache); a delta computed with other statistics is refused."""
-    layers = sorted({up.layer for d in deltas for up in d.updates})
-    files = tuple(str(layout.stats(l)) for l in layers if layout.stats(l).is_file())
-    stats = _stats_for(ctx, lm, settings, layers, files)
-    for d in deltas:
-        for s in d.meta["stats"]:
-            if s["layer"] in stats and stats[s["layer"]].sha256 != s["sha256"]:
-                raise DeltaError(f"{d.path}: stats: computed with other statistics of layer {s['layer']} "
-                                 f"({s['sha256'][:12]}, now {stats[s['layer']].sha256[:12]}); recompute it")
-    return JointSolve.from_params(lambda layer: stats[layer].second_moment, settings.stack)
-
-
 @main.command()
 @click.argument("prompt")
 @click.option("--delta", "deltas", multiple=True, type=click.Path(dir_okay=False), help="Delta file(s) to apply.")
@@ -251,17 +240,20 @@ def _joint_solve(ctx, lm: LoadedModel, settings: Params, layout: Layout, deltas:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def generate(ctx, prompt, deltas, model_spec, max_new_tokens, top_k, as_json):
-    """Next-token ranking and a greedy continuation of PROMPT, on base + deltas."""
+    """Next-token ranking and a greedy continuation of PROMPT, on base + deltas (composed by params.yaml
+    stack:)."""
     _check_text(prompt, "PROMPT", MAX_PROMPT_CHARS)
     settings = _settings(ctx)
     loaded = load_deltas(deltas)
+    _check_composable(ctx, settings, loaded)
     lm = _load(ctx, _model_spec(ctx, settings, model_spec, loaded))
-    EditedModel(lm).compose(loaded)
+    edited = _edited(ctx, lm, settings, loaded)
+    edited.compose(loaded)
     top = next_token_top(lm, [prompt], top_k)[0]
     text = greedy_continuation(lm, prompt, max_new_tokens)
     if as_json:
-        click.echo(json.dumps({"prompt": prompt, "deltas": list(deltas), "top": [{"token": t, "p": p} for t, p in top],
-                               "continuation": text}, indent=1))
+        click.echo(json.dumps({"prompt": prompt, "deltas": list(deltas), "composition": edited.composed_by(),
+                               "top": [{"token": t, "p": p} for t, p in top], "continuation": text}, indent=1))
         return
     table = Table(title=f"next token after {prompt!r}" + (f" (+{len(deltas)} delta)" if deltas else ""))
     table.add_column("rank", justify="right")
@@ -346,61 +338,3 @@ def stats(ctx, layers, model_spec, corpus_files, tokens, out, processes, checkpo
         console.print(f"layer {layer}: {s.meta['tokens']} tokens of {s.meta['corpus_id']}, "
                           f"sha256 {s.sha256[:12]}" + (f" -> {target}" if target else ""))
     err.print(f"[dim]{took:.1f} s" + (f" ({processes} processes)" if processes > 1 else "") + "[/dim]")
-
-
-@main.command()
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--delta", "deltas", multiple=True, required=True, type=click.Path(dir_okay=False))
-@click.option("--model", "model_spec", default=None, help=DELTAS_MODEL)
-@click.option("--format", "fmt", type=click.Choice(["hf", "peft"]), default="hf", show_default=True,
-              help="hf: the merged model folder; peft: a LoRA adapter over the base model (the deltas' "
-                   "factors stacked per module, scaling 1).")
-@click.pass_context
-def export(ctx, out, deltas, model_spec, fmt):
-    """Write base + deltas as a Hugging Face model folder (safetensors), or as a PEFT LoRA adapter
-    that `peft.PeftModel.from_pretrained(base, OUT)` loads (docs/serving.md), with a model card
-    (README.md: the edits, and their scores from reports/NAME.json when it evaluated that delta file)."""
-    from ..pipeline.export import write_merged, write_peft
-
-    out = Path(out)
-    if out.exists():
-        raise ValueError(f"{out}: already exists; choose a new folder")
-    _check_outputs(ctx, [(out, "OUT", True)], [(p, f"--delta {p}") for p in deltas])
-    settings = _settings(ctx)
-    loaded = load_deltas(deltas)
-    reports = _eval_reports(ctx, loaded)
-    spec = _model_spec(ctx, settings, model_spec, loaded)
-    lm = _load(ctx, spec)
-    with err.status(f"writing {out}"):
-        if fmt == "peft":
-            folder = resolve(spec, cache_dir(ctx.obj["cache"]))[0]  # what base_model_name_or_path names
-            config = write_peft(out, lm, loaded, str(folder), reports)
-            what = f"a LoRA adapter of {len(config['target_modules'])} module(s), rank {config['r']}"
-        else:
-            EditedModel(lm).compose(loaded)
-            write_merged(out, lm, loaded, reports)
-            what = "a merged model"
-    console.print(f"exported {lm.name} + {len(loaded)} delta(s) as {what} -> {out} (model card: README.md"
-                  + (f", scores from {len(reports)} eval report(s))" if reports else ")"), highlight=False)
-
-
-def _eval_reports(ctx, deltas: list) -> dict[int, dict]:
-    """{i: the project's reports/NAME.json} for each delta that such a report evaluated alone (its
-    ``deltas`` is exactly that file, by sha256): the model card's scores. NAME is the delta file's stem (a
-    path the user gave, never the delta's metadata); a missing, invalid or other report is skipped."""
-    found = {}
-    for i, d in enumerate(deltas):
-        try:
-            path = _layout(ctx).report(Path(d.path).stem)
-        except BadName:
-            continue
-        if not path.is_file():  # not a FIFO or a folder
-            continue
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not validate("report", report) and [e["sha256"] for e in report["deltas"]] == [sha256_file(d.path)]:
-            found[i] = report
-    return found
-

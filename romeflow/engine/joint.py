@@ -69,7 +69,7 @@ def joint_insert(solve: Solver, w: torch.Tensor, keys: torch.Tensor, values: tor
     the squared pivots of the Cholesky factor of M over its diagonal, L_ii² / M_ii.
 
     scales (n,): edit i asks for W k_i + s_i (v_i − W k_i) instead of v_i (the stack's calibration,
-    ``deltas.EditedModel``); None: every s_i = 1.
+    ``compose.EditedModel``); None: every s_i = 1.
 
     w: (d_out, d_in); keys: (n, d_in); values: (n, d_out); protected: (m, d_in) or None.
     Returns the factors U (d_out, n), V (d_in, n) of Δ = U Vᵀ, float32.

@@ -265,7 +265,7 @@ def evaluate_manifest(edited, manifest, deltas: list, sharing: TokenSharing | No
     ``sharing``: the reference names that token-sharing subjects are mined from (none: only the
     manifest's own neighbours count in NS_tok). ``other_subjects`` (in the result): per edit, the
     subjects held by construction and the mined subjects asked, with those whose top-1 the deltas moved.
-    ``edited`` is a deltas.EditedModel; it is left at the base model.
+    ``edited`` is a compose.EditedModel; it is left at the base model.
     """
     lm = edited.lm
     edited.compose([])

@@ -33,7 +33,8 @@ import torch
 from .. import __version__
 from .bench import Run, counterfact_record_values, score_counterfact
 from .datasets import CounterfactRecord
-from ..pipeline.deltas import Delta, EditedModel, JointSolve, compute_delta, load_delta, save_delta
+from ..pipeline.deltas import Delta, compute_delta, load_delta, save_delta
+from ..pipeline.compose import EditedModel, JointSolve
 from .scoring import text_predictions
 from ..io import atomic_path, write_json_atomic
 from ..pipeline.manifests import Manifest, ManifestEdit

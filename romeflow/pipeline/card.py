@@ -52,9 +52,11 @@ def front_matter(base_name: str, fmt: str) -> dict:
     return meta
 
 
-def model_card(base_name: str, fingerprint: str, deltas: list, fmt: str, reports: dict | None = None) -> str:
+def model_card(base_name: str, fingerprint: str, deltas: list, fmt: str, reports: dict | None = None,
+               composition: dict | None = None) -> str:
     """README.md for an export of ``deltas`` over the base model ``base_name``; ``fmt``: hf or peft.
-    ``reports``: {index of a delta in ``deltas``: its eval report (reports/NAME.json)}, when known."""
+    ``reports``: {index of a delta in ``deltas``: its eval report (reports/NAME.json)}, when known;
+    ``composition``: how the deltas were composed (``compose.EditedModel.composed_by``)."""
     reports = reports or {}
     n_edits = sum(len(d.meta.get("edits", [])) for d in deltas)
     how = ("A LoRA adapter over the base model: `peft.PeftModel.from_pretrained(base, this_folder)`; the "
@@ -68,7 +70,7 @@ def model_card(base_name: str, fingerprint: str, deltas: list, fmt: str, reports
              f"`{shown}`{source}, fingerprint `{fingerprint[:12]}`, with {len(deltas)} delta(s) of factual "
              f"edits made by romeflow {__version__} with ROME (Rank-One Model Editing, Meng et al. 2022): each "
              f"edit is a low-rank update of one MLP projection. {how} What it was built from: "
-             "`romeflow-export.json`.", "",
+             "`romeflow-export.json`.", "", *_composition(composition),
              "## Edits", "",
              "P[new] is the probability of the new object after the edit's prompt, on the base model and with "
              "the edit's delta, as recorded when the delta was computed.", "",
@@ -86,6 +88,18 @@ def model_card(base_name: str, fingerprint: str, deltas: list, fmt: str, reports
                          f"{_prob(e.get('after'), 'p_target')} |")
     lines += ["", *_scores(deltas, reports), "", *_moved(deltas, reports)]
     return "\n".join(lines) + "\n"
+
+
+def _composition(composition: dict | None) -> list[str]:
+    """One paragraph: how the deltas were composed (params.yaml ``stack:``)."""
+    if not composition:
+        return []
+    settings = composition.get("settings") or {}
+    said = ", ".join(f"{_cell(k)} {_cell(v)}" for k, v in settings.items())
+    if composition.get("method") == "joint":
+        return [f"Composed by `stack.method: joint` ({said}): one update per edited module, re-solved from all "
+                "the edits' (k*, v*) pairs (romeflow's docs/method.md).", ""]
+    return ["Composed by `stack.method: sum`: the deltas' updates added to the base weights.", ""]
 
 
 def _scores(deltas: list, reports: dict) -> list[str]:

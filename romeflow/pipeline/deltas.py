@@ -1,4 +1,4 @@
-"""Delta files: a manifest's rank-one updates plus their provenance, and models composed from them.
+"""Delta files: a manifest's rank-one updates plus their provenance (models composed from them: compose.py).
 
 A delta file is safetensors: tensors ``edits.<i>.u`` (d_out,) and ``edits.<i>.v`` (d_in,), and the
 provenance as JSON under the header key ``romeflow`` (schema: schemas/delta.schema.json). Deltas
@@ -7,8 +7,6 @@ and ``edits.<i>.v_star`` (d_out,) — computed as the edit was, against the base
 earlier edits of its manifest) — and, when the edit held ``protected_keys: m`` keys fixed,
 ``edits.<i>.protected`` (m, d_in): what ``stack.method: joint`` re-solves the stack from. Older
 deltas without them still load (their factors alone); the joint solve refuses them.
-The edited model is base + deltas, always recomputed from the base weights in a fixed order, so
-dropping a delta gives exactly (bit for bit) base + the remaining ones.
 
 Checked on load, before any model is loaded: the metadata against the schema (at most
 MAX_METADATA_BYTES), exactly the tensors the metadata announces, each float32, of shape (d,) or
@@ -35,11 +33,8 @@ from ..evaluation.scoring import edit_probabilities
 from ..io import atomic_path, check_input
 from .manifests import Manifest, ManifestError
 from ..engine.models import LoadedModel, ModelError, edited_module_name, read_weight, weight_shape, write_weight
-from ..engine.prompts import fill
-from ..engine.joint import joint_insert, null_space_basis, projected_solver
-from ..engine.margins import margins, next_token
-from ..engine.gated import NeuronUpdate, add_neurons, cut_neurons, hidden_width
-from ..engine.rome import EditResult, InsertError, RankOneUpdate, Rome, RomeParams, Solver, add_rank_one
+from ..engine.gated import NeuronUpdate, cut_neurons, hidden_width
+from ..engine.rome import EditResult, RankOneUpdate, Rome, RomeParams, add_rank_one
 from . import neurons
 from ..schemas import validate
 from ..engine.statistics import Stats
@@ -320,95 +315,6 @@ def check_applicable(delta: Delta, lm: LoadedModel) -> None:
                              f"{up.module} ({tuple(shape)})")
 
 
-class EditedModel:
-    """A base model with deltas on top: W = W_base + Σ_deltas Σ_edits u vᵀ, in the order given.
-
-    Base weights of every module a delta touched are kept (one (d_out, d_in) copy each), and every
-    composition starts again from them.
-    """
-
-    def __init__(self, lm: LoadedModel):
-        self.lm = lm
-        self.deltas: list[Delta] = []
-        self.scales: torch.Tensor | None = None  # each edit's share of its change, when the stack is calibrated
-        self._base: dict[str, torch.Tensor] = {}
-        self._widths: dict[int, int] = {}  # layer -> its MLP's hidden units in the base model (gated edits)
-
-    def compose(self, deltas: list[Delta], joint: "JointSolve | None" = None) -> None:
-        """base + deltas: the sum of their factors (default), or with ``joint`` the one update that the
-        joint solve recomputes from all their (k*, v*) pairs (stack.method: joint)."""
-        check_distinct(deltas)
-        for d in deltas:
-            check_applicable(d, self.lm)
-        if joint is not None:
-            joint.check(deltas)
-        for d in deltas:
-            for up in d.updates:
-                if isinstance(up, NeuronUpdate):
-                    if up.layer not in self._widths:  # untouched so far, so still the base model's width
-                        self._widths[up.layer] = hidden_width(self.lm.model, up.layer)
-                elif up.module not in self._base:  # untouched so far, so still the base weight
-                    self._base[up.module] = read_weight(self.lm.model, up.module)
-        self.scales = None
-        if joint is None:
-            updates = [up for d in deltas for up in d.updates]
-        elif joint.margin > 0 and deltas and not any(is_gated(d) for d in deltas):
-            self.scales = self.calibrate(deltas, joint)
-            updates = joint.updates(deltas, self._base, self.scales)
-        else:
-            updates = joint.updates(deltas, self._base)
-        self._write(updates, deltas)
-        self.deltas = list(deltas)
-
-    def reset(self) -> None:
-        self.compose([])
-
-    def _write(self, updates: list, deltas: list[Delta] = ()) -> None:
-        """Base weights and widths, then the rank-one ``updates`` added and the neurons of ``deltas`` appended
-        in the canonical order (``neurons.canonical``: the same weights whatever the deltas' order)."""
-        for layer, width in self._widths.items():
-            cut_neurons(self.lm.model, layer, width)
-        for name, w in self._base.items():
-            write_weight(self.lm.model, name, w)
-        for up in updates:
-            if isinstance(up, RankOneUpdate):
-                add_rank_one(self.lm.model, up.module, up.u, up.v)
-        for up in neurons.canonical(deltas):
-            add_neurons(self.lm.model, up)
-
-    def calibrate(self, deltas: list[Delta], joint: "JointSolve") -> torch.Tensor:
-        """Each edit's share s_j of its change (stack.margin): the least, to 2^-rounds, at which its
-        rewrite prompt prefers the new object over the old one by ``joint.margin`` on the composed
-        model itself (mean per-token log-probability, as ES; with ``joint.prefixes``, the mean margin
-        of the prompt alone and after that many of v*'s context prefixes). All edits bisect at once: each round
-        solves the stack with the midpoints, scores every rewrite prompt in one batched pass, and
-        halves each edit's interval. An edit that does not hold even whole keeps s_j = 1.
-
-        v* overshoots (a median margin of ~9 nats on its own prompt), and the excess is damage
-        that adds up over a stack; in the stack, cross-talk and the ridge also move each edit's
-        margin, which is why the shares are found there and not per delta (docs/scale.md)."""
-        pairs = edits(deltas)
-        canon = [d.meta["manifest"]["canonical"]["edits"][i] for d, i in pairs]
-        rewrites = [fill(e["relation"], e["subject"]) for e in canon]
-        self._write([])  # the base model: the old object of an edit that names none is its answer
-        olds = [e.get("target_true") or next_token(self.lm, p) for e, p in zip(canon, rewrites)]
-        asked = [calibration_prompts(d, p, joint.prefixes) for (d, _), p in zip(pairs, rewrites)]  # per edit
-        prompts = [q for qs in asked for q in qs]
-        targets = [e["target"] for e, qs in zip(canon, asked) for _ in qs]
-        old_of = [o for o, qs in zip(olds, asked) for _ in qs]
-        owner = torch.tensor([j for j, qs in enumerate(asked) for _ in qs])  # (prompts,) the edit of each prompt
-        count = torch.bincount(owner, minlength=len(pairs)).double()  # (n,)
-        lo, hi = torch.zeros(len(pairs), dtype=torch.float64), torch.ones(len(pairs), dtype=torch.float64)
-        for _ in range(joint.rounds):
-            mid = (lo + hi) / 2
-            self._write(joint.updates(deltas, self._base, mid))
-            m = margins(self.lm, prompts, targets, old_of).double()  # (prompts,)
-            mean = torch.zeros(len(pairs), dtype=torch.float64).index_add(0, owner, m) / count  # (n,)
-            held = mean >= joint.margin
-            hi, lo = torch.where(held, mid, hi), torch.where(held, lo, mid)
-        return hi
-
-
 def compute_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict[int, Stats],
                   progress: Callable[[int, EditResult], None] | None = None, root: Path = Path("."),
                   onto: list[Delta] = (), corpus=None) -> Delta:
@@ -489,7 +395,7 @@ def _shape_meta(r: EditResult) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# The joint solve of a stack (stack.method: joint)
+# What composing deltas asks of them (the composition itself: compose.py)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -514,17 +420,6 @@ def check_onto(manifest: Manifest, onto: list[Delta]) -> None:
                                     f"that delta, or revert it first")
 
 
-def calibration_prompts(delta: Delta, rewrite: str, prefixes: int) -> list[str]:
-    """The prompts whose mean margin calibrates an edit: its rewrite prompt, and after ``prefixes`` of
-    the delta's own context prefixes (those v* was optimised over), evenly spaced over the list."""
-    own = [p for p in delta.meta.get("context_prefixes", []) if p]
-    if prefixes <= 0 or not own:
-        return [rewrite]
-    n = min(prefixes, len(own))
-    picks = sorted({round(i * (len(own) - 1) / max(n - 1, 1)) for i in range(n)})
-    return [rewrite] + [own[i] + rewrite for i in picks]
-
-
 def is_gated(delta: Delta) -> bool:
     """A delta of the gated insert: hidden units added to an MLP, not a linear update."""
     return any(isinstance(up, NeuronUpdate) for up in delta.updates)
@@ -535,97 +430,10 @@ def edits(deltas: list[Delta]) -> list[tuple[Delta, int]]:
     return [(d, i) for d in deltas for i in range(len(d.updates))]
 
 
-class JointSolve:
-    """The composed update of a stack, recomputed from all its deltas' (k*, v*) pairs in one call of
-    ``joint.joint_insert`` per edited module (docs/method.md, "The joint stack solve").
+def __getattr__(name: str):
+    """EditedModel, JointSolve and calibration_prompts moved to compose.py; old imports still find them."""
+    if name in ("EditedModel", "JointSolve", "calibration_prompts"):
+        from . import compose
 
-    second_moment: layer -> C (the statistics the deltas were computed with); ridge, null_space
-    (the threshold of ``null_space_basis``) and protect (hold each edit's protected keys fixed) are
-    params.yaml's ``stack.ridge``, ``stack.null_space`` and ``stack.protect``. Factorisations are cached
-    per layer, so re-solving after dropping a delta costs one solve.
-    """
-
-    def __init__(self, second_moment: Callable[[int], torch.Tensor], ridge: float = 0.0, null_space: float = 0.0,
-                 protect: bool = True, margin: float = 0.0, rounds: int = 7, prefixes: int = 0):
-        self.second_moment, self.ridge, self.null_space, self.protect = second_moment, ridge, null_space, protect
-        # the calibration (EditedModel.calibrate); margin 0: off
-        self.margin, self.rounds, self.prefixes = margin, rounds, prefixes
-        self._solvers: dict[int, tuple[Solver, torch.Tensor | None]] = {}
-
-    @classmethod
-    def from_params(cls, second_moment: Callable[[int], torch.Tensor], p) -> "JointSolve":
-        """From params.yaml's ``stack:`` (a ``params.StackParams``)."""
-        return cls(second_moment, p.ridge, p.null_space, p.protect, p.margin, p.rounds, p.prefixes)
-
-    def solver(self, layer: int) -> tuple[Solver, torch.Tensor | None]:
-        if layer not in self._solvers:
-            c = self.second_moment(layer)
-            basis = null_space_basis(c, self.null_space)
-            self._solvers[layer] = (Solver(c) if basis is None else projected_solver(c, basis), basis)
-        return self._solvers[layer]
-
-    def check(self, deltas: list[Delta]) -> None:
-        """Linear deltas need their k*/v* pairs; gated ones (neurons) are composed as they are, so a stack of
-        gated deltas passes, and a stack that mixes both is refused (one line naming one of each)."""
-        gated = [d for d in deltas if is_gated(d)]
-        if gated and len(gated) < len(deltas):
-            linear = next(d for d in deltas if not is_gated(d))
-            raise DeltaError(f"stack.method: joint: {gated[0].path or gated[0].name} is a gated edit and "
-                             f"{linear.path or linear.name} a linear one; the joint solve re-solves linear edits "
-                             f"only: recompute them with one rome.insert, or use stack.method: sum")
-        for d in deltas:
-            if not is_gated(d):
-                require_pairs(d)
-
-    @staticmethod
-    def protected_rows(d: Delta, i: int, kv: KeyValue, edited: set[str]) -> torch.Tensor | None:
-        """Edit i's protected keys, less those of subjects that an edit of the stack rewrites (two rows a
-        subject, in the order of ``edits[i].protected``; then, with ``edits[i].centroid``, the family's
-        mean key, always kept): an edit wins over another's protection."""
-        if kv.protected is None:
-            return None
-        names = d.meta["edits"][i].get("protected", [])
-        centroid = 1 if d.meta["edits"][i].get("centroid") else 0
-        if len(names) * 2 + centroid != kv.protected.shape[0]:
-            return kv.protected
-        keep = [r for r in range(kv.protected.shape[0]) if r >= 2 * len(names) or names[r // 2] not in edited]
-        return kv.protected[keep] if keep else None
-
-    def updates(self, deltas: list[Delta], base: dict[str, torch.Tensor],
-                scales: torch.Tensor | None = None) -> list[RankOneUpdate]:
-        """One rank-≤n update per module, from the base weights (module -> (d_out, d_in)).
-
-        scales: one per edit of the stack, in the order of ``edits(deltas)``: edit j asks for
-        W k_j + s_j (v_j − W k_j) (the calibration of ``EditedModel.compose``); None: all 1. A stack of
-        gated deltas has no linear update to solve ([]): its neurons are appended as they are."""
-        self.check(deltas)
-        if any(is_gated(d) for d in deltas):
-            return []
-        by_module: dict[str, list[tuple[Delta, int, KeyValue]]] = {}
-        share: dict[str, list[float]] = {}
-        for j, (d, i) in enumerate(edits(deltas)):
-            kv = d.pairs[i]
-            by_module.setdefault(kv.module, []).append((d, i, kv))
-            share.setdefault(kv.module, []).append(1.0 if scales is None else float(scales[j]))
-        out = []
-        for module, items in by_module.items():
-            layer = items[0][2].layer
-            solve, basis = self.solver(layer)
-            keys = torch.stack([kv.k_star for _, _, kv in items])  # (n, d_in)
-            values = torch.stack([kv.v_star for _, _, kv in items])  # (n, d_out)
-            edited = {d.meta["manifest"]["canonical"]["edits"][i]["subject"] for d, i, _ in items}
-            held = [self.protected_rows(d, i, kv, edited) for d, i, kv in items] if self.protect else []
-            held = [h for h in held if h is not None]
-            protected = torch.cat(held) if held else None
-            try:
-                u, v = joint_insert(solve, base[module], keys, values, protected, self.ridge, basis,
-                                    scales=None if scales is None else torch.tensor(share[module], dtype=torch.float64))
-            except InsertError as e:
-                if e.index is None or e.index >= len(items):
-                    raise DeltaError(f"stack.method: joint: {module}: {e}; set stack.ridge > 0 for a "
-                                     f"least-squares solve") from None
-                d, i, _ = items[e.index]
-                raise DeltaError(f"{d.path or d.name}: edits[{i}]: the joint solve cannot separate its key from "
-                                 f"the other edits' ({e}); set stack.ridge > 0 for a least-squares solve") from None
-            out.append(RankOneUpdate(module, layer, u, v))
-        return out
+        return getattr(compose, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,10 @@ and the provenance checks behind ``romeflow status`` and ``romeflow verify`` (``
 Stages (dvc.yaml) and what they call here:
 
     eval@NAME   eval_manifest: NAME's edits on base, and on base + deltas/NAME  -> reports/NAME.json
-    stack       eval_stack: every active manifest on base + all active deltas   -> reports/stack.json
+    stack       eval_stack: every active manifest on base + all active deltas   -> reports/stack.json,
+                                                                       reports/stack.safetensors
+
+Deltas are composed by params.yaml ``stack:`` everywhere (compose.EditedModel with compose.composition).
 
 A stage whose report falls below params.yaml ``gate:`` still writes it, then fails with one line.
 """
@@ -20,13 +23,15 @@ from pathlib import Path
 
 import torch
 
-from .deltas import Delta, DeltaError, EditedModel, JointSolve, load_delta
+from .deltas import Delta, DeltaError, load_delta
+from .compose import EditedModel
 from ..evaluation.bystanders import Bystanders, TokenSharing
 from ..evaluation.scoring import base_references, evaluate_manifest, score_manifest, text_predictions
 from ..io import write_json_atomic, write_text_atomic
 from .manifests import Manifest, ManifestError, load_manifest
 from ..engine.models import EMBEDDED, LoadedModel, read_weight, resolve, sha256_file
 from .names import check_name
+from .stackfile import StackFile, StackFileError, load_stack_file, save_stack_file, stack_file, stale
 from ..params import METRICS, Gate, Params  # noqa: F401 - METRICS, Gate re-exported
 from ..engine.rome import RomeParams
 from ..schemas import validate
@@ -73,6 +78,10 @@ class Layout:
     @property
     def stack_report(self) -> Path:
         return self.root / "reports" / "stack.json"
+
+    @property
+    def stack_file(self) -> Path:
+        return self.root / "reports" / "stack.safetensors"
 
     @property
     def stack_markdown(self) -> Path:
@@ -130,7 +139,8 @@ def eval_manifest(edited: EditedModel, manifest: Manifest, deltas: list[Delta], 
     r = evaluate_manifest(edited, manifest, deltas, sharing)
     head = {"name": manifest.name, "sha256": manifest.sha256}
     report = {"format": REPORT_FORMAT, "manifest": head, "deltas": [_delta_entry(d) for d in deltas],
-              "pre": r["pre"], "post": r["post"], "other_subjects": r["other_subjects"]}
+              "composition": edited.composed_by(), "pre": r["pre"], "post": r["post"],
+              "other_subjects": r["other_subjects"]}
     details = {"format": DETAILS_FORMAT, "manifest": head, "edits": r["edits"]}
     return EvalResult(report, details, eval_gate(report, gate or Gate()))
 
@@ -156,8 +166,11 @@ class StackResult:
     report: dict  # reports/stack.json
     plots: dict[str, list[dict]]  # file name in reports/plots/ -> rows
     failures: list[str]
+    weights: StackFile | None = None  # reports/stack.safetensors: what rebuilds the composed weights
 
-    def write(self, report_path, markdown_path=None, plots_dir=None) -> None:
+    def write(self, report_path, markdown_path=None, plots_dir=None, weights_path=None) -> None:
+        if weights_path is not None and self.weights is not None:
+            save_stack_file(weights_path, self.weights)
         write_artifact(report_path, "stack", self.report)
         if markdown_path is not None:
             write_text_atomic(markdown_path, stack_markdown(self.report))
@@ -187,13 +200,13 @@ def _diff(a: dict, b: dict) -> dict:
 
 
 def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delta], heldout: Path,
-               window: int = 256, gate: Gate | None = None, joint: JointSolve | None = None,
-               sharing: TokenSharing | None = None) -> StackResult:
+               window: int = 256, gate: Gate | None = None, sharing: TokenSharing | None = None) -> StackResult:
     """Base + all ``deltas`` (one per manifest, in order): each manifest's scores alone and in the stack,
     and the damage to the base model (held-out perplexity, neighbour top-1 agreement).
 
-    The stack is the sum of the deltas, or with ``joint`` the update re-solved from all their (k*, v*)
-    pairs (stack.method: joint); "alone" is always the manifest's own delta.
+    Deltas are composed as ``edited`` composes them (its ``joint``: the sum of the deltas, or the update
+    re-solved from all their (k*, v*) pairs, stack.method: joint); "alone" is the manifest's own delta
+    composed the same way, as `romeflow eval` composes it.
 
     "Alone" is computed here exactly as eval@NAME computes "post" (same function, same inputs: with the
     same ``sharing``), so it equals reports/NAME.json's post without the stack stage depending on those
@@ -221,12 +234,13 @@ def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delt
     for m, d in zip(manifests, deltas):
         edited.compose([d])
         alone[m.name] = score(m)
-    edited.compose(deltas, joint)
+    edited.compose(deltas)
     scales = None if edited.scales is None else [round(float(x), 6) for x in edited.scales]  # stack.margin
     try:
         stacked = {m.name: score(m) for m in manifests}
         nll_stack, top1_stack = text_predictions(lm, text, window)
         weights = edited_weights_sha256(lm, deltas)
+        solved = stack_file(edited, weights) if all(d.path is not None for d in deltas) else None
     finally:
         edited.compose([])
 
@@ -252,11 +266,12 @@ def eval_stack(edited: EditedModel, manifests: list[Manifest], deltas: list[Delt
         first += len(d.updates)
     report = {"format": STACK_FORMAT, "base_model": {"name": lm.name, "fingerprint": lm.fingerprint},
               "composed": {"manifests": [m.name for m in manifests], "edits": sum(len(m.edits) for m in manifests),
-                           "weights_sha256": weights, "method": "sum" if joint is None else "joint"},
+                           "weights_sha256": weights, "method": edited.method,
+                           **({"settings": edited.joint.settings()} if edited.joint is not None else {})},
               "manifests": per, "damage": damage}
     failures = stack_gate(report, gate or Gate())
     report["gate"] = {"passed": not failures, "failures": failures}
-    return StackResult(report, _stack_plots(manifests, pre, alone, stacked), failures)
+    return StackResult(report, _stack_plots(manifests, pre, alone, stacked), failures, solved)
 
 
 def stack_gate(report: dict, gate: Gate) -> list[str]:
@@ -411,7 +426,23 @@ def status(layout: Layout, settings: Params, cache=None) -> dict:
         entries.append(e)
     return {"model": {"spec": settings.model, "fingerprint": model_fp},
             "stats": {str(k): v for k, v in stats.items()}, "manifests": entries,
-            "stack": _stack_state(layout, settings.manifests)}
+            "stack": _stack_state(layout, settings.manifests),
+            "stack_file": _stack_file_state(layout, settings, model_fp, stats)}
+
+
+def _stack_file_state(layout: Layout, settings: Params, model_fp: str, stats: dict[int, str]) -> str:
+    """reports/stack.safetensors: missing, invalid, stale (stackfile.stale: what `romeflow export` refuses) or ok."""
+    if not layout.stack_file.is_file():
+        return "missing"
+    try:
+        sf = load_stack_file(layout.stack_file)
+    except StackFileError:
+        return "invalid"
+    try:
+        deltas = [load_delta(layout.delta(n)) for n in settings.manifests]
+    except DeltaError:
+        return "stale"
+    return "stale" if stale(sf, settings, deltas, model_fp, stats) else "ok"
 
 
 def _stack_state(layout: Layout, manifests: tuple[str, ...]) -> str:
