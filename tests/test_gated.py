@@ -162,7 +162,7 @@ def test_gated_value_with_the_prompt_heads_cached_is_the_full_computation(tiny_l
     rome = Rome(lm, PARAMS, lambda layer: stats[layer], corpus=corpus)
     # a narrow gate (open from s = 0.9; the prompt scores 1): on a tiny random model the default one may fire
     # before the subject, and then the heads are not cached (silent_before_subject is False)
-    gate = gated.fit_gate(rome, CURIE, EDIT_LAYER, 0.9, 0.95, 1e-2)
+    gate = gated.fit_gate(rome, CURIE, EDIT_LAYER, 0.9, 0.95, 1e-2)  # (a family may raise it further)
     assert gated.silent_before_subject(rome, EDIT_LAYER, gate, CURIE)
     k_star = key(lm, EDIT_LAYER, CURIE.subject, rome.prefixes)
     hooks = lambda delta: gated.gate_hook(rome, EDIT_LAYER, gate, delta)  # noqa: E731

@@ -38,6 +38,7 @@ from .models import LoadedModel, ModelError, arch_of, blocks
 from .prompts import encode, fill, subject_last_index
 
 SOFT = 0.25  # width, in score units, of the band below τ₀ where the activation is not yet exactly 0
+MAX_LOW, MAX_HIGH = 0.7, 0.9  # the highest thresholds a family may push the gate to (the prompt scores 1)
 TEXT_TOKENS = 2048  # generic-text tokens the gate is fitted against (the statistics corpus's first ones)
 FAMILY_MAX = 64  # family members the gate is fitted against (each in the relation and alone)
 
@@ -306,12 +307,18 @@ def constant_direction(text: torch.Tensor) -> torch.Tensor:
 
 
 def family_inputs(rome, request, layer: int) -> torch.Tensor:
-    """x of up to FAMILY_MAX family members (inserts.family, a seeded sample), each asked the relation and
-    alone, at their last subject token: (2f, d_model), or (0, d_model) without a family."""
+    """x of the subject's family (inserts.family): every reference name sharing its last token (a seeded
+    sample of FAMILY_MAX when there are more), then made-up siblings up to FAMILY_MAX in all, each asked the
+    relation and alone, at their last subject token: (2f, d_model), or (0, d_model) without a family."""
     from .inserts import family
 
-    names = [n for n in family(rome, request.subject) if n != request.subject]
-    names = random.Random(f"{rome.params.seed}:gate:{request.subject}").sample(names, min(FAMILY_MAX, len(names)))
+    rng = random.Random(f"{rome.params.seed}:gate:{request.subject}")
+    real = set(rome.names().sharing(rome.lm.tokenizer, request.subject))
+    members = [n for n in family(rome, request.subject) if n != request.subject]
+    known = [n for n in members if n in real]
+    known = rng.sample(known, min(FAMILY_MAX, len(known)))
+    made_up = [n for n in members if n not in real]
+    names = known + rng.sample(made_up, min(max(FAMILY_MAX - len(known), 0), len(made_up)))
     if not names:
         return torch.zeros(0, rome.lm.model.config.hidden_size)
     tok = rome.lm.tokenizer
@@ -362,7 +369,8 @@ def fit_gate(rome, request, layer: int, low: float, high: float, l2: float) -> G
                               [subject_last_index(tok, t, request.subject) for t in templates])  # (p, d), (r, d)
     text = rome.text_inputs(layer)  # (t, d_model)
     held = held_inputs(rome, request, layer)  # (h, d_model)
-    a = logistic_direction(pos, [family_inputs(rome, request, layer), rest, held], text, l2)
+    family = family_inputs(rome, request, layer)  # (f, d_model)
+    a = logistic_direction(pos, [family, rest, held], text, l2)
     x_star = pos[-1].double()  # the rewrite prompt's input
     if not float(x_star @ a) > 0:
         raise ValueError(f"the gate of '{request.subject}' does not separate its own prompt from the family and "
@@ -372,6 +380,11 @@ def fit_gate(rome, request, layer: int, low: float, high: float, l2: float) -> G
     e = constant_direction(text) if gated else torch.zeros_like(a)
     if gated:
         e = e / (x_star @ e)  # c(x*) = 1
+    # the gate's own known negatives close it: a family member (or protected subject) the regression left above
+    # τ₀ − SOFT raises τ₀ (and τ₁ with it) for this edit, up to MAX_LOW (MAX_HIGH)
+    need = closing_low(a.float(), e.float(), gated, torch.cat([family, held]))
+    if need > low:
+        low, high = min(need, MAX_LOW), min(max(high, need + (high - low)), MAX_HIGH)
     gate = Gate(a.float(), e.float(), low, high, slope(rome.lm.model, layer, high), gated)
     if len(held):
         z0 = exact_zero_below(rome.lm.model, layer)
@@ -383,6 +396,17 @@ def fit_gate(rome, request, layer: int, low: float, high: float, l2: float) -> G
             raise InsertError(f"protect: {who}: the gate of '{request.subject}' at layer {layer} cannot keep it "
                               f"closed (its score {float(s[open_].max()):.2f} is above the threshold)")
     return gate
+
+
+def closing_low(a: torch.Tensor, e: torch.Tensor, gated: bool, x: torch.Tensor) -> float:
+    """The least τ₀ at which every input x (n, d_model) is exactly closed, τ₀ ≥ (s(x) + SOFT) / c(x) (inputs
+    with c ≤ 0 left out: there τ₁ decides, and c > 0 on all of the default model's text); 0 without any."""
+    if not len(x):
+        return 0.0
+    s = x.float() @ a
+    c = x.float() @ e if gated else torch.ones_like(s)
+    ok = c > 0
+    return float(((s[ok] + SOFT) / c[ok]).max()) if ok.any() else 0.0
 
 
 def gate_values(gate: Gate, act: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,9 @@ class InsertSpec:
     shrink_margin: float = 0.0  # keep the least share of δ at which the prompt prefers o* by this margin (0: off)
     shrink_steps: int = 5  # bisection steps for that share (resolution 2⁻ⁿ)
     gated: bool = False  # not linear: two neurons added to the MLP, silent below a threshold (engine/gated.py)
-    gate_low: float = 0.6  # τ₀: the gate opens at this score (the rewrite prompt scores 1; exactly closed below τ₀ − 0.25)
-    gate_high: float = 0.85  # τ₁: ... and is fully open from this one (bench/gate_scores.py: chosen on 40 tuning records)
+    gate_low: float = 0.3  # τ₀: the gate opens at this score (the rewrite prompt scores 1; exactly closed below τ₀ − 0.25),
+    # raised per edit until the family members it knows are exactly closed (gated.closing_low)
+    gate_high: float = 0.5  # τ₁: ... and is fully open from this one
     gate_l2: float = 1e-2  # the gate's logistic regression: L2 weight
     ridge: float = PROTECT_RIDGE  # on Kᵀ C⁻¹ K when keys are held fixed, relative to its mean diagonal
     min_residual: float = MIN_RESIDUAL  # refuse held keys that leave less than this share of k* to edit
