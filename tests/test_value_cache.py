@@ -13,7 +13,8 @@ import torch
 from romeflow.engine import models
 from romeflow.engine.models import logits_at
 from romeflow.engine.prompts import mean_per_pair
-from romeflow.engine.rome import EditRequest, RomeParams, _add_at, _cached_forward, _full_forward, _value, _value_batch
+from romeflow.engine.forwards import _cached_forward, _full_forward
+from romeflow.engine.rome import EditRequest, RomeParams, _add_at, _value, _value_batch
 
 LAYER = 1  # of 3: there are layers before and after the edit
 WINDOW = 6  # sliding window: shorter than the prefixes, long enough to see the subject from the target
