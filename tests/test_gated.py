@@ -198,3 +198,50 @@ def test_a_protected_subject_gets_exactly_nothing(tiny_lm, second_moment, corpus
     units = gated.unit_activations(lm.model, EDIT_LAYER, held, 2)
     assert torch.equal(units.abs(), torch.zeros_like(units))
     gated.cut_neurons(lm.model, EDIT_LAYER, width)
+
+
+def test_the_gated_insert_from_the_command_line_and_its_bad_inputs(tmp_path, model_dir):
+    """`rome.insert: gated` end to end on a tiny project (apply, eval, export in both formats), and the gated
+    delta's bad inputs: each one line naming the file and the tensor or option, nothing written."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from test_workflow import cli, make_project, one_line
+
+    root = make_project(tmp_path / "p", model_dir, manifests=("a",), active=("a",))
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("rome:\n", "rome:\n  insert: gated\n"))
+    r = cli(root, "apply", "edits/a.yaml")
+    assert r.exit_code == 0, r.output
+    delta = root / "deltas" / "a.safetensors"
+    with safe_open(delta, framework="pt") as f:
+        meta = json.loads(f.metadata()["romeflow"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format"] == "romeflow.delta/2" and meta["edits"][0]["neurons"] == 2
+    assert sorted(tensors) == ["edits.0.bias", "edits.0.down", "edits.0.gate"]  # GPT-2: an MLP with biases
+    assert cli(root, "eval", "edits/a.yaml").exit_code == 0
+    r = cli(root, "export", "hf", "--delta", str(delta))
+    assert r.exit_code == 0, r.output
+
+    before = {p.name for p in root.iterdir()}
+    r = cli(root, "export", "--format", "peft", "adapter", "--delta", str(delta))
+    assert r.exit_code != 0 and "--format peft: a gated edit" in one_line(r) and "deltas/a.safetensors" in one_line(r)
+    assert {p.name for p in root.iterdir()} == before  # nothing written
+
+    def broken(name: str, change) -> str:
+        t, m = dict(tensors), json.loads(json.dumps(meta))
+        change(t, m)
+        path = root / "deltas" / f"{name}.safetensors"
+        save_file(t, path, metadata={"romeflow": json.dumps(m)})
+        r = cli(root, "generate", "Pierre Curie", "--delta", str(path))
+        assert r.exit_code != 0
+        return one_line(r)
+
+    assert "edits.0.down: missing" in broken("nodown", lambda t, m: t.pop("edits.0.down"))
+    assert "edits.0.gate: shape (3, 32), expected (2, 32)" in broken(
+        "wide", lambda t, m: t.__setitem__("edits.0.gate", torch.zeros(3, 32)))
+    assert "tensors_sha256" in broken("tampered", lambda t, m: t.__setitem__("edits.0.down", t["edits.0.down"] * 2))
+    assert "metadata edits[0].neurons: must be <= 64" in broken(
+        "many", lambda t, m: m["edits"][0].__setitem__("neurons", 65))
