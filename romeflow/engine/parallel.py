@@ -15,6 +15,7 @@ same provenance as a one-process run; they equal its result up to the order of t
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -84,10 +85,13 @@ class RankFailed(RuntimeError):
     """A spawned rank ended with an error (its own message is on its stderr)."""
 
 
-def _joined(index: int, world: int, init: str, backend: str, target: Callable, args: tuple) -> None:
-    """A spawned rank (index + 1): join the process group, run ``target(rank, world, *args)``, leave."""
+def _joined(index: int, world: int, folder: str, backend: str, target: Callable, args: tuple) -> None:
+    """A spawned rank (index + 1): say so (rank 0 waits for that, watching for a rank that died first),
+    join the process group, run ``target(rank, world, *args)``, leave."""
     rank = index + 1
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=TIMEOUT)
+    Path(folder, f"started-{rank}").touch()
+    dist.init_process_group(backend, init_method=Path(folder, "init").as_uri(), rank=rank, world_size=world,
+                            timeout=TIMEOUT)
     try:
         target(rank, world, *args)
     finally:
@@ -104,17 +108,22 @@ class Ranks:
     their parent-death signal), so a killed run leaves no process behind.
     """
 
-    what = "process"  # in the message of a failed rank
-
-    def __init__(self, n: int, target: Callable, args: tuple, backend: str = "gloo"):
+    def __init__(self, n: int, target: Callable, args: tuple, backend: str = "gloo", what: str = "process"):
         import torch.multiprocessing as mp
 
-        self.world, self.backend = n, backend
-        self._folder = tempfile.mkdtemp(prefix="romeflow-dist-")
-        init = Path(self._folder, "init").as_uri()  # file:// rendezvous: no port to choose
-        self.context = mp.start_processes(_joined, args=(n, init, backend, target, args), nprocs=n - 1,
+        self.world, self.backend, self.what = n, backend, what  # what: the processes, in a failed rank's message
+        self._folder = tempfile.mkdtemp(prefix="romeflow-dist-")  # the file:// rendezvous: no port to choose
+        self.context = mp.start_processes(_joined, args=(n, self._folder, backend, target, args), nprocs=n - 1,
                                           join=False, start_method="spawn")
-        dist.init_process_group(backend, init_method=init, rank=0, world_size=n, timeout=TIMEOUT)
+        try:
+            while not all(Path(self._folder, f"started-{r}").exists() for r in range(1, n)):
+                self.alive()  # a rank that dies before joining would leave rank 0 waiting for it
+                time.sleep(0.05)
+            dist.init_process_group(backend, init_method=Path(self._folder, "init").as_uri(), rank=0, world_size=n,
+                                    timeout=TIMEOUT)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
 
     def alive(self) -> None:
         for i, p in enumerate(self.context.processes):
@@ -163,12 +172,10 @@ class Spawned(Ranks):
     out the workers are joined (or, after an error, terminated).
     """
 
-    what = "statistics process"
-
     def __init__(self, n: int, spec: str, cache: str | None, placement: Placement, layers: list[int],
                  corpus_spec, n_tokens: int, seq_len: int, threads: int, checkpoint_seconds: float = 60.0):
         self.placement = rank_placement(placement, 0)
         backend = _backend(self.placement)
         super().__init__(n, _stats_worker, (spec, cache, placement, layers, corpus_spec, n_tokens, seq_len, threads,
-                                            checkpoint_seconds), backend)
+                                            checkpoint_seconds), backend, "statistics process")
         self.shard = Shard(0, n, _reducer(backend, self.placement.torch_device(), self.alive))

@@ -211,8 +211,7 @@ def run(jobs: list[Job], rank: int, world: int, launched: bool, load: Callable[[
         return todo, finish(done) if launched else done
     spec, model_cache, placement, stats_files, corpus_spec = spawn_args
     with Ranks(world, rank_worker, (spec, model_cache, placement, threads, stats_files, todo.compute, rome, root,
-                                    corpus_spec, cache)) as ranks:
-        ranks.what = "apply-all process"
+                                    corpus_spec, cache), what="apply-all process") as ranks:
         done = compute_share(load(), todo.compute, 0, world, rome, stats, root, corpus, cache)
         return todo, finish(done, ranks.alive)
 
