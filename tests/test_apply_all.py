@@ -181,3 +181,35 @@ def test_a_killed_distributed_run_leaves_whole_deltas_and_resumes(project):
     leftovers = [p for f in (deltas, project.parent / "cache" / "deltas") for p in f.glob(".romeflow-tmp-*")]
     assert leftovers == []  # the killed run's temporaries are gone too
     assert set(names) == {p.stem for p in deltas.glob("*.safetensors")}
+
+
+def test_under_torchrun_equals_one_process(project, tmp_path):
+    """torchrun's 2 processes (what `accelerate launch --multi_gpu` runs underneath on GPUs) split the deltas
+    as --processes 2 does; the statistics, missing from this cache, are computed by rank 0 alone."""
+    run(project)
+    reference = digests(project / "deltas")
+    shutil.rmtree(project / "deltas")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "romeflow.cli",
+                           "--params", "params.yaml", "--cache", str(tmp_path / "fresh-cache"), "--threads", "1",
+                           "apply-all"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(rank 1 of 2)" in done.stderr and "4 computed (2 processes)" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert digests(project / "deltas") == reference
+    assert len(list((tmp_path / "fresh-cache" / "stats").glob("*.safetensors"))) == 1  # computed once, by rank 0
+
+
+def test_a_rank_that_dies_before_joining_fails_the_run_with_one_line(project, tmp_path):
+    """A script that calls romeflow without a `__main__` guard: the spawned rank re-runs it while starting and
+    dies; rank 0 says so (exit 1, its last line) instead of waiting for it, and writes nothing."""
+    script = tmp_path / "no_guard.py"
+    script.write_text("from romeflow.cli import main\n"
+                      f"main(['--params', 'params.yaml', '--cache', {str(tmp_path / 'cache')!r}, '--threads', '1', "
+                      "'apply-all', '--processes', '2'])\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(script)], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=300)
+    last = [l for l in done.stderr.splitlines() if l.strip()][-1]
+    assert done.returncode == 1 and last.startswith("Error: apply-all process rank 1 failed (exit code 1); the deltas "
+                                                    "written so far are kept"), done.stderr[-3000:]
+    assert digests(project / "deltas") == {}

@@ -105,7 +105,7 @@ def apply_all(ctx, names, stats_files, processes):
         for folder in {layout.root / "deltas", *(p.parent for p in outs), cache / "deltas"}:
             clean_temp(folder)  # what a killed run left
         (layout.root / "deltas").mkdir(parents=True, exist_ok=True)  # the DVC stage's output, even when empty
-        todo, done = batch.run(jobs, rank, world, bool(found), load, settings.rome, stats, root, corpus,
+        todo, done, used = batch.run(jobs, rank, world, bool(found), load, settings.rome, stats, root, corpus,
                                cache / "deltas", device, (spec, ctx.obj["cache"], placement, files, settings.stats.corpus))
     except RankFailed as e:
         raise BatchError(f"{e}; the deltas written so far are kept: run it again to compute the rest") from None
@@ -113,5 +113,5 @@ def apply_all(ctx, names, stats_files, processes):
         if found and dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        click.echo(f"apply-all: {done} computed ({world} process{'es' if world > 1 else ''}), "
+        click.echo(f"apply-all: {done} computed ({used} process{'es' if used > 1 else ''}), "
                       f"{len(todo.cached)} from the cache, {len(todo.fresh)} up to date -> {layout.root / 'deltas'}")

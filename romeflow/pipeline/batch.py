@@ -186,12 +186,14 @@ def rank_worker(rank: int, world: int, spec: str, model_cache: str | None, place
 
 
 def run(jobs: list[Job], rank: int, world: int, launched: bool, load: Callable[[], LoadedModel], rome: RomeParams,
-        stats: dict[int, Stats], root: Path, corpus, cache: Path, device: str, spawn_args: tuple = ()) -> tuple[Plan, int]:
+        stats: dict[int, Stats], root: Path, corpus, cache: Path, device: str,
+        spawn_args: tuple = ()) -> tuple[Plan, int, int]:
     """apply-all on this rank: plan (rank 0's plan, broadcast under a launcher), copy the cached deltas (rank
     0), compute this rank's share, and add up the ranks' counts. ``launched``: the process group is the
     launcher's (already initialised); else with ``world`` > 1 this process is rank 0 and spawns ranks
     1..N-1 (``rank_worker``, with ``spawn_args``: spec, model cache, placement, stats files, corpus spec).
-    ``load`` loads the model, only if something is computed here. Returns (plan, deltas computed)."""
+    ``load`` loads the model, only if something is computed here; no more processes are spawned than there
+    are deltas to compute. Returns (plan, deltas computed, processes that computed them)."""
     import torch.distributed as dist
 
     from ..engine.parallel import Ranks
@@ -205,15 +207,17 @@ def run(jobs: list[Job], rank: int, world: int, launched: bool, load: Callable[[
     if rank == 0:
         restore(todo.cached, cache, threads, device)
     if not todo.compute:
-        return todo, 0
+        return todo, 0, world if launched else 1
+    if not launched:
+        world = min(world, len(todo.compute))
     if launched or world == 1:
         done = compute_share(load(), todo.compute, rank, world, rome, stats, root, corpus, cache)
-        return todo, finish(done) if launched else done
+        return todo, finish(done) if launched else done, world
     spec, model_cache, placement, stats_files, corpus_spec = spawn_args
     with Ranks(world, rank_worker, (spec, model_cache, placement, threads, stats_files, todo.compute, rome, root,
                                     corpus_spec, cache), what="apply-all process") as ranks:
         done = compute_share(load(), todo.compute, 0, world, rome, stats, root, corpus, cache)
-        return todo, finish(done, ranks.alive)
+        return todo, finish(done, ranks.alive), world
 
 
 def finish(done: int, alive: Callable[[], None] = lambda: None) -> int:
