@@ -78,7 +78,11 @@ def apply_all(ctx, names, stats_files, processes):
     cache = cache_dir(ctx.obj["cache"])
     fingerprint = resolve(spec, cache)[2]
     loaded = []
-    load = lambda: loaded[0] if loaded else loaded.append(_load(ctx, spec)) or loaded[0]  # noqa: E731  (once)
+
+    def load():  # the model, loaded once, only when something is computed here
+        if not loaded:
+            loaded.append(_load(ctx, spec))
+        return loaded[0]
 
     # the statistics: given, else in the cache (found without loading the model), else computed by rank 0
     for s, f in zip(given, stats_files):
@@ -106,7 +110,8 @@ def apply_all(ctx, names, stats_files, processes):
             clean_temp(folder)  # what a killed run left
         (layout.root / "deltas").mkdir(parents=True, exist_ok=True)  # the DVC stage's output, even when empty
         todo, done, used = batch.run(jobs, rank, world, bool(found), load, settings.rome, stats, root, corpus,
-                               cache / "deltas", device, (spec, ctx.obj["cache"], placement, files, settings.stats.corpus))
+                                     cache / "deltas", device,
+                                     (spec, ctx.obj["cache"], placement, files, settings.stats.corpus))
     except RankFailed as e:
         raise BatchError(f"{e}; the deltas written so far are kept: run it again to compute the rest") from None
     finally:
@@ -114,4 +119,4 @@ def apply_all(ctx, names, stats_files, processes):
             dist.destroy_process_group()
     if rank == 0:
         click.echo(f"apply-all: {done} computed ({used} process{'es' if used > 1 else ''}), "
-                      f"{len(todo.cached)} from the cache, {len(todo.fresh)} up to date -> {layout.root / 'deltas'}")
+                   f"{len(todo.cached)} from the cache, {len(todo.fresh)} up to date -> {layout.root / 'deltas'}")

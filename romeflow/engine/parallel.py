@@ -1,15 +1,18 @@
-"""Data-parallel statistics: N processes share the token rows, and their sums are all-reduced.
+"""N processes with torch.distributed: data-parallel statistics, and the deltas of `romeflow apply-all`.
 
-Two ways to get N processes, the same computation in both (``statistics.second_moments`` with a
-``Shard``):
+Two ways to get N processes, the same computation in both:
 
-    romeflow stats --processes N          # this process is rank 0 and spawns ranks 1..N-1 itself
+    romeflow stats --processes N          # this process is rank 0 and spawns ranks 1..N-1 itself (Ranks)
     accelerate launch -m romeflow.cli stats   # or torchrun: the launcher starts them (WORLD_SIZE, RANK)
 
-Each process loads the model, runs the batches b with b % N == rank, and the float32 sums (and the
-token count, in float64) are summed over the processes with torch.distributed: gloo on the CPU, NCCL
-when every process has a GPU (process r on cuda:r). Rank 0 alone writes the statistics, with the
-same provenance as a one-process run; they equal its result up to the order of the float32 sums.
+Statistics (``statistics.second_moments`` with a ``Shard``): each process loads the model, runs the
+batches b with b % N == rank, and the float32 sums (and the token count, in float64) are summed over the
+processes with torch.distributed: gloo on the CPU, NCCL when every process has a GPU (process r on
+cuda:r). Rank 0 alone writes the statistics, with the same provenance as a one-process run; they equal
+its result up to the order of the float32 sums.
+
+`romeflow apply-all --processes N` (pipeline/batch.py) uses the same ``Ranks``: each process computes
+its own deltas; only a count is all-reduced at the end (gloo).
 """
 
 from __future__ import annotations

@@ -149,11 +149,12 @@ def say(line: str) -> None:
 
 
 def compute_share(lm: LoadedModel, jobs: list[Job], rank: int, world: int, rome: RomeParams,
-                  stats: dict[int, Stats], root: Path, corpus, cache: Path,
+                  stats: dict[int, Stats], root: Path, corpus, cache: Path, device: str,
                   log: Callable[[str], None] = say) -> int:
-    """Compute this rank's deltas (jobs[rank::world]); write each into its output, then into the cache.
-    One line per delta: ``computed NAME in S s (rank r of N)`` (S: compute_delta's own time)."""
-    threads, device = torch.get_num_threads(), lm.device.type
+    """Compute this rank's deltas (jobs[rank::world]); write each into its output, then into the cache
+    (``device``: the placement's device type, part of the cache key). One line per delta:
+    ``computed NAME in S s (rank r of N)`` (S: compute_delta's own time)."""
+    threads = torch.get_num_threads()
     mine = jobs[rank::world]
     for job in mine:
         t = time.perf_counter()
@@ -168,7 +169,7 @@ def compute_share(lm: LoadedModel, jobs: list[Job], rank: int, world: int, rome:
 
 def rank_worker(rank: int, world: int, spec: str, model_cache: str | None, placement: Placement, threads: int,
                 stats_files: dict[int, str], jobs: list[Job], rome: RomeParams, root: Path, corpus_spec,
-                cache: Path) -> None:
+                cache: Path, device: str) -> None:
     """Ranks 1..N-1 of ``romeflow apply-all --processes N`` (spawned by engine.parallel.Ranks): load the
     model and the statistics, compute this rank's share, then join rank 0's final all-reduce. A user
     error ends the process with one line on stderr and exit status 1 (rank 0 reports the rank)."""
@@ -178,7 +179,7 @@ def rank_worker(rank: int, world: int, spec: str, model_cache: str | None, place
     try:
         lm = load_model(spec, model_cache, placement=rank_placement(placement, rank))
         stats = {int(l): load_stats(p) for l, p in stats_files.items()}
-        done = compute_share(lm, jobs, rank, world, rome, stats, root, corpus_from(corpus_spec), cache)
+        done = compute_share(lm, jobs, rank, world, rome, stats, root, corpus_from(corpus_spec), cache, device)
     except (ValueError, OSError) as e:
         say(f"Error: (rank {rank} of {world}) {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         raise SystemExit(1) from None
@@ -211,12 +212,12 @@ def run(jobs: list[Job], rank: int, world: int, launched: bool, load: Callable[[
     if not launched:
         world = min(world, len(todo.compute))
     if launched or world == 1:
-        done = compute_share(load(), todo.compute, rank, world, rome, stats, root, corpus, cache)
+        done = compute_share(load(), todo.compute, rank, world, rome, stats, root, corpus, cache, device)
         return todo, finish(done) if launched else done, world
     spec, model_cache, placement, stats_files, corpus_spec = spawn_args
     with Ranks(world, rank_worker, (spec, model_cache, placement, threads, stats_files, todo.compute, rome, root,
-                                    corpus_spec, cache), what="apply-all process") as ranks:
-        done = compute_share(load(), todo.compute, 0, world, rome, stats, root, corpus, cache)
+                                    corpus_spec, cache, device), what="apply-all process") as ranks:
+        done = compute_share(load(), todo.compute, 0, world, rome, stats, root, corpus, cache, device)
         return todo, finish(done, ranks.alive), world
 
 
