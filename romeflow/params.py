@@ -135,6 +135,7 @@ class Params:
     layer_model: str | None = None  # the model that default was taken for (``for_model``; None: ``model``)
     trace: TraceParams = field(default_factory=TraceParams)
     manifests: tuple[str, ...] = ()
+    processes: int = 1  # the edit stage's processes (romeflow apply-all; not a hyper-parameter)
     stack: StackParams = field(default_factory=StackParams)
     eval: EvalParams = field(default_factory=EvalParams)
     gate: Gate = field(default_factory=Gate)
@@ -389,6 +390,7 @@ def parse_params(raw, path: str = "params.yaml", resolve_auto: bool = True) -> P
         rome=_build(RomeParams, rome),
         layer_auto=layer_auto,
         manifests=tuple(names),
+        processes=raw.get("processes") or 1,
         stack=_build(StackParams, section("stack")),
         eval=_build(EvalParams, section("eval")),
         gate=Gate({k: float(v) for k, v in gate_eval.items()},

@@ -1,16 +1,15 @@
-"""DVC stage `edit@NAME`: edits/NAME.yaml -> deltas/NAME.safetensors, computed on the base model alone.
+"""DVC stage `edit`: every active manifest's delta, edits/NAME.yaml -> deltas/NAME.safetensors, each computed
+on the base model alone.
 
-`romeflow apply` -> deltas.compute_delta. Usage: python stages/edit.py NAME (from the project root).
+`romeflow apply-all` -> batch.run / deltas.compute_delta: the model loaded once per process, over params.yaml
+`processes:` processes (or, under `torchrun` / `accelerate launch`, the launcher's); only the deltas whose
+inputs changed are computed. Usage: python stages/edit.py (from the project root).
 """
-
-import sys
 
 from romeflow.cli import main
 from romeflow.params import stage_params
-from romeflow.pipeline.names import stage_name
 from romeflow.pipeline.workflow import Layout
 
-name, paths = stage_name(sys.argv[1]), Layout()  # a plain name, or one line and exit 1
-settings = stage_params("params.yaml")  # rome.layer: default / auto -> the model's layer / the traced one
-main(["apply", str(paths.manifest(name)), "--stats", str(paths.stats(settings.rome.layer)), "--out", str(paths.delta(name))],
-     prog_name="romeflow")
+if __name__ == "__main__":  # (the processes apply-all spawns import this file again: they must not run it)
+    settings = stage_params("params.yaml")  # rome.layer: default / auto -> the model's layer / the traced one
+    main(["apply-all", "--stats", str(Layout().stats(settings.rome.layer))], prog_name="romeflow")

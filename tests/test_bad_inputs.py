@@ -761,6 +761,32 @@ def delta_case(fault: str, command: str):
 
 CASES += [delta_case(f, c) for f in DELTA_FAULTS for c in DELTA_COMMANDS]
 
+# apply-all (the DVC stage `edit`): every active manifest is checked before any model loads or any delta is written
+APPLY_ALL = ("apply-all", "--stats", "stats/layer1.safetensors")
+CASES += [
+    ("apply-all-name-traversal", None, ("apply-all", "../outside/victim"),
+     ["NAMES", "manifest name '../outside/victim' may only contain letters, digits, '_' and '-'"]),
+    ("apply-all-name-twice", None, ("apply-all", "a", "curie", "a"), ["NAMES", "'a' is given twice"]),
+    ("apply-all-name-missing", None, ("apply-all", "a", "nope"), ["edits/nope.yaml"]),
+    ("apply-all-processes-0", None, APPLY_ALL + ("--processes", "0"), ["--processes", "0 is not in the range"]),
+    ("params-processes-0", params_append("processes: 0\n"), APPLY_ALL, ["params.yaml: processes: must be >= 1, got 0"]),
+    ("params-processes-not-a-number", params_append("processes: many\n"), APPLY_ALL, ["params.yaml: processes: must be an integer"]),
+    ("manifest-bad-among-the-active", manifest(CURIE.replace("target: medicine", "target: ''"), "b"), APPLY_ALL,
+     ["edits/b.yaml: edits[0].target: must not be empty"]),
+    ("manifest-other-model-apply-all", manifest("model: gemma-3-270m\n" + CURIE, "b"), APPLY_ALL,
+     ["edits/b.yaml: model: 'gemma-3-270m' is not params.yaml's model"]),
+    ("manifest-layer-beyond-model-apply-all", manifest("layer: 7\n" + CURIE, "b"), APPLY_ALL,
+     ["edits/b.yaml: layer: must be a layer of the model, 0 to 2, got 7"]),
+    ("apply-all-out-is-folder", write("deltas/b.safetensors/x", "x"), APPLY_ALL,
+     ["delta deltas/b.safetensors: is a folder, not a file"]),
+    ("apply-all-out-is-fifo", special("deltas/b.safetensors", "fifo"), APPLY_ALL,
+     ["delta deltas/b.safetensors: is a FIFO (named pipe), not a regular file"]),
+    ("fifo-stats-apply-all", special("stats/bad.safetensors", "fifo"), ("apply-all", "--stats", "stats/bad.safetensors"),
+     ["stats/bad.safetensors: statistics file is a FIFO (named pipe)"]),
+    ("stats-of-another-model-apply-all", stats(lambda t, m: m.update(model_fingerprint="0" * 64)),
+     ("apply-all", "--stats", "stats/bad.safetensors"), ["stats/bad.safetensors: statistics of another model"]),
+]
+
 # Cases whose setup or command needs the built project's own files.
 SPECIAL_ARGV = {
     "fault-stack-heldout-missing": ("stack",),
@@ -1059,7 +1085,7 @@ def test_stage_script_with_a_bad_name_is_one_line(project):
     repo = Path(__file__).resolve().parent.parent
     shutil.copytree(repo / "stages", project / "stages")
     before = snapshot(project)
-    r = subprocess.run([sys.executable, "stages/edit.py", "../outside/victim"], cwd=project, capture_output=True,
+    r = subprocess.run([sys.executable, "stages/eval.py", "../outside/victim"], cwd=project, capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode != 0 and lines == ["Error: manifest name '../outside/victim' may only contain letters, digits, "

@@ -31,6 +31,22 @@ def test_every_stage_depends_on_the_romeflow_source_it_runs():
         assert not any(d.startswith("romeflow/cli") for d in sources)  # the command line is not the computation
 
 
+def test_the_edit_stage_depends_on_what_a_delta_records_and_keeps_its_deltas():
+    """The romeflow files the `edit` stage depends on are exactly batch.EDIT_SOURCES, whose sha256 each delta
+    records among its inputs: when DVC re-runs the stage for an engine change every delta is stale, and for any
+    other change (a manifest, the list) only the deltas whose own inputs changed. Its output folder persists
+    while it runs, so the up-to-date deltas are there to be kept."""
+    from romeflow.pipeline.batch import EDIT_SOURCES
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["edit"]
+    assert sorted(d for d in stage["deps"] if d.startswith("romeflow/")) == sorted(EDIT_SOURCES)
+    assert {"edits", "stats", "stages/edit.py"} <= set(stage["deps"])
+    assert set(stage["params"]) == {"model", "rome", "manifests"}  # not `processes`: no re-run for a machine setting
+    assert stage["outs"] == [{"deltas": {"persist": True}}]
+    evals = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["eval"]["do"]
+    assert "deltas/${item}.safetensors" in evals["deps"]  # one manifest's eval: its own delta only
+
+
 def test_the_default_remote_is_a_local_folder_beside_the_repository():
     config = configparser.ConfigParser()
     config.read(REPO / ".dvc" / "config")

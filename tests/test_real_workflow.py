@@ -58,7 +58,7 @@ def test_dvc_repro_on_gemma(tmp_path):
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "project")
 
-    assert repro() == {"stats", "edit@curie", "eval@curie", "stack", "trace"}
+    assert repro() == {"stats", "edit", "eval@curie", "stack", "trace"}
     assert json.loads((repo / "reports" / "trace" / "layer.json").read_text())["layer"] >= 0
     report = json.loads((repo / "reports" / "curie.json").read_text())
     assert report["post"]["ES"] == 100.0 and report["post"]["rewrite_top1"] == 100.0

@@ -530,7 +530,7 @@ def add_trace_inputs(repo: Path, lm) -> None:
         facts.append({"known_id": i, "subject": subject, "prompt": prompt,
                       "attribute": lm.tokenizer.decode([top]).strip() or "x"})
     (repo / "data" / "facts.json").write_text(json.dumps(facts))
-    (repo / "data" / "known_1000.json").write_text(json.dumps(facts))  # dvc.yaml's edit@ dep (protect_sources)
+    (repo / "data" / "known_1000.json").write_text(json.dumps(facts))  # dvc.yaml's edit dep (protect_sources)
     with open(repo / "params.yaml", "a") as f:
         f.write("\ntrace:\n  facts: data/facts.json\n  n: 2\n  samples: 1\n  window: 2\n  batch_rows: 64\n"
                 "  out: reports/trace\n")
@@ -558,6 +558,10 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
         r = sh("dvc", "repro", ok=ok)
         return set(re.findall(r"Running stage '([^']+)'", r.stdout + r.stderr)), r
 
+    def computed(r) -> list[str]:
+        """The deltas the edit stage computed (one line each, from every rank)."""
+        return sorted(re.findall(r"computed (\S+) in [0-9.]+ s \(rank", r.stdout + r.stderr))
+
     def romeflow(*args):
         r = CliRunner().invoke(main, ["--params", str(repo / "params.yaml"), *args])
         assert r.exit_code == 0, r.output
@@ -570,8 +574,12 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "project")
 
-    ran, _ = repro()
-    assert ran == {"stats", "edit@a", "edit@b", "edit@c", "eval@a", "eval@b", "eval@c", "stack", "trace"}
+    params = repo / "params.yaml"
+    params.write_text(params.read_text() + "\nprocesses: 2\n")  # the edit stage over 2 processes (not a dependency)
+    ran, r = repro()
+    assert ran == {"stats", "edit", "eval@a", "eval@b", "eval@c", "stack", "trace"}
+    assert computed(r) == ["a", "b", "c"] and "3 computed (2 processes)" in r.stdout + r.stderr
+    assert "(rank 1 of 2)" in r.stdout + r.stderr
     assert validate("trace-layer", json.loads((repo / "reports" / "trace" / "layer.json").read_text())) == []
     for name in ("a", "b", "c"):
         assert validate("report", json.loads((repo / "reports" / f"{name}.json").read_text())) == []
@@ -582,9 +590,11 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
     sh("git", "commit", "-qm", "first repro")
     assert repro()[0] == set()
 
-    # one manifest changes: only its own stages and the stack run again
+    # one manifest changes: the edit stage computes only its delta; only its eval and the stack run again
     (repo / "edits" / "a.yaml").write_text(MANIFESTS["a"].replace("target: medicine", "target: music"))
-    assert repro()[0] == {"edit@a", "eval@a", "stack"}
+    ran, r = repro()
+    assert ran == {"edit", "eval@a", "stack"} and computed(r) == ["a"]
+    assert "1 computed (1 process), 0 from the cache, 2 up to date" in r.stdout + r.stderr  # no process for nothing
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "a: medicine -> music")
     rows = json.loads(romeflow("diff", "HEAD~1", "--json").stdout)["rows"]
@@ -592,10 +602,14 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
     assert ("a", "post.EM") in changed and ("a", "pre.EM") in changed
     assert not any(m in ("b", "c") and metric.startswith(("pre.", "post.")) for m, metric in changed)
 
-    # revert: only the stack runs, and it is base + the remaining deltas exactly
+    # revert: no delta is computed (the edit stage re-runs on the list of manifests, finds every delta up to
+    # date and loads no model); the stack is base + the remaining deltas exactly
     stack_before = json.loads((repo / "reports" / "stack.json").read_text())
     romeflow("revert", "b")
-    assert repro()[0] == {"stack"}
+    ran, r = repro()
+    assert ran == {"edit", "stack"} and computed(r) == []
+    assert "0 computed (1 process), 0 from the cache, 2 up to date" in r.stdout + r.stderr
+    assert r.stdout.count("loaded ") + r.stderr.count("loaded ") == 1  # the stack's model only
     stack = json.loads((repo / "reports" / "stack.json").read_text())
     assert stack["composed"]["manifests"] == ["a", "c"]
     assert stack["manifests"]["a"]["alone"] == stack_before["manifests"]["a"]["alone"]
@@ -627,7 +641,8 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
     romeflow("revert", "c")
     r = CliRunner().invoke(main, ["--params", str(repo / "params.yaml"), "export", str(tmp_path / "stale")])
     assert r.exit_code == 1 and "reports/stack.safetensors: deltas: composed ['a', 'c']" in r.stderr
-    assert repro()[0] == {"stack"}
+    ran, r = repro()
+    assert ran == {"edit", "stack"} and computed(r) == []
     stack = json.loads((repo / "reports" / "stack.json").read_text())
     assert stack["composed"]["manifests"] == ["a"] and stack["composed"]["method"] == "joint"
     fresh = JointSolve(lambda layer: load_stats(repo / "stats" / f"layer{layer}.safetensors").second_moment,
@@ -644,8 +659,9 @@ def test_dvc_repro_runs_exactly_the_stages_that_changed(tmp_path, model_dir, lm)
     # a manifest tuned to fail the gate: the repro fails with one line, and its report is written
     romeflow("add", str(repo / "edits" / "bad.yaml"))
     ran, r = repro(ok=False)
-    assert r.returncode != 0 and {"edit@bad", "eval@bad"} <= ran <= {"edit@bad", "eval@bad", "eval@a", "stack"}  # eval@a:
+    assert r.returncode != 0 and {"edit", "eval@bad"} <= ran <= {"edit", "eval@bad", "eval@a", "stack"}  # eval@a:
     # stack: is back to sum
+    assert computed(r) == ["bad"]
     reason = "Error: reports/bad.json: manifest bad: post NS = 0.0 is below the gate (gate.eval.NS = 50)"
     assert reason in (r.stdout + r.stderr).splitlines()
     assert json.loads((repo / "reports" / "bad.json").read_text())["post"]["NS"] == 0.0

@@ -1,9 +1,9 @@
 """The ``romeflow`` command line: one command per workflow step, each a thin call into the library.
 
 This module holds the `main` group, its global options and the helpers every command shares; the
-commands live by group in `workflow` (apply, eval, stack, generate, stats), `export`, `project` (add,
-revert, diff, status, verify), `bench` and `trace` (trace, trace-average), imported at the end to
-register them."""
+commands live by group in `workflow` (apply, eval, stack, generate, stats), `export`, `batch`
+(apply-all), `project` (add, revert, diff, status, verify), `bench` and `trace` (trace, trace-average),
+imported at the end to register them."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def main(ctx, params_path, cache, threads, device, dtype, device_map):
     if device is not None and not re.fullmatch(DEVICE_PATTERN, device):
         raise click.BadParameter(f"{device!r} is not auto, cpu, mps, cuda or cuda:N", param_hint="'--device'")
     placement = {k: v for k, v in (("device", device), ("dtype", dtype), ("device_map", device_map)) if v is not None}
-    ctx.obj = {"params": params_path, "cache": cache, "placement_options": placement}
+    ctx.obj = {"params": params_path, "cache": cache, "placement_options": placement, "threads": threads}
 
 
 def _settings(ctx, resolve_auto: bool = True) -> Params:
@@ -238,4 +238,4 @@ def _layout(ctx) -> Layout:
 
 
 
-from . import bench, export, project, trace, workflow  # noqa: E402,F401  registers the commands on `main`
+from . import batch, bench, export, project, trace, workflow  # noqa: E402,F401  registers the commands on `main`

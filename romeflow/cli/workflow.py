@@ -18,6 +18,7 @@ from ..evaluation.scoring import greedy_continuation, next_token_top
 from ..engine.prompts import MAX_PROMPT_CHARS
 from ..params import ConfigError, Params, check_layers
 from ..pipeline.deltas import check_onto, compute_delta, load_deltas, require_pairs, save_delta
+from ..pipeline.batch import inputs_sha256, protect_hashes
 from ..pipeline.manifests import Manifest, ManifestError, check_conflicts, load_manifest
 from ..pipeline.names import BadName
 from ..pipeline.workflow import Layout, eval_manifest, eval_stack, gate_error
@@ -67,9 +68,14 @@ def apply(ctx, manifest, out, model_spec, stats_files, onto_paths):
     stats = _stats_for(ctx, lm, settings, layers, given)
     from tqdm.auto import tqdm
 
+    corpus = settings.stats.corpus_source()
     with tqdm(total=len(m.edits), desc=f"editing ({m.name})", unit="edit", file=sys.stderr) as bar:
         delta = compute_delta(lm, m, settings.rome, stats, progress=lambda i, r: bar.update(1),
-                              root=_params_path(ctx).parent, onto=onto, corpus=settings.stats.corpus_source())
+                              root=_params_path(ctx).parent, onto=onto, corpus=corpus)
+    delta.meta["inputs_sha256"] = inputs_sha256(  # what `romeflow apply-all` (the DVC stage) keeps a delta by
+        m, settings.rome, [l for _, l in uses], lm.fingerprint, str(lm.dtype).removeprefix("torch."), stats,
+        corpus.sha256, protect_hashes(settings.rome.protect_sources, _params_path(ctx).parent),
+        [d.meta["tensors_sha256"] for d in onto])
     save_delta(out, delta)
     table = Table(title=f"{m.name}: {len(m.edits)} edit(s) -> {out}")
     for col in ("#", "prompt", "target", "P before", "P after", "true before", "true after"):

@@ -32,6 +32,7 @@ import torch
 from ..engine.models import LoadedModel
 from ..engine.rome import RomeParams
 from ..params import Params
+from .batch import inputs_sha256, protect_hashes
 from .deltas import Delta, compute_delta, load_delta, save_delta
 from .manifests import Manifest, load_manifest
 from .workflow import Layout, provenance_issues, stats_hashes
@@ -92,12 +93,15 @@ def compute_differences(stored: Delta, lm: LoadedModel, threads: int) -> list[st
 
 
 def verify_delta(lm: LoadedModel, manifest: Manifest, params: RomeParams, stats: dict, stored: Delta,
-                 root: Path = Path("."), corpus=None) -> dict:
+                 root: Path = Path("."), corpus=None, inputs: str | None = None) -> dict:
     """Recompute ``stored`` from its manifest (with its recorded thread count) and compare: byte-identical
     files, else the factors' max |difference|, absolute and relative to the stored factor's max |entry|.
-    ``corpus``: the statistics' corpus, as `apply` passes it (the gated insert scores against its text)."""
+    ``corpus``: the statistics' corpus, as `apply` passes it (the gated insert scores against its text);
+    ``inputs``: the recomputation's inputs_sha256 (batch.inputs_sha256), recorded as `apply` records it."""
     with threads_as_recorded(stored.meta.get("threads")) as threads:
         fresh = compute_delta(lm, manifest, params, stats, root=root, corpus=corpus)
+    if inputs is not None:
+        fresh.meta["inputs_sha256"] = inputs
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fresh.safetensors"
         save_delta(path, fresh)
@@ -118,8 +122,11 @@ def verify_manifest(lm: LoadedModel, layout: Layout, settings: Params, name: str
     m = settings.resolve_manifest(load_manifest(layout.manifest(name)))  # `layer: auto` -> the traced layer
     stored = load_delta(layout.delta(name))
     issues = provenance_issues(stored, m, lm.fingerprint, stats_hashes(layout), settings.rome)
-    layers = sorted({m.layer_of(e, settings.rome.layer) for e in m.edits})
-    v = verify_delta(lm, m, settings.rome, stats_for(layers), stored, layout.root, settings.stats.corpus_source())
+    layers = [m.layer_of(e, settings.rome.layer) for e in m.edits]
+    stats, corpus = stats_for(sorted(set(layers))), settings.stats.corpus_source()
+    inputs = inputs_sha256(m, settings.rome, layers, lm.fingerprint, str(lm.dtype).removeprefix("torch."), stats,
+                           corpus.sha256, protect_hashes(settings.rome.protect_sources, layout.root))
+    v = verify_delta(lm, m, settings.rome, stats, stored, layout.root, corpus, inputs)
     ok = v["identical"] or v["max_rel_diff"] <= rtol or v["max_abs_diff"] <= atol
     why = f" ({'; '.join(v['compute'])})" if v["compute"] else ""
     v["result"] = ("identical" if v["identical"] else f"equal factors{why}" if v["max_abs_diff"] == 0 else
