@@ -89,7 +89,9 @@ def main() -> None:
         delta = compute_delta(lm, one, settings.rome, stats, root=Path(args.params).parent)
         save_delta(path, delta)
         size = path.stat().st_size
-    d_in, d_out = delta.updates[0].v.numel(), delta.updates[0].u.numel()
+    up = delta.updates[0]
+    d_in, d_out = (up.v.numel(), up.u.numel()) if hasattr(up, "u") else (up.gate.numel() + (0 if up.up is None else
+                                                                                            up.up.numel()), up.down.numel())
     report.update({"edits": len(per_edit), "per_edit": per_edit,
                    "mean_edit_s": statistics.fmean(e["total_s"] for e in per_edit),
                    "mean_value_s": statistics.fmean(e["value"] for e in per_edit),
