@@ -245,3 +245,28 @@ def test_the_gated_insert_from_the_command_line_and_its_bad_inputs(tmp_path, mod
     assert "tensors_sha256" in broken("tampered", lambda t, m: t.__setitem__("edits.0.down", t["edits.0.down"] * 2))
     assert "metadata edits[0].neurons: must be <= 64" in broken(
         "many", lambda t, m: m["edits"][0].__setitem__("neurons", 65))
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt2"])
+def test_a_manifest_of_three_gated_edits_writes_each_after_the_last(tiny_lm, second_moment, corpus, model_type,
+                                                                      tmp_path):
+    """Three edits in one manifest: each is computed with the earlier ones' units in place (the MLP one unit pair
+    wider per edit), each keeps two units, and composing the delta gives an edit's prompt its own δ."""
+    lm = tiny_lm(model_type)
+    stats = second_moment(model_type)
+    width = gated.hidden_width(lm.model, EDIT_LAYER)
+    edits = (ManifestEdit("Pierre Curie", "{} worked in the field of", "medicine"),
+             ManifestEdit("Albert Einstein", "{} worked in the field of", "music"),
+             ManifestEdit("Niels Bohr", "{} worked in the field of", "law"))
+    manifest = Manifest(str(tmp_path / "three.yaml"), "three", "0" * 64, edits)
+    delta = compute_delta(lm, manifest, PARAMS, {EDIT_LAYER: _Stats(stats[EDIT_LAYER])}, corpus=corpus)
+    save_delta(tmp_path / "three.safetensors", delta)
+    three = load_delta(tmp_path / "three.safetensors")
+    assert [e["neurons"] for e in three.meta["edits"]] == [2, 2, 2]
+    assert gated.hidden_width(lm.model, EDIT_LAYER) == width  # compute_delta leaves the base model as it was
+    prompt = "Albert Einstein worked in the field of"
+    at = subject_last_index(lm.tokenizer, "{} worked in the field of", "Albert Einstein")  # where its gate opens
+    before = mlp_output_at(lm, EDIT_LAYER, prompt, at)
+    EditedModel(lm).compose([three])
+    assert gated.hidden_width(lm.model, EDIT_LAYER) == width + 6
+    assert not torch.equal(mlp_output_at(lm, EDIT_LAYER, prompt, at), before)

@@ -639,7 +639,9 @@ class Rome:
         held = {layer: [k for k in keys] for layer, keys in (hold or {}).items()}  # layer -> [k_i (d_in,)]
         for i, (request, layer) in enumerate(zip(requests, layers or [None] * len(requests), strict=True)):
             at = self.params.layer if layer is None else layer
-            keys = torch.stack(held[at]) if held.get(at) else None
+            # a gated edit holds nothing (its units are silent off its subject), and its keys (the MLP's hidden
+            # units) widen as earlier edits' units are appended
+            keys = torch.stack(held[at]) if held.get(at) and not self.spec.gated else None
             result = self.compute(request, layer, keys)
             apply_update(self.lm.model, result.update)
             held.setdefault(result.update.layer, []).append(result.k_star)
