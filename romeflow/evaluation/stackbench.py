@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from .. import __version__
 from .bench import Run, counterfact_record_values, score_counterfact
 from .datasets import CounterfactRecord
