@@ -6,6 +6,8 @@ resample of record ids feeds both methods): a 95% percentile interval of a − b
     python bench/compare_s.py reports/bench/counterfact-dev200 rome ftl                  # S
     python bench/compare_s.py reports/bench/nstok-dev100 rome rome-r1 --metric S+
     python bench/compare_s.py reports/bench/nstok-dev100 rome rome-r1 --metric NS_tok
+    python bench/compare_s.py reports/bench/counterfact-dev200-gated gated rome --b-folder reports/bench/counterfact-dev200-s6
+        # b from another run folder over the same records (the same dataset and case ids, checked)
 
 S = harmonic mean of the ES, PS, NS means; S+ adds NS_tok, whose mean (like any single metric's) is
 over the records that have a value (records without token-sharing neighbours have none).
@@ -40,11 +42,19 @@ def main() -> None:
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--metric", default="S", help="S, S+, or a per-record metric such as NS_tok, PS, NS")
+    ap.add_argument("--b-folder", help="b's run folder, when it is not FOLDER (same dataset and records)")
     ap.add_argument("--resamples", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    run = Run(Path(args.folder), json.loads((Path(args.folder) / "run.json").read_text()))
-    rows_a, rows_b = run.done(args.a), run.done(args.b)
+    def run(folder: str) -> Run:
+        return Run(Path(folder), json.loads((Path(folder) / "run.json").read_text()))
+
+    run_a = run(args.folder)
+    run_b = run(args.b_folder) if args.b_folder else run_a
+    same = ("sha256", "case_ids_sha256")
+    if [run_a.settings["dataset"][k] for k in same] != [run_b.settings["dataset"][k] for k in same]:
+        raise SystemExit(f"{args.b_folder}: another dataset or other records than {args.folder}")
+    rows_a, rows_b = run_a.done(args.a), run_b.done(args.b)
     ids = sorted(set(rows_a) & set(rows_b))
     keys = COMPOSITES.get(args.metric, (args.metric,))
     cols = {m: np.array([[counterfact_record_values(rows[i]).get(k, np.nan) for i in ids] for k in keys])
