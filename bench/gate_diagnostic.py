@@ -61,6 +61,14 @@ FAMILY_MAX = 64  # family members per edit for the contrastive directions (each 
 def read_inputs(lm, layers: list[int], texts: list[str]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """{layer: (x (B, T, d_model), k (B, T, d_in), mask (B, T))}: the MLP's input and the key at every token."""
     batch = encode(lm.tokenizer, texts)
+    found = forward_inputs(lm, layers, batch.input_ids, batch.attention_mask)
+    return {l: (found[("x", l)], found[("k", l)], batch.attention_mask) for l in layers}
+
+
+@torch.no_grad()
+def forward_inputs(lm, layers: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """{("x", layer): the MLP's input (B, T, d_model), ("k", layer): the key (B, T, d_in)}, float32, from one
+    forward stopped after the last of ``layers``."""
     found: dict[tuple[str, int], torch.Tensor] = {}
 
     def record(kind, layer):
@@ -71,8 +79,8 @@ def read_inputs(lm, layers: list[int], texts: list[str]) -> dict[int, tuple[torc
     hooks = [on_input(block_submodule(lm.model, l, "mlp"), record("x", l)) for l in layers]
     hooks += [on_input(edited_module(lm.model, l), record("k", l)) for l in layers]
     with run_with_hooks(lm.model, hooks + [stop_after(blocks(lm.model)[max(layers)])]):
-        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return {l: (found[("x", l)], found[("k", l)], batch.attention_mask) for l in layers}
+        lm.model(input_ids=input_ids, attention_mask=attention_mask)
+    return found
 
 
 def logistic_direction(pos: torch.Tensor, neg_family: torch.Tensor, neg_text: torch.Tensor, scale: torch.Tensor,
@@ -302,18 +310,8 @@ def read_inputs_ids(lm, layers: list[int], rows: list[list[int]]) -> dict[int, t
     token but each row's first (<bos>)."""
     out = {l: ([], []) for l in layers}
     for i in range(0, len(rows), 8):
-        ids = torch.tensor(rows[i:i + 8])
-        found = {}
-
-        def record(kind, layer):
-            def hook(_m, args):
-                found[(kind, layer)] = args[0].detach().float()
-            return hook
-
-        hooks = [on_input(block_submodule(lm.model, l, "mlp"), record("x", l)) for l in layers]
-        hooks += [on_input(edited_module(lm.model, l), record("k", l)) for l in layers]
-        with run_with_hooks(lm.model, hooks + [stop_after(blocks(lm.model)[max(layers)])]):
-            lm.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        ids = torch.tensor(rows[i:i + 8])  # (≤ 8, T)
+        found = forward_inputs(lm, layers, ids, torch.ones_like(ids))
         for l in layers:
             out[l][0].append(found[("x", l)][:, 1:].reshape(-1, found[("x", l)].shape[-1]))
             out[l][1].append(found[("k", l)][:, 1:].reshape(-1, found[("k", l)].shape[-1]))

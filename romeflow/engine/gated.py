@@ -245,30 +245,33 @@ def slope(model: nn.Module, layer: int, gate_high: float) -> float:
 
 
 @torch.no_grad()
-def mlp_inputs(lm: LoadedModel, layer: int, texts: list[str], where: list[int] | None = None) -> torch.Tensor:
-    """The MLP's input x at one position of each text ((B, d_model); ``where``: the index; default the
-    last token) float32, the forward stopped after the block."""
-    batch = encode(lm.tokenizer, texts)
+def _inputs_at(lm: LoadedModel, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The MLP's input x at every token, (B, T, d_model) float32; the forward stops after the block."""
     found = {}
     hook = on_input(blocks(lm.model)[layer].get_submodule(arch_of(lm.model).mlp),
                     lambda _m, args: found.__setitem__("x", args[0].detach()))
     with run_with_hooks(lm.model, [hook, stop_after(blocks(lm.model)[layer])]):
-        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        lm.model(input_ids=input_ids, attention_mask=attention_mask)
+    return found["x"].float()
+
+
+@torch.no_grad()
+def mlp_inputs(lm: LoadedModel, layer: int, texts: list[str], where: list[int] | None = None) -> torch.Tensor:
+    """The MLP's input x at one position of each text ((B, d_model); ``where``: the index; default the
+    last token) float32, the forward stopped after the block."""
+    batch = encode(lm.tokenizer, texts)
+    x = _inputs_at(lm, layer, batch.input_ids, batch.attention_mask)  # (B, T, d_model)
     at = torch.tensor(where) if where is not None else batch.lengths - 1
-    return found["x"][torch.arange(len(texts)), at.to(found["x"].device)].float()
+    return x[torch.arange(len(texts)), at.to(x.device)]
 
 
 @torch.no_grad()
 def text_inputs(lm: LoadedModel, layer: int, rows: list[list[int]]) -> torch.Tensor:
     """x at every token of the token rows but each row's first: (N, d_model), float32."""
-    out, found = [], {}
-    hook = on_input(blocks(lm.model)[layer].get_submodule(arch_of(lm.model).mlp),
-                    lambda _m, args: found.__setitem__("x", args[0].detach()))
+    out = []
     for row in rows:
-        ids = torch.tensor([row])
-        with run_with_hooks(lm.model, [hook, stop_after(blocks(lm.model)[layer])]):
-            lm.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        out.append(found["x"][0, 1:].float())
+        ids = torch.tensor([row])  # (1, T)
+        out.append(_inputs_at(lm, layer, ids, torch.ones_like(ids))[0, 1:])
     return torch.cat(out)
 
 
@@ -332,12 +335,7 @@ def prompt_inputs(lm: LoadedModel, layer: int, texts: list[str], where: list[int
     """x at each text's position ``where`` (B, d_model), and at every other token but <bos> and the first
     (the rest of the prompts: the subject's other tokens, the context, the relation) (N, d_model)."""
     batch = encode(lm.tokenizer, texts)
-    found = {}
-    hook = on_input(blocks(lm.model)[layer].get_submodule(arch_of(lm.model).mlp),
-                    lambda _m, args: found.__setitem__("x", args[0].detach()))
-    with run_with_hooks(lm.model, [hook, stop_after(blocks(lm.model)[layer])]):
-        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    x = found["x"].float()  # (B, T, d_model)
+    x = _inputs_at(lm, layer, batch.input_ids, batch.attention_mask)  # (B, T, d_model)
     at = torch.tensor(where)
     rest = batch.attention_mask.bool().clone()
     rest[:, 0] = False
