@@ -82,7 +82,6 @@ def main() -> None:
     records = load_counterfact(ROOT / run["dataset"]["path"])[:args.n]
     lm = load_model(run["model"]["name"])
     gated_mlp = _mlp_parts(lm.model, 0)[1] is not None
-    act = None
     edits = []  # (record, Gate)
     for rec in records:
         path = args.folder / "deltas" / f"{rec.case_id}.safetensors"
