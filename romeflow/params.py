@@ -74,15 +74,18 @@ class StackParams:
     margin: float = 0.0  # joint: each edit kept at the least share of its change that holds this margin (0: off)
     rounds: int = 7  # joint: bisection rounds for those shares (resolution 2⁻ⁿ)
     prefixes: int = 0  # joint: the margin is the mean over the rewrite prompt and after this many v* prefixes
+    gate_text: int = 0  # joint, gated deltas: each gate's τ₀ raised until this many statistics-corpus tokens (after
+    # the gate's own negatives) are exactly closed, at most gated.MAX_LOW (0: the thresholds as stored)
 
     def joint_settings(self) -> dict:
         """What a joint solve depends on (a bench run's record of it); the calibration's fields only
-        when it is on, so that run folders written before it existed still match."""
-        return {f: getattr(self, f) for f in JOINT_FIELDS if self.margin > 0 or f not in CALIBRATION_FIELDS}
+        when it is on, and gate_text only when set, so that run folders written before them still match."""
+        return {f: getattr(self, f) for f in JOINT_FIELDS
+                if (self.margin > 0 or f not in CALIBRATION_FIELDS) and (f != "gate_text" or self.gate_text > 0)}
 
 
 CALIBRATION_FIELDS = ("margin", "rounds", "prefixes")  # stack.margin's (EditedModel.calibrate)
-JOINT_FIELDS = ("ridge", "null_space", "protect") + CALIBRATION_FIELDS  # what a `bench stack --variant` may change
+JOINT_FIELDS = ("ridge", "null_space", "protect") + CALIBRATION_FIELDS + ("gate_text",)  # what a `bench stack --variant` may change
 
 
 @dataclass(frozen=True)

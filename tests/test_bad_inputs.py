@@ -441,6 +441,12 @@ CASES = [
      ["params.yaml: stack.null_space: must be <= 1, got 2"]),
     ("params-stack-protect", params_edit("  window: 64", "  window: 64\n  protect: maybe"), ("stack",),
      ["params.yaml: stack.protect:"]),
+    ("params-stack-gate-text-negative", params_edit("  window: 64", "  window: 64\n  gate_text: -1"), ("stack",),
+     ["params.yaml: stack.gate_text: must be >= 0, got -1"]),
+    ("params-stack-gate-text-float", params_edit("  window: 64", "  window: 64\n  gate_text: 0.5"), ("stack",),
+     ["params.yaml: stack.gate_text:"]),
+    ("params-stack-gate-text-huge", params_edit("  window: 64", "  window: 64\n  gate_text: 99999999"), ("stack",),
+     ["params.yaml: stack.gate_text: must be <= 262144"]),
 
     # ---- statistics files -----------------------------------------------------------------------
     ("stats-nan", stats(lambda t, m: t["second_moment"].fill_diagonal_(float("nan"))),
@@ -533,6 +539,9 @@ CASES = [
     ("cli-bench-stack-variant-margin", write("r.json", "[]"),
      ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run", "--variant", "c:margin=-1"),
      ["--variant 'c:margin=-1'", "stack.margin"]),
+    ("cli-bench-stack-variant-gate-text", write("r.json", "[]"),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run", "--variant", "g:gate_text=-5"),
+     ["--variant 'g:gate_text=-5'", "stack.gate_text"]),
     ("params-stack-rounds", params_edit("  heldout: data/heldout.txt", "  heldout: data/heldout.txt\n  rounds: 0"),
      ("stack",), ["params.yaml: stack.rounds: must be >= 1, got 0"]),
     ("cli-bench-stack-variant-name", write("r.json", "[]"),

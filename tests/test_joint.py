@@ -404,3 +404,42 @@ def test_protected_rows_keep_the_family_centroid_and_drop_subjects_the_stack_edi
     assert torch.equal(JointSolve.protected_rows(delta, 0, kv, set()), rows)
     delta.meta["edits"][0]["protected"] = ["Marie Curie"]  # rows that do not match the names: all kept
     assert torch.equal(JointSolve.protected_rows(delta, 0, kv, {"Marie Curie"}), rows)
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.0])
+def test_revert_after_a_multi_layer_stack_equals_a_fresh_solve_of_what_remains(tiny_lm, second_moment, margin):
+    """Deltas at every layer of the tiny model (one joint solve per edited module); dropping one re-solves only
+    from what remains: the same weights, bit for bit, as a fresh model composing the remaining deltas, and a
+    layer left with no delta is its base weight again. With the calibration (margin > 0) too, whose shares
+    are found on the composed model of every layer at once."""
+    lm = tiny_lm("gpt2")
+    cs = second_moment("gpt2")
+    meta = {"corpus_id": "tiny", "corpus_sha256": "0" * 64, "tokens": 4000}
+    deltas = []
+    for layer in range(3):
+        stats = {layer: Stats(cs[layer], meta, f"{layer}" * 64)}
+        params = RomeParams(layer=layer, prefix_lengths=(3,), prefixes_per_length=2, steps=4, seed=0, lr=0.1,
+                            weight_decay=0.0, kl_factor=0.0)
+        for j, subject in enumerate([f"{FIRST[2 * layer]} Brandt", f"{FIRST[2 * layer + 1]} Dorn"]):
+            deltas.append(compute_delta(lm, one_edit_manifest(f"l{layer}m{j}", subject, TARGETS[2 * layer + j]),
+                                        params, stats))
+    names = [models.edited_module_name(lm.model, layer) for layer in range(3)]
+    base = {n: models.weight_out_in(lm.model, n).clone() for n in names}
+
+    def solve():
+        return JointSolve(lambda layer: cs[layer], margin=margin, rounds=3)
+
+    edited = EditedModel(lm, solve())
+    edited.compose(deltas)
+    every = {n: models.weight_out_in(lm.model, n).clone() for n in names}
+    assert all(not torch.equal(every[n], base[n]) for n in names)  # each layer carries its own joint update
+    remaining = deltas[:1] + deltas[2:4]  # one of layer 0's dropped, both of layer 2's
+    edited.compose(remaining)
+    reverted = {n: models.weight_out_in(lm.model, n).clone() for n in names}
+    edited.reset()
+    fresh = tiny_lm("gpt2")
+    EditedModel(fresh, solve()).compose(remaining)
+    for n in names:
+        assert torch.equal(reverted[n], models.weight_out_in(fresh.model, n)), n
+    assert torch.equal(reverted[names[2]], base[names[2]])  # no delta left there: the base weight, exactly
+    assert not torch.equal(reverted[names[0]], every[names[0]])  # layer 0 was re-solved without the dropped edit

@@ -276,8 +276,9 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
     lm = _load(ctx, spec)
     stats = _stats_for(ctx, lm, settings, [settings.rome.layer], ())
     joint = {m: p.joint_settings() for m, p in joints.items()}
-    solvers = {m: (JointSolve.from_params(lambda layer: stats[layer].second_moment, joints[m]) if m in joints else None)
-               for m in names}
+    corpus = settings.stats.corpus_source()  # stack.gate_text's calibration tokens
+    solvers = {m: (JointSolve.from_params(lambda layer: stats[layer].second_moment, joints[m], corpus=corpus)
+                   if m in joints else None) for m in names}
     from ..evaluation.bench import run_settings
 
     run_cfg = run_settings("stack", {"name": lm.name, "fingerprint": lm.fingerprint}, Path(records_path), records,

@@ -13,12 +13,13 @@ from typing import Callable
 
 import torch
 
-from ..engine.gated import NeuronUpdate, add_neurons, cut_neurons, hidden_width
+from ..engine.gated import Gate, NeuronUpdate, add_neurons, cut_neurons, hidden_width
 from ..engine.joint import joint_insert, null_space_basis, projected_solver
 from ..engine.margins import margins, next_token
 from ..engine.models import LoadedModel, read_weight, write_weight
 from ..engine.prompts import fill
 from ..engine.rome import InsertError, RankOneUpdate, Solver, add_rank_one
+from ..engine.statistics import Corpus, wikipedia_corpus
 from ..params import StackParams
 from . import neurons
 from .deltas import (Delta, DeltaError, KeyValue, check_applicable, check_distinct, edits, is_gated,
@@ -43,6 +44,7 @@ class EditedModel:
         self.deltas: list[Delta] = []
         self.updates: list[RankOneUpdate] = []  # the linear updates in place now (what a LoRA export holds)
         self.scales: torch.Tensor | None = None  # each edit's share of its change, when the stack is calibrated
+        self.gates: list[dict] | None = None  # each gated edit's thresholds as composed, when stack.gate_text raised them
         self._base: dict[str, torch.Tensor] = {}
         self._widths: dict[int, int] = {}  # layer -> its MLP's hidden units in the base model (gated edits)
 
@@ -66,7 +68,11 @@ class EditedModel:
         if joint is not None:
             joint.check(deltas)
         self._keep_base(deltas, [])
-        self.scales = None
+        self.scales, self.gates, units = None, None, deltas
+        if joint is not None and joint.gate_text > 0 and any(is_gated(d) for d in deltas):
+            self._write([])  # the thresholds are raised against the base model's inputs
+            self.gates = joint.raised_gates(self.lm, deltas)
+            units = with_gates(deltas, self.gates)
         if joint is None:
             updates = [up for d in deltas for up in d.updates if isinstance(up, RankOneUpdate)]
         elif joint.margin > 0 and deltas and not any(is_gated(d) for d in deltas):
@@ -74,19 +80,19 @@ class EditedModel:
             updates = joint.updates(deltas, self._base, self.scales)
         else:
             updates = joint.updates(deltas, self._base)
-        self._write(updates, deltas)
+        self._write(updates, units)
         self.deltas, self.updates = list(deltas), updates
 
-    def rebuild(self, deltas: list[Delta], updates: list[RankOneUpdate]) -> None:
+    def rebuild(self, deltas: list[Delta], updates: list[RankOneUpdate], gates: list[dict] | None = None) -> None:
         """base + ``updates`` (linear, already composed: a stack file's solved update) + the neurons of the
-        gated ones among ``deltas``: the weights of the composition that produced ``updates``, without
-        solving again (``stackfile.StackFile.linear``)."""
+        gated ones among ``deltas`` (with ``gates``, each gated edit's thresholds as composed): the weights
+        of the composition that produced them, without solving again (``stackfile.StackFile``)."""
         check_distinct(deltas)
         for d in deltas:
             check_applicable(d, self.lm)
         self._keep_base(deltas, updates)
-        self.scales = None
-        self._write(updates, deltas)
+        self.scales, self.gates = None, gates
+        self._write(updates, deltas if gates is None else with_gates(deltas, gates))
         self.deltas, self.updates = list(deltas), list(updates)
 
     def reset(self) -> None:
@@ -158,6 +164,27 @@ def calibration_prompts(delta: Delta, rewrite: str, prefixes: int) -> list[str]:
     return [rewrite] + [own[i] + rewrite for i in picks]
 
 
+def gated_edits(deltas: list[Delta]) -> list[tuple[Delta, int]]:
+    """The gated edits of a stack, in the order of ``edits(deltas)``."""
+    return [(d, i) for d, i in edits(deltas) if isinstance(d.updates[i], NeuronUpdate)]
+
+
+def with_gates(deltas: list[Delta], gates: list[dict]) -> list[Delta]:
+    """Copies of ``deltas`` whose gated edits have the thresholds ``gates`` ({low, high, beta}, one per gated
+    edit in the order of ``gated_edits``) instead of their own; the same δ and direction, the same canonical
+    order (``neurons.canonical`` reads the metadata, which is kept)."""
+    pairs = gated_edits(deltas)
+    if len(gates) != len(pairs):
+        raise DeltaError(f"the stack's gates: {len(gates)} thresholds for {len(pairs)} gated edits")
+    new = {id(d): list(d.updates) for d in deltas}
+    for (d, i), g in zip(pairs, gates):
+        old = neurons.stored_gate(d.updates[i], d.meta["edits"][i]["gate"])
+        want = Gate(old.a, old.e, float(g["low"]), float(g["high"]), float(g["beta"]), old.gated)
+        if (want.low, want.high, want.beta) != (old.low, old.high, old.beta):
+            new[id(d)][i] = neurons.rethreshold(d.updates[i], old, want)
+    return [Delta(new[id(d)], d.meta, d.path, d.pairs) for d in deltas]
+
+
 class JointSolve:
     """The composed update of a stack, recomputed from all its deltas' (k*, v*) pairs in one call of
     ``joint.joint_insert`` per edited module (docs/method.md, "The joint stack solve").
@@ -171,24 +198,47 @@ class JointSolve:
 
     def __init__(self, second_moment: Callable[[int], torch.Tensor], ridge: float = 0.0, null_space: float = 0.0,
                  protect: bool = True, margin: float = 0.0, rounds: int = 7, prefixes: int = 0,
-                 stats_sha256: dict[int, str] | None = None):
+                 stats_sha256: dict[int, str] | None = None, gate_text: int = 0, corpus: Corpus | None = None):
         self.second_moment, self.ridge, self.null_space, self.protect = second_moment, ridge, null_space, protect
         # the calibration (EditedModel.calibrate); margin 0: off
         self.margin, self.rounds, self.prefixes = margin, rounds, prefixes
         self.stats_sha256 = dict(stats_sha256 or {})
+        # gated deltas: thresholds raised to close gate_text tokens of the corpus (raised_gates); 0: off
+        self.gate_text, self.corpus = gate_text, corpus
         self._solvers: dict[int, tuple[Solver, torch.Tensor | None]] = {}
+        self._calibration: dict[int, torch.Tensor] = {}  # layer -> the base model's x at those tokens
 
     @classmethod
     def from_params(cls, second_moment: Callable[[int], torch.Tensor], p,
-                    stats_sha256: dict[int, str] | None = None) -> "JointSolve":
-        """From params.yaml's ``stack:`` (a ``params.StackParams``)."""
-        return cls(second_moment, p.ridge, p.null_space, p.protect, p.margin, p.rounds, p.prefixes, stats_sha256)
+                    stats_sha256: dict[int, str] | None = None, corpus: Corpus | None = None) -> "JointSolve":
+        """From params.yaml's ``stack:`` (a ``params.StackParams``); ``corpus``: the statistics' (stats.corpus)."""
+        return cls(second_moment, p.ridge, p.null_space, p.protect, p.margin, p.rounds, p.prefixes, stats_sha256,
+                   p.gate_text, corpus)
 
     def settings(self) -> dict:
         """What the solve depends on besides the deltas and C, as ``StackParams.joint_settings`` says it
-        (the calibration's fields only when it is on)."""
+        (the calibration's fields only when it is on, gate_text only when set)."""
         return StackParams(method="joint", ridge=self.ridge, null_space=self.null_space, protect=self.protect,
-                           margin=self.margin, rounds=self.rounds, prefixes=self.prefixes).joint_settings()
+                           margin=self.margin, rounds=self.rounds, prefixes=self.prefixes,
+                           gate_text=self.gate_text).joint_settings()
+
+    def raised_gates(self, lm: LoadedModel, deltas: list[Delta]) -> list[dict]:
+        """Each gated edit's thresholds {low, high, beta} with τ₀ raised until every one of ``gate_text`` corpus
+        tokens is exactly closed, at most gated.MAX_LOW (never lowered; τ₁ by as much), in the order of
+        ``gated_edits``. Each gate alone, against the inputs of ``lm`` as it is (the caller's base model), so
+        the result depends on neither the order nor the other deltas."""
+        out = []
+        for d, i in gated_edits(deltas):
+            up, stored = d.updates[i], d.meta["edits"][i].get("gate")
+            if stored is None:
+                raise DeltaError(f"{d.path or d.name}: edits[{i}].gate: no thresholds recorded, so stack.gate_text "
+                                 f"cannot raise them; recompute the delta")
+            if up.layer not in self._calibration:
+                self._calibration[up.layer] = neurons.calibration_inputs(lm, up.layer, self.corpus or wikipedia_corpus(),
+                                                                         self.gate_text)
+            g = neurons.raise_gate(lm.model, neurons.stored_gate(up, stored), up.layer, self._calibration[up.layer])
+            out.append({"low": g.low, "high": g.high, "beta": g.beta})
+        return out
 
     def solver(self, layer: int) -> tuple[Solver, torch.Tensor | None]:
         if layer not in self._solvers:
@@ -267,13 +317,13 @@ class JointSolve:
 
 
 def composition(stack: StackParams, second_moment: Callable[[int], torch.Tensor],
-                stats_sha256: dict[int, str] | None = None) -> JointSolve | None:
+                stats_sha256: dict[int, str] | None = None, corpus: Corpus | None = None) -> JointSolve | None:
     """How params.yaml's ``stack:`` composes deltas, for ``EditedModel(lm, composition(...))``: None for
     ``stack.method: sum`` (base + Σ deltas), else the joint solve with ``stack``'s settings over the
     statistics ``second_moment`` (layer -> C, read only when a linear delta of that layer is solved)."""
     if stack.method == "sum":
         return None
-    return JointSolve.from_params(second_moment, stack, stats_sha256)
+    return JointSolve.from_params(second_moment, stack, stats_sha256, corpus)
 
 
 def composed_by(stack: StackParams) -> dict:

@@ -5,13 +5,15 @@ Tensors (float32): ``updates.<j>.u`` (d_out, r_j) and ``updates.<j>.v`` (d_in, r
 update of one module, ΔW_j = U_j V_jᵀ on its (d_out, d_in) view, in the order they were added. Under
 ``stack.method: joint`` with linear deltas they are the joint solve's, one per edited module, r_j = the
 edits on it (calibration shares included). Under ``sum``, or with gated deltas, nothing was solved:
-the file holds no tensors and the weights are the deltas' own (recorded by sha256, in order).
+the file holds no tensors and the weights are the deltas' own (recorded by sha256, in order), with the
+gates' thresholds of ``stack.gate_text`` in the metadata when it raised them.
 
 Metadata (safetensors header key ``romeflow``, schemas/stackfile.schema.json): format, romeflow_version,
 base_model (name, fingerprint), composition (method, settings: params.yaml ``stack:``'s
 ``joint_settings``), deltas (manifest, file sha256, tensors_sha256; in composition order), stats (layer,
 sha256 of the statistics the joint solve read), updates (module, layer, d_out, d_in, rank per tensor
-pair), shares (each edit's share, when calibrated), dtype (the model's), weights_sha256
+pair), shares (each edit's share, when calibrated), gates (each gated edit's thresholds, when
+``stack.gate_text`` raised them), dtype (the model's), weights_sha256
 (``workflow.edited_weights_sha256`` of the composed model the stage scored) and tensors_sha256 (over
 the tensors; checked on load).
 
@@ -111,6 +113,8 @@ def stack_file(edited: EditedModel, weights_sha256: str) -> StackFile:
     }
     if edited.scales is not None:
         meta["shares"] = [round(float(s), 6) for s in edited.scales]
+    if edited.gates is not None:
+        meta["gates"] = edited.gates  # exact: JSON keeps a float's every bit
     return StackFile(list(updates), meta)
 
 
