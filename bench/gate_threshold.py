@@ -31,20 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gate_leak import rows_of  # noqa: E402
 from romeflow.engine import gated  # noqa: E402
-from romeflow.engine.gated import Gate, NeuronUpdate, _mlp_parts, gate_values, mlp_inputs  # noqa: E402
+from romeflow.engine.gated import Gate, _mlp_parts, gate_values, mlp_inputs  # noqa: E402
 from romeflow.engine.models import load_model  # noqa: E402
 from romeflow.engine.prompts import fill, subject_last_index  # noqa: E402
 from romeflow.engine.statistics import token_rows, wikipedia_corpus  # noqa: E402
 from romeflow.evaluation.datasets import load_counterfact  # noqa: E402
 from romeflow.pipeline.deltas import load_delta  # noqa: E402
-
-
-def gate_of(up: NeuronUpdate, meta: dict, gated_mlp: bool) -> Gate:
-    """The Gate whose two units are ``up`` (gate rows β(a − τ₀e), β(a − τ₁e); up rows e)."""
-    b, lo, hi = meta["beta"], meta["low"], meta["high"]
-    e = up.up[0].float() if gated_mlp else torch.zeros(up.gate.shape[1])
-    a = up.gate[0].float() / b + (lo * e if gated_mlp else 0)
-    return Gate(a, e, lo, hi, b, gated_mlp)
+from romeflow.pipeline.neurons import stored_gate  # noqa: E402
 
 
 def with_thresholds(g: Gate, low: float, high: float) -> Gate:
@@ -81,7 +74,6 @@ def main() -> None:
     run = json.loads((args.folder / "run.json").read_text())
     records = load_counterfact(ROOT / run["dataset"]["path"])[:args.n]
     lm = load_model(run["model"]["name"])
-    gated_mlp = _mlp_parts(lm.model, 0)[1] is not None
     edits = []  # (record, Gate)
     for rec in records:
         path = args.folder / "deltas" / f"{rec.case_id}.safetensors"
@@ -89,7 +81,7 @@ def main() -> None:
             continue
         delta = load_delta(path)
         for up, m in zip(delta.updates, delta.meta["edits"]):
-            edits.append((rec, gate_of(up, m["gate"], gated_mlp), up))
+            edits.append((rec, stored_gate(up, m["gate"]), up))
     layer = edits[0][2].layer
     act = _mlp_parts(lm.model, layer)[3]
     # the gate's recovery is exact up to rounding: its units reproduce the stored ones
