@@ -37,7 +37,7 @@ from romeflow.engine.prompts import fill, subject_last_index  # noqa: E402
 from romeflow.engine.statistics import token_rows, wikipedia_corpus  # noqa: E402
 from romeflow.evaluation.datasets import load_counterfact  # noqa: E402
 from romeflow.pipeline.deltas import load_delta  # noqa: E402
-from romeflow.pipeline.neurons import stored_gate  # noqa: E402
+from romeflow.pipeline.compose import stored_gate  # noqa: E402
 
 
 def with_thresholds(g: Gate, low: float, high: float) -> Gate:

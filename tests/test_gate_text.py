@@ -1,5 +1,5 @@
 """stack.gate_text: each gated delta's thresholds raised at composition until corpus tokens the gate never saw
-are exactly closed (pipeline/compose.py JointSolve.raised_gates, pipeline/neurons.py). On tiny random models:
+are exactly closed (pipeline/compose.py: JointSolve.raised_gates). On tiny random models:
 the raise closes what it says or stops at the cap, keeps δ, depends on neither order nor the other deltas,
 reverts by recomposing, and the stack file rebuilds it bit for bit."""
 
@@ -10,8 +10,8 @@ import torch
 
 from romeflow.engine import gated
 from romeflow.params import StackParams
-from romeflow.pipeline import neurons
-from romeflow.pipeline.compose import EditedModel, JointSolve, gated_edits
+from romeflow.pipeline.compose import (EditedModel, JointSolve, calibration_inputs, gated_edits, rethreshold,
+                                       stored_gate)
 from romeflow.pipeline.stackfile import load_stack_file, save_stack_file, stack_file
 
 from conftest import EDIT_LAYER
@@ -42,13 +42,13 @@ def test_raised_gates_close_the_calibration_tokens_keep_delta_and_compose_as_a_f
     edited.compose([a, b])
     ab, gates = weights(lm), edited.gates
     assert len(gates) == 2
-    x = neurons.calibration_inputs(lm, EDIT_LAYER, corpus, N_TOKENS)  # (N, d_model) on the base model
+    x = calibration_inputs(lm, EDIT_LAYER, corpus, N_TOKENS)  # (N, d_model) on the base model
     rows = -(-N_TOKENS // 127)
     assert N_TOKENS - rows <= x.shape[0] <= N_TOKENS  # the tokens asked for (less a row's first without <bos>)
     z0 = gated.exact_zero_below(lm.model, EDIT_LAYER)
     raised = 0
     for (d, i), g in zip(gated_edits([a, b]), gates):
-        old = neurons.stored_gate(d.updates[i], d.meta["edits"][i]["gate"])
+        old = stored_gate(d.updates[i], d.meta["edits"][i]["gate"])
         new = gated.Gate(old.a, old.e, g["low"], g["high"], g["beta"], old.gated)
         assert new.low >= old.low and new.high - new.low == pytest.approx(old.high - old.low, rel=1e-12)
         assert new.low <= gated.MAX_LOW or new.low == old.low
@@ -62,7 +62,7 @@ def test_raised_gates_close_the_calibration_tokens_keep_delta_and_compose_as_a_f
             assert int(closed.sum()) >= int(s0.sum())
         # the same δ when fully open: the units' down columns times β(τ₁ − τ₀) (float32 rounding of the
         # division and product, ~1e-7 relative; 1e-5 leaves a margin)
-        up = neurons.rethreshold(d.updates[i], old, new)
+        up = rethreshold(d.updates[i], old, new)
         torch.testing.assert_close(up.down[:, 0] * new.beta * (new.high - new.low),
                                    d.updates[i].down[:, 0] * old.beta * (old.high - old.low), rtol=1e-5, atol=0)
     assert raised >= 1  # not vacuous: the tiny random model's gates are open on some of the corpus

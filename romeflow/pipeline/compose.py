@@ -13,13 +13,14 @@ from typing import Callable
 
 import torch
 
-from ..engine.gated import Gate, NeuronUpdate, add_neurons, cut_neurons, hidden_width
+from ..engine.gated import (MAX_LOW, TEXT_TOKENS, Gate, NeuronUpdate, add_neurons, closing_low, cut_neurons,
+                            hidden_width, slope, text_inputs)
 from ..engine.joint import joint_insert, null_space_basis, projected_solver
 from ..engine.margins import margins, next_token
 from ..engine.models import LoadedModel, read_weight, write_weight
 from ..engine.prompts import fill
 from ..engine.rome import InsertError, RankOneUpdate, Solver, add_rank_one
-from ..engine.statistics import Corpus, wikipedia_corpus
+from ..engine.statistics import Corpus, token_rows, wikipedia_corpus
 from ..params import StackParams
 from . import neurons
 from .deltas import (Delta, DeltaError, KeyValue, check_applicable, check_distinct, edits, is_gated,
@@ -178,10 +179,10 @@ def with_gates(deltas: list[Delta], gates: list[dict]) -> list[Delta]:
         raise DeltaError(f"the stack's gates: {len(gates)} thresholds for {len(pairs)} gated edits")
     new = {id(d): list(d.updates) for d in deltas}
     for (d, i), g in zip(pairs, gates):
-        old = neurons.stored_gate(d.updates[i], d.meta["edits"][i]["gate"])
+        old = stored_gate(d.updates[i], d.meta["edits"][i]["gate"])
         want = Gate(old.a, old.e, float(g["low"]), float(g["high"]), float(g["beta"]), old.gated)
         if (want.low, want.high, want.beta) != (old.low, old.high, old.beta):
-            new[id(d)][i] = neurons.rethreshold(d.updates[i], old, want)
+            new[id(d)][i] = rethreshold(d.updates[i], old, want)
     return [Delta(new[id(d)], d.meta, d.path, d.pairs) for d in deltas]
 
 
@@ -234,9 +235,9 @@ class JointSolve:
                 raise DeltaError(f"{d.path or d.name}: edits[{i}].gate: no thresholds recorded, so stack.gate_text "
                                  f"cannot raise them; recompute the delta")
             if up.layer not in self._calibration:
-                self._calibration[up.layer] = neurons.calibration_inputs(lm, up.layer, self.corpus or wikipedia_corpus(),
+                self._calibration[up.layer] = calibration_inputs(lm, up.layer, self.corpus or wikipedia_corpus(),
                                                                          self.gate_text)
-            g = neurons.raise_gate(lm.model, neurons.stored_gate(up, stored), up.layer, self._calibration[up.layer])
+            g = raise_gate(lm.model, stored_gate(up, stored), up.layer, self._calibration[up.layer])
             out.append({"low": g.low, "high": g.high, "beta": g.beta})
         return out
 
@@ -330,3 +331,46 @@ def composed_by(stack: StackParams) -> dict:
     """{method, settings (joint: ``stack.joint_settings()``)}: params.yaml's composition, as
     ``EditedModel.composed_by`` records it."""
     return {"method": stack.method, **({} if stack.method == "sum" else {"settings": stack.joint_settings()})}
+
+
+# --------------------------------------------------------------------------------------------------
+# A threshold raised at composition (stack.gate_text; docs/scale.md, "A threshold raised at composition")
+# --------------------------------------------------------------------------------------------------
+
+
+def stored_gate(up: NeuronUpdate, thresholds: dict) -> Gate:
+    """The gate whose two units ``up`` are, from the delta's thresholds {low, high, beta} (``edits[i].gate``):
+    gate rows β(a − τ₀e), β(a − τ₁e) and up rows e (gated MLP), or rows βa and biases −βτ (MLP with biases)."""
+    b, lo, hi = float(thresholds["beta"]), float(thresholds["low"]), float(thresholds["high"])
+    gated_mlp = up.up is not None
+    e = up.up[0].float() if gated_mlp else torch.zeros(up.gate.shape[1])  # (d_model,)
+    a = up.gate[0].float() / b + lo * e  # (d_model,)
+    return Gate(a, e, lo, hi, b, gated_mlp)
+
+
+def calibration_inputs(lm: LoadedModel, layer: int, corpus, n_tokens: int) -> torch.Tensor:
+    """x (n, d_model) at the statistics corpus's ``n_tokens`` text tokens that follow the gate's own
+    ``gated.TEXT_TOKENS`` negatives (so the insert never saw them), in rows as the insert reads its own."""
+    config = lm.model.config
+    longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 257)
+    seq_len = min(256, longest - 1)
+    skip = -(-TEXT_TOKENS // seq_len)  # the insert's rows (its last one may be part of a row here: skipped whole)
+    rows = list(token_rows(lm, corpus, skip * seq_len + n_tokens, seq_len))
+    return text_inputs(lm, layer, rows[skip:])
+
+
+def raise_gate(model, gate: Gate, layer: int, x: torch.Tensor, cap: float = MAX_LOW) -> Gate:
+    """``gate`` with τ₀ raised to the least value at which every input x (n, d_model) is exactly closed, at
+    most ``cap`` (never lowered), τ₁ by as much, and β for the new τ₁; ``gate`` itself when it already is."""
+    need = closing_low(gate.a, gate.e.to(gate.a), gate.gated, x.to(gate.a))
+    shift = max(0.0, min(need, cap) - gate.low)
+    if shift == 0.0:
+        return gate
+    high = gate.high + shift
+    return Gate(gate.a, gate.e, gate.low + shift, high, slope(model, layer, high), gate.gated)
+
+
+def rethreshold(up: NeuronUpdate, old: Gate, new: Gate) -> NeuronUpdate:
+    """The two units of ``new`` with the change δ that ``up`` (whose gate is ``old``) adds when fully open."""
+    delta = up.down[:, 0] * old.beta * (old.high - old.low)  # (d_model,) δ: down = [δ, −δ] / (β(τ₁ − τ₀))
+    return new.update(up.module, up.layer, delta)

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.gated import (MAX_LOW, TEXT_TOKENS, Gate, NeuronUpdate, closing_low, mlp_name, slope,
-                            text_inputs)
+from ..engine.gated import NeuronUpdate, mlp_name
 from ..engine.models import LoadedModel, arch_of
-from ..engine.statistics import token_rows
 
 NEURON_FORMAT = "romeflow.delta/2"
 NEURON_PARTS = ("gate", "up", "bias", "down")  # hashed in this order, after u and v (absent here)
@@ -93,46 +91,3 @@ def canonical(deltas: list) -> list[NeuronUpdate]:
     found = [(d.meta.get("tensors_sha256", ""), i, up) for d in deltas for i, up in enumerate(d.updates)
              if isinstance(up, NeuronUpdate)]
     return [up for _, _, up in sorted(found, key=lambda t: (t[0], t[1]))]
-
-
-# --------------------------------------------------------------------------------------------------
-# A threshold raised at composition (stack.gate_text; docs/scale.md, "A threshold raised at composition")
-# --------------------------------------------------------------------------------------------------
-
-
-def stored_gate(up: NeuronUpdate, thresholds: dict) -> Gate:
-    """The gate whose two units ``up`` are, from the delta's thresholds {low, high, beta} (``edits[i].gate``):
-    gate rows β(a − τ₀e), β(a − τ₁e) and up rows e (gated MLP), or rows βa and biases −βτ (MLP with biases)."""
-    b, lo, hi = float(thresholds["beta"]), float(thresholds["low"]), float(thresholds["high"])
-    gated_mlp = up.up is not None
-    e = up.up[0].float() if gated_mlp else torch.zeros(up.gate.shape[1])  # (d_model,)
-    a = up.gate[0].float() / b + lo * e  # (d_model,)
-    return Gate(a, e, lo, hi, b, gated_mlp)
-
-
-def calibration_inputs(lm: LoadedModel, layer: int, corpus, n_tokens: int) -> torch.Tensor:
-    """x (n, d_model) at the statistics corpus's ``n_tokens`` text tokens that follow the gate's own
-    ``gated.TEXT_TOKENS`` negatives (so the insert never saw them), in rows as the insert reads its own."""
-    config = lm.model.config
-    longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 257)
-    seq_len = min(256, longest - 1)
-    skip = -(-TEXT_TOKENS // seq_len)  # the insert's rows (its last one may be part of a row here: skipped whole)
-    rows = list(token_rows(lm, corpus, skip * seq_len + n_tokens, seq_len))
-    return text_inputs(lm, layer, rows[skip:])
-
-
-def raise_gate(model, gate: Gate, layer: int, x: torch.Tensor, cap: float = MAX_LOW) -> Gate:
-    """``gate`` with τ₀ raised to the least value at which every input x (n, d_model) is exactly closed, at
-    most ``cap`` (never lowered), τ₁ by as much, and β for the new τ₁; ``gate`` itself when it already is."""
-    need = closing_low(gate.a, gate.e.to(gate.a), gate.gated, x.to(gate.a))
-    shift = max(0.0, min(need, cap) - gate.low)
-    if shift == 0.0:
-        return gate
-    high = gate.high + shift
-    return Gate(gate.a, gate.e, gate.low + shift, high, slope(model, layer, high), gate.gated)
-
-
-def rethreshold(up: NeuronUpdate, old: Gate, new: Gate) -> NeuronUpdate:
-    """The two units of ``new`` with the change δ that ``up`` (whose gate is ``old``) adds when fully open."""
-    delta = up.down[:, 0] * old.beta * (old.high - old.low)  # (d_model,) δ: down = [δ, −δ] / (β(τ₁ − τ₀))
-    return new.update(up.module, up.layer, delta)
