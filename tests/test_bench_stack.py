@@ -113,6 +113,21 @@ def test_bench_stack_refuses_other_settings_in_the_same_folder(project):
     assert r.exit_code != 0 and "different 'others'" in r.output
 
 
+def test_bench_stack_compose_only_computes_no_delta_and_scores_what_the_deltas_allow(project):
+    out = project / "run4"
+    base = ("bench", "stack", "--records", str(project / "cf.json"), "--n", "2", "--k", "1,2", "--others", "1",
+            "--methods", "sum", "--out", str(out))
+    r = run(project, *base, "--compose-only")  # no delta yet: only the unedited model can be scored
+    assert r.exit_code == 0, r.output
+    assert not list(out.glob("deltas/*.safetensors"))
+    assert sorted(p.name for p in (out / "rows").iterdir()) == ["unedited.json"]
+    assert "2 composition(s) left" in r.output and not (out / "report.json").exists()
+    unedited = (out / "rows" / "unedited.json").read_bytes()
+    r = run(project, *base)  # an editing run computes the deltas and the rest, and keeps the cached row
+    assert r.exit_code == 0, r.output
+    assert (out / "report.json").exists() and (out / "rows" / "unedited.json").read_bytes() == unedited
+
+
 def test_bench_stack_variant_is_a_joint_solve_with_other_stack_settings(project):
     out = project / "run3"
     r = run(project, "bench", "stack", "--records", str(project / "cf.json"), "--n", "3", "--k", "1,3", "--others", "1",

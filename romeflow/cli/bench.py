@@ -217,8 +217,11 @@ def bench_counterfact(ctx, records_path, n, start, methods, out, model_spec, ref
 @click.option("--variant", "variants", multiple=True, metavar="NAME:key=value[:key=value]",
               help="An extra joint solve with other stack settings (ridge, null_space, protect, margin, rounds, prefixes), e.g. "
                    "ns:null_space=0.01 (repeatable).")
+@click.option("--compose-only", is_flag=True,
+              help="Compute no delta: compose and score only what the deltas already in the folder allow (e.g. the "
+                   "small k while other processes still edit).")
 @click.pass_context
-def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shard, variants):
+def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shard, variants, compose_only):
     """Edits at scale: one delta per record, the first k composed with each stack method, scored.
 
     ES/PS/NS/NS_tok of the k edited records on the composed model, neighbourhood success and kept
@@ -289,8 +292,11 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
                           "window": settings.stack.window}
     sb = StackBench(lm, out, run_cfg, records, held, k_list, solvers, heldout.read_text(encoding="utf-8"),
                     settings.stack.window, shard)
-    with tqdm(total=len(records), desc="stack: one delta per record", unit="edit", file=sys.stderr) as bar:
-        sb.edit(settings.rome, stats, root, str(records_path), progress=lambda: bar.update(1))
+    if compose_only:
+        sb.run.open()  # the folder's settings are checked, as an editing run checks them
+    else:
+        with tqdm(total=len(records), desc="stack: one delta per record", unit="edit", file=sys.stderr) as bar:
+            sb.edit(settings.rome, stats, root, str(records_path), progress=lambda: bar.update(1))
     with tqdm(total=len(sb.jobs()), desc="stack: compositions", unit="stack", file=sys.stderr) as bar:
         missing = sb.compose(progress=lambda m, k: bar.update(1))
     command = "romeflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
