@@ -215,7 +215,8 @@ def bench_counterfact(ctx, records_path, n, start, methods, out, model_spec, ref
 @click.option("--shard", default=None, metavar="K/N",
               help="Do only records (and compositions) K, K+N, … (1-based) so N processes share one run folder.")
 @click.option("--variant", "variants", multiple=True, metavar="NAME:key=value[:key=value]",
-              help="An extra joint solve with other stack settings (ridge, null_space, protect, margin, rounds, prefixes), e.g. "
+              help="An extra joint solve with other stack settings (ridge, null_space, protect, margin, rounds, prefixes, "
+                   "gate_text), e.g. "
                    "ns:null_space=0.01 (repeatable).")
 @click.option("--compose-only", is_flag=True,
               help="Compute no delta: compose and score only what the deltas already in the folder allow (e.g. the "

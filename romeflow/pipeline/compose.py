@@ -235,8 +235,8 @@ class JointSolve:
                 raise DeltaError(f"{d.path or d.name}: edits[{i}].gate: no thresholds recorded, so stack.gate_text "
                                  f"cannot raise them; recompute the delta")
             if up.layer not in self._calibration:
-                self._calibration[up.layer] = calibration_inputs(lm, up.layer, self.corpus or wikipedia_corpus(),
-                                                                         self.gate_text)
+                corpus = self.corpus or wikipedia_corpus()
+                self._calibration[up.layer] = calibration_inputs(lm, up.layer, corpus, self.gate_text)  # (N, d_model)
             g = raise_gate(lm.model, stored_gate(up, stored), up.layer, self._calibration[up.layer])
             out.append({"low": g.low, "high": g.high, "beta": g.beta})
         return out
@@ -348,7 +348,7 @@ def stored_gate(up: NeuronUpdate, thresholds: dict) -> Gate:
     return Gate(a, e, lo, hi, b, gated_mlp)
 
 
-def calibration_inputs(lm: LoadedModel, layer: int, corpus, n_tokens: int) -> torch.Tensor:
+def calibration_inputs(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int) -> torch.Tensor:
     """x (n, d_model) at the statistics corpus's ``n_tokens`` text tokens that follow the gate's own
     ``gated.TEXT_TOKENS`` negatives (so the insert never saw them), in rows as the insert reads its own."""
     config = lm.model.config
