@@ -159,3 +159,38 @@ def test_bench_stack_bad_options_are_one_line(project, tmp_path, args, message):
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_bench_stack_a_refused_edit_is_recorded_and_scored_unedited(project, monkeypatch):
+    import romeflow.evaluation.stackbench as sb
+
+    real = sb.compute_delta
+
+    def refuse_one(lm, manifest, *args, **kwargs):
+        if manifest.name == "cf101":
+            raise ValueError("the gate of 'Boris Castell' does not separate its own prompt\nsecond line")
+        return real(lm, manifest, *args, **kwargs)
+
+    monkeypatch.setattr(sb, "compute_delta", refuse_one)
+    out = project / "run5"
+    r = run(project, "bench", "stack", "--records", str(project / "cf.json"), "--n", "3", "--k", "1,3",
+            "--others", "1", "--methods", "sum", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (out / "deltas").iterdir()) == ["100.safetensors", "101.refused.json",
+                                                                  "102.safetensors"]
+    refusal = json.loads((out / "deltas" / "101.refused.json").read_text())
+    assert refusal == {"case_id": 101, "subject": "Boris Castell",
+                       "error": "the gate of 'Boris Castell' does not separate its own prompt"}
+    report = json.loads((out / "report.json").read_text())
+    assert validate("bench-stack", report) == []
+    rows = {(r["method"], r["k"]): r for r in report["rows"]}
+    assert rows[("sum", 1)]["refused"] == 0 and rows[("sum", 3)]["refused"] == 1
+    assert rows[("sum", 3)]["ES"]["n"] == 3  # the refused record is still scored: a refusal counts against ES
+    cached = json.loads((out / "rows" / "sum-k3.json").read_text())
+    assert cached["refused"] == [101] and [e["case_id"] for e in cached["edited"]] == [100, 101, 102]
+    assert "sum k = 3: 1 edit(s) refused by the engine, scored unedited" in (out / "report.md").read_text()
+    # a rerun does not retry the refused record
+    monkeypatch.setattr(sb, "compute_delta", lambda *a, **k: pytest.fail("edited again"))
+    r = run(project, "bench", "stack", "--records", str(project / "cf.json"), "--n", "3", "--k", "1,3",
+            "--others", "1", "--methods", "sum", "--out", str(out))
+    assert r.exit_code == 0, r.output

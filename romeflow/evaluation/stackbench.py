@@ -7,6 +7,9 @@ A run lives in one folder:
     deltas/<case_id>.safetensors
                               one delta per edited record, computed on the base model (resumable:
                               a record whose delta exists is not edited again; --shard splits records)
+    deltas/<case_id>.refused.json
+                              a record the engine refused to edit (its one-line reason): it stays in
+                              every composition's scores, unedited, so a refusal counts as a failure
     rows/<method>-k<k>.json   one composition: per-record raw scores of the k edited records and of
                               the held-out ones, and the held-out text's perplexity (resumable, sharded)
     rows/unedited.json        the same on the base model (k = 0)
@@ -107,6 +110,13 @@ class StackBench:
     def delta_path(self, rec: CounterfactRecord) -> Path:
         return self.folder / "deltas" / f"{int(rec.case_id)}.safetensors"
 
+    def refusal_path(self, rec: CounterfactRecord) -> Path:
+        return self.folder / "deltas" / f"{int(rec.case_id)}.refused.json"
+
+    def done(self, rec: CounterfactRecord) -> bool:
+        """The record's delta exists, or the engine refused it."""
+        return self.delta_path(rec).is_file() or self.refusal_path(rec).is_file()
+
     def rows_path(self, method: str, k: int) -> Path:
         return self.folder / "rows" / (f"{method}-k{k}.json" if method != "unedited" else "unedited.json")
 
@@ -120,10 +130,15 @@ class StackBench:
         (self.folder / "deltas").mkdir(exist_ok=True)
         mine = _mine(self.shard)
         for i, rec in enumerate(self.records):
-            if not mine(i) or self.delta_path(rec).is_file():
+            if not mine(i) or self.done(rec):
                 continue
-            delta = compute_delta(self.lm, record_manifest(rec, records_path), params, stats, root=root)
-            save_delta(self.delta_path(rec), delta)
+            try:
+                delta = compute_delta(self.lm, record_manifest(rec, records_path), params, stats, root=root)
+            except ValueError as e:  # the engine refuses this edit (InsertError, a gate that cannot separate)
+                write_json_atomic(self.refusal_path(rec), {"case_id": rec.case_id, "subject": rec.subject,
+                                                           "error": str(e).splitlines()[0]})
+            else:
+                save_delta(self.delta_path(rec), delta)
             progress()
 
     def compose(self, progress: Callable[[str, int], None] = lambda m, k: None) -> list[tuple[str, int]]:
@@ -138,16 +153,19 @@ class StackBench:
             path = self.rows_path(method, k)
             if path.is_file():
                 continue
-            if not mine(j) or not all(self.delta_path(r).is_file() for r in self.records[:k]):
+            if not mine(j) or not all(self.done(r) for r in self.records[:k]):
                 missing.append((method, k))
                 continue
             scored = self.records[:k or max(self.ks)]  # unedited: the records of the largest stack
-            for r in self.records[:k]:
+            edits = [r for r in self.records[:k] if self.delta_path(r).is_file()]  # refused ones: scored unedited
+            for r in edits:
                 if r.case_id not in loaded:
                     loaded[r.case_id] = load_delta(self.delta_path(r))
-            deltas = [loaded[r.case_id] for r in self.records[:k]]
+            deltas = [loaded[r.case_id] for r in edits]
             t = time.perf_counter()
             row: dict = {"method": method, "k": k}
+            if len(edits) < k:
+                row["refused"] = [r.case_id for r in self.records[:k] if not self.delta_path(r).is_file()]
             try:
                 edited.compose(deltas, self.methods.get(method))
                 row.update(score_rows(self.lm, scored, self.others, self.text, self.window))
@@ -179,7 +197,7 @@ class StackBench:
         for method in self.methods:
             for k in self.ks:
                 r = rows[(method, k)]
-                entry = {"method": method, "k": k, "seconds": r["seconds"]}
+                entry = {"method": method, "k": k, "seconds": r["seconds"], "refused": len(r.get("refused", []))}
                 if "error" in r:
                     entry["error"] = r["error"]
                 else:
@@ -246,6 +264,8 @@ def markdown(report: dict) -> str:
         lines.append(f"- {method}: {'never, up to k = ' + str(max(r['k'] for r in report['rows'])) if lim['first_k_broken'] is None else lim['first_k_broken']}")
     errors = [r for r in report["rows"] if "error" in r]
     lines += [f"- {r['method']} k = {r['k']}: {r['error']}" for r in errors]
+    lines += [f"- {r['method']} k = {r['k']}: {r['refused']} edit(s) refused by the engine, scored unedited"
+              for r in report["rows"] if r.get("refused")]
     lines += ["", "Settings: `" + json.dumps(s["methods"], sort_keys=True) + "`", "", "Notes:", ""]
     lines += [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
