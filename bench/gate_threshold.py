@@ -109,6 +109,7 @@ def main() -> None:
     for policy in args.policy:
         pairs, mass, rw_full, para_full, para_open, para_g, neigh_open, lows = 0, 0.0, 0, 0, 0, 0.0, 0, []
         n_para = n_neigh = 0
+        capped, capped_pairs, capped_mass = [], 0, 0.0  # edits the cap stops short of closing the calibration
         open_tokens = torch.zeros(x_text.shape[0], dtype=torch.bool)
         for (rec, g, _), x in zip(edits, per_edit):
             if policy == "stored":
@@ -121,6 +122,8 @@ def main() -> None:
                 m, n, cap = (0, *parts[1:]) if parts[0] == "close" else parts[1:]
                 cap = float(cap) if cap else float("inf")
                 need = closing_low(g, x_cal[:int(n)], int(m))
+                if need > cap:
+                    capped.append(rec.case_id)
                 d = max(0.0, min(need, cap) - g.low)
                 gp = with_thresholds(g, g.low + d, g.high + d)
             else:
@@ -131,6 +134,9 @@ def main() -> None:
                 open_tokens |= gt != 0
                 pairs += int((gt != 0).sum())
                 mass += float(gt.abs().sum())
+                if capped and capped[-1] == rec.case_id:
+                    capped_pairs += int((gt != 0).sum())
+                    capped_mass += float(gt.abs().sum())
                 rw_full += int(float(gate_values(gp, act, x["rewrite"]).min()) > 0.99)
                 gpar = gate_values(gp, act, x["para"])
                 para_full += int((gpar > 0.99).sum())
@@ -146,12 +152,14 @@ def main() -> None:
                "tokens_open": int(open_tokens.sum()), "rewrite_full": rw_full / len(edits),
                "para_full": para_full / n_para, "para_open": para_open / n_para, "para_mean_g": para_g / n_para,
                "neigh_last_open": neigh_open / max(n_neigh, 1), "low_median": float(lows_t.median()),
-               "low_max": float(lows_t.max())}
+               "low_max": float(lows_t.max()), "capped": capped, "capped_pairs_open": capped_pairs,
+               "capped_sum_g": capped_mass}
         result["policies"][policy] = row
         print(f"{policy:>14}: text pairs {pairs:5d} (rate {row['rate']:.2e}, Σg {mass:7.1f}, tokens {row['tokens_open']}) | "
               f"rewrite g>0.99 {100 * row['rewrite_full']:.1f}% | paraphrase g>0.99 {100 * row['para_full']:.1f}% "
               f"open {100 * row['para_open']:.1f}% mean g {row['para_mean_g']:.3f} | neighbourhood (last token) open "
-              f"{100 * row['neigh_last_open']:.2f}% | τ₀ median {row['low_median']:.2f} max {row['low_max']:.2f}")
+              f"{100 * row['neigh_last_open']:.2f}% | τ₀ median {row['low_median']:.2f} max {row['low_max']:.2f} | "
+              f"capped edits {len(capped)}: pairs {capped_pairs}, Σg {capped_mass:.1f}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
