@@ -76,16 +76,20 @@ class StackParams:
     prefixes: int = 0  # joint: the margin is the mean over the rewrite prompt and after this many v* prefixes
     gate_text: int = 0  # joint, gated deltas: each gate's τ₀ raised until this many statistics-corpus tokens (after
     # the gate's own negatives) are exactly closed, at most gated.MAX_LOW (0: the thresholds as stored)
+    gate_refit: bool = False  # joint, gate_text > 0: a gate that the cap leaves open on some of those tokens is
+    # refitted against them first (compose.refit_gate; docs/scale.md)
 
     def joint_settings(self) -> dict:
         """What a joint solve depends on (a bench run's record of it); the calibration's fields only
-        when it is on, and gate_text only when set, so that run folders written before them still match."""
+        when it is on, and gate_text and gate_refit only when set, so that run folders written before them still
+        match."""
         return {f: getattr(self, f) for f in JOINT_FIELDS
-                if (self.margin > 0 or f not in CALIBRATION_FIELDS) and (f != "gate_text" or self.gate_text > 0)}
+                if (self.margin > 0 or f not in CALIBRATION_FIELDS) and (f != "gate_text" or self.gate_text > 0)
+                and (f != "gate_refit" or self.gate_refit)}
 
 
 CALIBRATION_FIELDS = ("margin", "rounds", "prefixes")  # stack.margin's (EditedModel.calibrate)
-JOINT_FIELDS = ("ridge", "null_space", "protect") + CALIBRATION_FIELDS + ("gate_text",)  # what a `bench stack --variant` may change
+JOINT_FIELDS = ("ridge", "null_space", "protect") + CALIBRATION_FIELDS + ("gate_text", "gate_refit")  # what a `bench stack --variant` may change
 
 
 @dataclass(frozen=True)

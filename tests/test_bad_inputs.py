@@ -447,6 +447,8 @@ CASES = [
      ["params.yaml: stack.gate_text:"]),
     ("params-stack-gate-text-huge", params_edit("  window: 64", "  window: 64\n  gate_text: 99999999"), ("stack",),
      ["params.yaml: stack.gate_text: must be <= 262144"]),
+    ("params-stack-gate-refit-not-bool", params_edit("  window: 64", "  window: 64\n  gate_refit: 3"), ("stack",),
+     ["params.yaml: stack.gate_refit:"]),
 
     # ---- statistics files -----------------------------------------------------------------------
     ("stats-nan", stats(lambda t, m: t["second_moment"].fill_diagonal_(float("nan"))),
@@ -542,6 +544,9 @@ CASES = [
     ("cli-bench-stack-variant-gate-text", write("r.json", "[]"),
      ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run", "--variant", "g:gate_text=-5"),
      ["--variant 'g:gate_text=-5'", "stack.gate_text"]),
+    ("cli-bench-stack-variant-gate-refit", write("r.json", "[]"),
+     ("bench", "stack", "--records", "r.json", "--n", "2", "--out", "run", "--variant", "g:gate_refit=maybe"),
+     ["--variant 'g:gate_refit=maybe'"]),
     ("params-stack-rounds", params_edit("  heldout: data/heldout.txt", "  heldout: data/heldout.txt\n  rounds: 0"),
      ("stack",), ["params.yaml: stack.rounds: must be >= 1, got 0"]),
     ("cli-bench-stack-variant-name", write("r.json", "[]"),
@@ -569,7 +574,7 @@ def stack_file(manifests=("a",), joint: bool = False, change=None, rehash: bool 
     with delta a's factors standing for the solved update; then ``change(tensors, meta)``, the tensors' sha256
     recomputed (``rehash``) so that the check under test is the one that fires."""
     def setup(root: Path):
-        from romeflow.pipeline.stackfile import tensors_sha256 as stack_sha256
+        from romeflow.pipeline.stackfile import tensor_names, tensors_sha256 as stack_sha256
 
         metas = {n: read_delta(root / "deltas" / f"{n}.safetensors") for n in manifests}
         tensors_a, meta_a = read_delta(root / "deltas" / "a.safetensors")
@@ -588,7 +593,8 @@ def stack_file(manifests=("a",), joint: bool = False, change=None, rehash: bool 
         if change is not None:
             change(tensors, meta)
         if rehash or "tensors_sha256" not in meta:
-            meta["tensors_sha256"] = stack_sha256(tensors, len(meta["updates"])) if rehash else "0" * 64
+            meta["tensors_sha256"] = (stack_sha256(tensors, [n for n in tensor_names(meta) if n in tensors]) if rehash
+                                      else "0" * 64)
         (root / "reports").mkdir(exist_ok=True)
         save_file(tensors, root / "reports" / "stack.safetensors", metadata={"romeflow": json.dumps(meta)})
     return setup
@@ -601,6 +607,16 @@ def tamper(t, m):
 def stack_meta(**fields):
     def change(t, m):
         m.update(fields)
+    return change
+
+
+REFIT = {"low": 0.3, "high": 0.5, "beta": 20.0, "refit": True}  # a gate whose direction stack.gate_refit refitted
+
+
+def refit_gate(a: torch.Tensor):
+    def change(t, m):
+        m["gates"] = [REFIT]
+        t["gates.0.a"] = a
     return change
 
 
@@ -619,6 +635,12 @@ CASES += [
      EXPORT_STACK, ["reports/stack.safetensors: updates.0.u: shape", "the metadata says"]),
     ("stackfile-extra-tensor", both(ONLY_A, stack_file(joint=True, change=lambda t, m: t.update({"w": torch.zeros(2)}))),
      EXPORT_STACK, ["reports/stack.safetensors: w: a tensor the metadata does not list"]),
+    ("stackfile-refit-gate-missing", both(ONLY_A, stack_file(change=stack_meta(gates=[REFIT]))), EXPORT_STACK,
+     ["reports/stack.safetensors: gates.0.a: missing"]),
+    ("stackfile-refit-gate-shape", both(ONLY_A, stack_file(change=refit_gate(torch.zeros(2, 3)))), EXPORT_STACK,
+     ["reports/stack.safetensors: gates.0.a: shape (2, 3), not a gate direction (d_model,)"]),
+    ("stackfile-refit-gate-nan", both(ONLY_A, stack_file(change=refit_gate(torch.full((8,), float("nan"))))),
+     EXPORT_STACK, ["reports/stack.safetensors: gates.0.a: not a finite float32 gate direction"]),
     ("stackfile-method", both(ONLY_A, stack_file(change=stack_meta(composition={"method": "product"}))), EXPORT_STACK,
      ["reports/stack.safetensors: metadata composition.method: must be 'sum' or 'joint'"]),
     ("stackfile-no-hash", both(ONLY_A, stack_file(change=lambda t, m: m.update(tensors_sha256=None), rehash=False)),

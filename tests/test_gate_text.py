@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from romeflow.engine import gated
+from romeflow.engine.prompts import fill, subject_last_index
 from romeflow.params import StackParams
 from romeflow.pipeline.compose import (EditedModel, JointSolve, calibration_inputs, gated_edits, rethreshold,
                                        stored_gate)
@@ -87,7 +88,7 @@ def test_raised_gates_close_the_calibration_tokens_keep_delta_and_compose_as_a_f
     loaded = load_stack_file(tmp_path / "stack.safetensors")
     edited.reset()
     rebuilt = EditedModel(lm)
-    rebuilt.rebuild([a, b], loaded.linear([a, b]), loaded.meta.get("gates"))
+    rebuilt.rebuild([a, b], loaded.linear([a, b]), loaded.gates)
     assert same(ab, weights(lm))
     rebuilt.rebuild([a, b], [], None)  # without the thresholds: the deltas as stored, which differ
     assert not same(ab, weights(lm))
@@ -106,3 +107,71 @@ def test_gate_text_is_recorded_only_when_set():
     assert "gate_text" not in StackParams(method="joint").joint_settings()  # run folders from before still match
     assert StackParams(method="joint", gate_text=4096).joint_settings()["gate_text"] == 4096
     assert JointSolve(lambda layer: None, gate_text=4096).settings()["gate_text"] == 4096
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt2"])
+def test_gate_refit_refits_what_the_cap_leaves_open_and_the_stack_file_rebuilds_it(
+        tiny_lm, second_moment, corpus, model_type, tmp_path, monkeypatch):
+    from romeflow.pipeline import compose
+
+    lm = tiny_lm(model_type)
+    stats = second_moment(model_type)
+    a = gated_delta(lm, stats, corpus, "a", "Pierre Curie", "medicine", tmp_path)
+    b = gated_delta(lm, stats, corpus, "b", "Albert Einstein", "music", tmp_path)
+    x = calibration_inputs(lm, EDIT_LAYER, corpus, N_TOKENS)  # (N, d_model)
+    act = gated._mlp_parts(lm.model, EDIT_LAYER)[3]
+    # the tiny random model's gates need less than MAX_LOW to close the tiny corpus: a lower cap makes both capped
+    olds = [stored_gate(d.updates[i], d.meta["edits"][i]["gate"]) for d, i in gated_edits([a, b])]
+    cap = min(g.low for g in olds) + 0.05
+    assert all(gated.closing_low(g.a, g.e, g.gated, x) > cap for g in olds)
+    monkeypatch.setattr(compose, "MAX_LOW", cap)
+    plain = EditedModel(lm, JointSolve(lambda layer: stats[layer], gate_text=N_TOKENS, corpus=corpus))
+    plain.compose([a, b])
+    capped = plain.gates
+    plain.reset()
+    base = weights(lm)
+    edited = EditedModel(lm, JointSolve(lambda layer: stats[layer], gate_text=N_TOKENS, corpus=corpus,
+                                        gate_refit=True))
+    edited.compose([a, b])
+    ab, gates = weights(lm), edited.gates
+    assert any("a" in g for g in gates)  # not vacuous: some gate refitted
+    for (d, i), old, c, g in zip(gated_edits([a, b]), olds, capped, gates):
+        if "a" not in g:  # a refit that would not leave fewer calibration tokens open is not kept
+            assert g == c
+            continue
+        new = gated.Gate(g["a"], old.e, g["low"], g["high"], g["beta"], old.gated)
+        before = gated.Gate(old.a, old.e, c["low"], c["high"], c["beta"], old.gated)
+        e = d.meta["manifest"]["canonical"]["edits"][0]
+        x_star = gated.mlp_inputs(lm, EDIT_LAYER, [fill(e["relation"], e["subject"])],
+                                  [subject_last_index(lm.tokenizer, e["relation"], e["subject"])])  # (1, d_model)
+        # s(x*) = 1 as the insert normalised it: the same float32 dot products, ~1e-6 relative apart
+        assert float(new.score(x_star)[0]) == pytest.approx(1.0, rel=1e-4)
+        assert float(gated.gate_values(new, act, x_star)[0]) == pytest.approx(1.0, rel=1e-4)  # fully open there
+        # the kept refit closes calibration tokens the capped direction left open: fewer open
+        assert int((gated.gate_values(new, act, x) != 0).sum()) < int((gated.gate_values(before, act, x) != 0).sum())
+        up = rethreshold(d.updates[i], old, new)  # δ kept (float32 rounding, as above)
+        torch.testing.assert_close(up.down[:, 0] * new.beta * (new.high - new.low),
+                                   d.updates[i].down[:, 0] * old.beta * (old.high - old.low), rtol=1e-5, atol=0)
+    edited.compose([b, a])
+    assert same(ab, weights(lm))  # any order, bit for bit
+    edited.compose([a])
+    assert torch.equal(edited.gates[0]["a"], gates[0]["a"])  # a gate's refit does not depend on the other deltas
+    edited.reset()
+    assert same(base, weights(lm))
+
+    edited.compose([a, b])
+    sf = stack_file(edited, "0" * 64)
+    assert sf.meta["composition"]["settings"]["gate_refit"] is True
+    assert [g.get("refit", False) for g in sf.meta["gates"]] == ["a" in g for g in gates]
+    save_stack_file(tmp_path / "stack.safetensors", sf)
+    loaded = load_stack_file(tmp_path / "stack.safetensors")
+    edited.reset()
+    rebuilt = EditedModel(lm)
+    rebuilt.rebuild([a, b], loaded.linear([a, b]), loaded.gates)
+    assert same(ab, weights(lm))  # the refitted directions are stored: the export is the stack, bit for bit
+    rebuilt.reset()
+
+
+def test_gate_refit_is_recorded_only_when_set():
+    assert "gate_refit" not in StackParams(method="joint", gate_text=4096).joint_settings()
+    assert StackParams(method="joint", gate_text=4096, gate_refit=True).joint_settings()["gate_refit"] is True

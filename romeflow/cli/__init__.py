@@ -204,7 +204,8 @@ def _edited(ctx, lm: LoadedModel, settings: Params, deltas: list) -> EditedModel
         for s in d.meta["stats"] if not is_gated(d) else []:
             _check_stats_of(d, s, {layer: st.sha256 for layer, st in stats.items()})
     return EditedModel(lm, composition(settings.stack, lambda layer: stats[layer].second_moment,
-                                       {layer: s.sha256 for layer, s in stats.items()}, settings.stats.corpus_source()))
+                                       {layer: s.sha256 for layer, s in stats.items()}, settings.stats.corpus_source(),
+                                       _params_path(ctx).parent))
 
 
 def _tokenizer(ctx, spec: str):

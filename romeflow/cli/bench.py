@@ -281,7 +281,7 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
     stats = _stats_for(ctx, lm, settings, [settings.rome.layer], ())
     joint = {m: p.joint_settings() for m, p in joints.items()}
     corpus = settings.stats.corpus_source()  # stack.gate_text's calibration tokens
-    solvers = {m: (JointSolve.from_params(lambda layer: stats[layer].second_moment, joints[m], corpus=corpus)
+    solvers = {m: (JointSolve.from_params(lambda layer: stats[layer].second_moment, joints[m], corpus=corpus, root=root)
                    if m in joints else None) for m in names}
     from ..evaluation.bench import run_settings
 

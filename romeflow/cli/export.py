@@ -78,7 +78,7 @@ def export(ctx, out, deltas, model_spec, fmt):
             edited.compose(loaded)
     else:
         edited = EditedModel(lm)
-        edited.rebuild(loaded, stack.linear(loaded), stack.meta.get("gates"))
+        edited.rebuild(loaded, stack.linear(loaded), stack.gates)
         _compare_weights(lm, loaded, stack)
     with err.status(f"writing {out}"):
         if fmt == "peft":

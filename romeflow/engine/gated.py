@@ -355,12 +355,10 @@ def held_inputs(rome, request, layer: int) -> torch.Tensor:
                       [subject_last_index(tok, t, n) for n in names for t in templates])
 
 
-def fit_gate(rome, request, layer: int, low: float, high: float, l2: float) -> Gate:
-    """The edit's gate: a from its prefixes and rewrite prompt (at the last subject token) against the rest
-    of those prompts' tokens, its family, the ``protect:`` subjects and text; e from text. A protected
-    subject's input the gate would not keep exactly closed is refused (InsertError, naming it)."""
-    from .rome import InsertError
-
+def gate_examples(rome, request, layer: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """What the gate's direction is fitted on: the positives (p, d_model), the edit's prefixes and rewrite prompt
+    (last) at the last subject token; the groups of negatives [family (f, d), the rest of those prompts' tokens
+    (r, d), the ``protect:`` subjects (h, d)]; and the text (t, d_model)."""
     tok = rome.lm.tokenizer
     templates = [p + "{}" for p in rome.prefixes] + [request.relation]
     pos, rest = prompt_inputs(rome.lm, layer, [fill(t, request.subject) for t in templates],
@@ -368,6 +366,16 @@ def fit_gate(rome, request, layer: int, low: float, high: float, l2: float) -> G
     text = rome.text_inputs(layer)  # (t, d_model)
     held = held_inputs(rome, request, layer)  # (h, d_model)
     family = family_inputs(rome, request, layer)  # (f, d_model)
+    return pos, [family, rest, held], text
+
+
+def fit_gate(rome, request, layer: int, low: float, high: float, l2: float) -> Gate:
+    """The edit's gate: a from its prefixes and rewrite prompt (at the last subject token) against the rest
+    of those prompts' tokens, its family, the ``protect:`` subjects and text; e from text. A protected
+    subject's input the gate would not keep exactly closed is refused (InsertError, naming it)."""
+    from .rome import InsertError
+
+    pos, (family, rest, held), text = gate_examples(rome, request, layer)
     a = logistic_direction(pos, [family, rest, held], text, l2)
     x_star = pos[-1].double()  # the rewrite prompt's input
     if not float(x_star @ a) > 0:

@@ -9,17 +9,20 @@ appended in a canonical order either way.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..engine.gated import (MAX_LOW, TEXT_TOKENS, Gate, NeuronUpdate, add_neurons, closing_low, cut_neurons,
-                            hidden_width, slope, text_inputs)
+from ..engine.gated import (MAX_LOW, TEXT_TOKENS, Gate, NeuronUpdate, _mlp_parts, add_neurons, closing_low,
+                            cut_neurons, gate_examples, gate_values, hidden_width, logistic_direction, slope,
+                            text_inputs)
 from ..engine.joint import joint_insert, null_space_basis, projected_solver
 from ..engine.margins import margins, next_token
 from ..engine.models import LoadedModel, read_weight, write_weight
 from ..engine.prompts import fill
-from ..engine.rome import InsertError, RankOneUpdate, Solver, add_rank_one
+from ..engine.rome import EditRequest, InsertError, RankOneUpdate, Rome, RomeParams, Solver, add_rank_one
 from ..engine.statistics import Corpus, token_rows, wikipedia_corpus
 from ..params import StackParams
 from . import neurons
@@ -171,17 +174,18 @@ def gated_edits(deltas: list[Delta]) -> list[tuple[Delta, int]]:
 
 
 def with_gates(deltas: list[Delta], gates: list[dict]) -> list[Delta]:
-    """Copies of ``deltas`` whose gated edits have the thresholds ``gates`` ({low, high, beta}, one per gated
-    edit in the order of ``gated_edits``) instead of their own; the same δ and direction, the same canonical
-    order (``neurons.canonical`` reads the metadata, which is kept)."""
+    """Copies of ``deltas`` whose gated edits have the thresholds ``gates`` ({low, high, beta}, and a (d_model,)
+    where stack.gate_refit refitted the direction; one per gated edit in the order of ``gated_edits``) instead
+    of their own; the same δ, the same canonical order (``neurons.canonical`` reads the metadata, kept)."""
     pairs = gated_edits(deltas)
     if len(gates) != len(pairs):
         raise DeltaError(f"the stack's gates: {len(gates)} thresholds for {len(pairs)} gated edits")
     new = {id(d): list(d.updates) for d in deltas}
     for (d, i), g in zip(pairs, gates):
         old = stored_gate(d.updates[i], d.meta["edits"][i]["gate"])
-        want = Gate(old.a, old.e, float(g["low"]), float(g["high"]), float(g["beta"]), old.gated)
-        if (want.low, want.high, want.beta) != (old.low, old.high, old.beta):
+        a = g["a"].float() if "a" in g else old.a
+        want = Gate(a, old.e, float(g["low"]), float(g["high"]), float(g["beta"]), old.gated)
+        if (want.low, want.high, want.beta) != (old.low, old.high, old.beta) or "a" in g:
             new[id(d)][i] = rethreshold(d.updates[i], old, want)
     return [Delta(new[id(d)], d.meta, d.path, d.pairs) for d in deltas]
 
@@ -199,35 +203,44 @@ class JointSolve:
 
     def __init__(self, second_moment: Callable[[int], torch.Tensor], ridge: float = 0.0, null_space: float = 0.0,
                  protect: bool = True, margin: float = 0.0, rounds: int = 7, prefixes: int = 0,
-                 stats_sha256: dict[int, str] | None = None, gate_text: int = 0, corpus: Corpus | None = None):
+                 stats_sha256: dict[int, str] | None = None, gate_text: int = 0, corpus: Corpus | None = None,
+                 gate_refit: bool = False, root: Path = Path(".")):
         self.second_moment, self.ridge, self.null_space, self.protect = second_moment, ridge, null_space, protect
         # the calibration (EditedModel.calibrate); margin 0: off
         self.margin, self.rounds, self.prefixes = margin, rounds, prefixes
         self.stats_sha256 = dict(stats_sha256 or {})
         # gated deltas: thresholds raised to close gate_text tokens of the corpus (raised_gates); 0: off
         self.gate_text, self.corpus = gate_text, corpus
+        # ... and a gate the cap leaves open on some of them refitted against those (refit_gate); root: the folder
+        # that the deltas' rome.protect_sources are relative to (the project's)
+        self.gate_refit, self.root = gate_refit, Path(root)
+        self._editors: dict[str, Rome] = {}
         self._solvers: dict[int, tuple[Solver, torch.Tensor | None]] = {}
         self._calibration: dict[int, torch.Tensor] = {}  # layer -> the base model's x at those tokens
 
     @classmethod
     def from_params(cls, second_moment: Callable[[int], torch.Tensor], p,
-                    stats_sha256: dict[int, str] | None = None, corpus: Corpus | None = None) -> "JointSolve":
-        """From params.yaml's ``stack:`` (a ``params.StackParams``); ``corpus``: the statistics' (stats.corpus)."""
+                    stats_sha256: dict[int, str] | None = None, corpus: Corpus | None = None,
+                    root: Path = Path(".")) -> "JointSolve":
+        """From params.yaml's ``stack:`` (a ``params.StackParams``); ``corpus``: the statistics' (stats.corpus);
+        ``root``: the project's folder."""
         return cls(second_moment, p.ridge, p.null_space, p.protect, p.margin, p.rounds, p.prefixes, stats_sha256,
-                   p.gate_text, corpus)
+                   p.gate_text, corpus, p.gate_refit, root)
 
     def settings(self) -> dict:
         """What the solve depends on besides the deltas and C, as ``StackParams.joint_settings`` says it
         (the calibration's fields only when it is on, gate_text only when set)."""
         return StackParams(method="joint", ridge=self.ridge, null_space=self.null_space, protect=self.protect,
                            margin=self.margin, rounds=self.rounds, prefixes=self.prefixes,
-                           gate_text=self.gate_text).joint_settings()
+                           gate_text=self.gate_text, gate_refit=self.gate_refit).joint_settings()
 
     def raised_gates(self, lm: LoadedModel, deltas: list[Delta]) -> list[dict]:
         """Each gated edit's thresholds {low, high, beta} with τ₀ raised until every one of ``gate_text`` corpus
         tokens is exactly closed, at most gated.MAX_LOW (never lowered; τ₁ by as much), in the order of
-        ``gated_edits``. Each gate alone, against the inputs of ``lm`` as it is (the caller's base model), so
-        the result depends on neither the order nor the other deltas."""
+        ``gated_edits``. With gate_refit, a gate the cap leaves open on some of those tokens is refitted against
+        them (``refit_gate``), and the refit kept (its direction under "a") when it leaves fewer open. Each gate alone, against the inputs of
+        ``lm`` as it is (the caller's base model), so the result depends on neither the order nor the other
+        deltas."""
         out = []
         for d, i in gated_edits(deltas):
             up, stored = d.updates[i], d.meta["edits"][i].get("gate")
@@ -237,9 +250,31 @@ class JointSolve:
             if up.layer not in self._calibration:
                 corpus = self.corpus or wikipedia_corpus()
                 self._calibration[up.layer] = calibration_inputs(lm, up.layer, corpus, self.gate_text)  # (N, d_model)
-            g = raise_gate(lm.model, stored_gate(up, stored), up.layer, self._calibration[up.layer])
-            out.append({"low": g.low, "high": g.high, "beta": g.beta})
+            x = self._calibration[up.layer]  # (N, d_model)
+            old = stored_gate(up, stored)
+            g, refit = raise_gate(lm.model, old, up.layer, x), None
+            if self.gate_refit and closing_low(old.a, old.e, old.gated, x) > MAX_LOW:  # the cap leaves some open
+                act = _mlp_parts(lm.model, up.layer)[3]
+                open_ = gate_values(g, act, x) != 0  # (N,)
+                refit = refit_gate(self.editor(lm, d), request_of(d, i), up.layer, old, x[open_])
+                if refit is not None:
+                    refit = raise_gate(lm.model, refit, up.layer, x)
+                    # kept only when it leaves fewer of those tokens open than the capped stored direction
+                    refit = refit if int((gate_values(refit, act, x) != 0).sum()) < int(open_.sum()) else None
+                g = g if refit is None else refit
+            out.append({"low": g.low, "high": g.high, "beta": g.beta, **({} if refit is None else {"a": g.a})})
         return out
+
+    def editor(self, lm: LoadedModel, d: Delta) -> Rome:
+        """A ``Rome`` with the delta's hyper-parameters and its own context prefixes (what its gate was fitted
+        on), one per set of hyper-parameters."""
+        hyper = d.meta["hyperparameters"]
+        key = json.dumps(hyper, sort_keys=True)
+        if key not in self._editors:
+            rome = Rome(lm, RomeParams.from_dict(hyper), self.second_moment, self.root, corpus=self.corpus)
+            rome._prefixes = list(d.meta["context_prefixes"])  # the prefixes the insert used, not generated again
+            self._editors[key] = rome
+        return self._editors[key]
 
     def solver(self, layer: int) -> tuple[Solver, torch.Tensor | None]:
         if layer not in self._solvers:
@@ -318,13 +353,14 @@ class JointSolve:
 
 
 def composition(stack: StackParams, second_moment: Callable[[int], torch.Tensor],
-                stats_sha256: dict[int, str] | None = None, corpus: Corpus | None = None) -> JointSolve | None:
+                stats_sha256: dict[int, str] | None = None, corpus: Corpus | None = None,
+                root: Path = Path(".")) -> JointSolve | None:
     """How params.yaml's ``stack:`` composes deltas, for ``EditedModel(lm, composition(...))``: None for
     ``stack.method: sum`` (base + Σ deltas), else the joint solve with ``stack``'s settings over the
     statistics ``second_moment`` (layer -> C, read only when a linear delta of that layer is solved)."""
     if stack.method == "sum":
         return None
-    return JointSolve.from_params(second_moment, stack, stats_sha256, corpus)
+    return JointSolve.from_params(second_moment, stack, stats_sha256, corpus, root)
 
 
 def composed_by(stack: StackParams) -> dict:
@@ -368,6 +404,34 @@ def raise_gate(model, gate: Gate, layer: int, x: torch.Tensor, cap: float = MAX_
         return gate
     high = gate.high + shift
     return Gate(gate.a, gate.e, gate.low + shift, high, slope(model, layer, high), gate.gated)
+
+
+def request_of(d: Delta, i: int) -> EditRequest:
+    """The request of the delta's i-th edit, from its manifest's canonical form."""
+    e = d.meta["manifest"]["canonical"]["edits"][d.meta["edits"][i].get("index", i)]
+    return EditRequest(e["subject"], e["relation"], e["target"], e.get("target_true"), tuple(e.get("protect", ())))
+
+
+def refit_gate(rome: Rome, request: EditRequest, layer: int, old: Gate, hard: torch.Tensor) -> Gate | None:
+    """``old`` with its direction refitted (stack.gate_refit): the insert's regression (``gated.gate_examples``:
+    the same positives, family, prompt tokens, protected subjects and text) with ``hard`` (m, d_model), the
+    calibration tokens the capped threshold leaves open, as one more group of negatives. s(x*) = 1 again, e
+    and δ kept, τ₀ and τ₁ raised as the insert raises them to close the family and the protected subjects (at
+    most MAX_LOW). None when the refit no longer scores its own prompt above 0 or leaves a protected subject
+    open: the stored direction is kept then."""
+    pos, negatives, text = gate_examples(rome, request, layer)
+    a = logistic_direction(pos, negatives + [hard], text, rome.spec.gate_l2)  # (d_model,) float64
+    x_star = pos[-1].double()  # the rewrite prompt's input
+    if not float(x_star @ a) > 0:
+        return None
+    a = (a / (x_star @ a)).float()  # s(x*) = 1
+    family, _rest, held = negatives
+    need = closing_low(a, old.e, old.gated, torch.cat([family, held]))
+    shift = max(0.0, min(need, MAX_LOW) - old.low)
+    g = Gate(a, old.e, old.low + shift, old.high + shift, slope(rome.lm.model, layer, old.high + shift), old.gated)
+    if len(held) and (gate_values(g, _mlp_parts(rome.lm.model, layer)[3], held) != 0).any():
+        return None
+    return g
 
 
 def rethreshold(up: NeuronUpdate, old: Gate, new: Gate) -> NeuronUpdate:

@@ -6,7 +6,8 @@ update of one module, ΔW_j = U_j V_jᵀ on its (d_out, d_in) view, in the order
 ``stack.method: joint`` with linear deltas they are the joint solve's, one per edited module, r_j = the
 edits on it (calibration shares included). Under ``sum``, or with gated deltas, nothing was solved:
 the file holds no tensors and the weights are the deltas' own (recorded by sha256, in order), with the
-gates' thresholds of ``stack.gate_text`` in the metadata when it raised them.
+gates' thresholds of ``stack.gate_text`` in the metadata when it raised them, and ``gates.<j>.a`` (d_model,)
+for each gate whose direction ``stack.gate_refit`` refitted (its entry says ``refit: true``).
 
 Metadata (safetensors header key ``romeflow``, schemas/stackfile.schema.json): format, romeflow_version,
 base_model (name, fingerprint), composition (method, settings: params.yaml ``stack:``'s
@@ -55,6 +56,7 @@ class StackFile:
     updates: list[RankOneUpdate]  # the solved updates (joint, linear deltas); [] when nothing was solved
     meta: dict
     path: str | None = None
+    gates: list[dict] | None = None  # each gated edit's {low, high, beta[, a]} as composed (stack.gate_text)
 
     def linear(self, deltas: list[Delta]) -> list[RankOneUpdate]:
         """The linear updates that rebuild the stack on the base model: the solved ones (joint), else the
@@ -64,26 +66,35 @@ class StackFile:
         return [up for d in deltas for up in d.updates if isinstance(up, RankOneUpdate)]
 
 
-def _tensors(updates: list[RankOneUpdate]) -> dict[str, torch.Tensor]:
-    """updates.<j>.u (d_out, r), updates.<j>.v (d_in, r): float32, contiguous, on the host."""
+def _tensors(updates: list[RankOneUpdate], gates: list[dict] | None = None) -> dict[str, torch.Tensor]:
+    """updates.<j>.u (d_out, r), updates.<j>.v (d_in, r), gates.<j>.a (d_model,) of refitted gates: float32,
+    contiguous, on the host."""
     out = {}
     for j, up in enumerate(updates):
         u = up.u if up.u.dim() == 2 else up.u[:, None]  # (d_out, r)
         v = up.v if up.v.dim() == 2 else up.v[:, None]  # (d_in, r)
         out[f"updates.{j}.u"] = u.detach().float().cpu().contiguous()
         out[f"updates.{j}.v"] = v.detach().float().cpu().contiguous()
+    for j, g in enumerate(gates or []):
+        if "a" in g:
+            out[f"gates.{j}.a"] = g["a"].detach().float().cpu().contiguous()
     return out
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor], n_updates: int) -> str:
-    """sha256 over updates.0.u, updates.0.v, updates.1.u, ...: 'NAME|DTYPE|SHAPE|' then the bytes of each."""
+def tensor_names(meta: dict) -> list[str]:
+    """The tensors a stack file holds, in the order of its sha256: updates.0.u, updates.0.v, updates.1.u, ...,
+    then gates.<j>.a of each refitted gate."""
+    return [f"updates.{j}.{p}" for j in range(len(meta["updates"])) for p in ("u", "v")] + \
+        [f"gates.{j}.a" for j, g in enumerate(meta.get("gates") or []) if g.get("refit")]
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor], names: list[str]) -> str:
+    """sha256 over the ``names`` (``tensor_names``): 'NAME|DTYPE|SHAPE|' then the bytes of each."""
     h = hashlib.sha256()
-    for j in range(n_updates):
-        for part in ("u", "v"):
-            name = f"updates.{j}.{part}"
-            t = tensors[name].contiguous()
-            h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
-            h.update(t.numpy().tobytes())
+    for name in names:
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -113,15 +124,16 @@ def stack_file(edited: EditedModel, weights_sha256: str) -> StackFile:
     }
     if edited.scales is not None:
         meta["shares"] = [round(float(s), 6) for s in edited.scales]
-    if edited.gates is not None:
-        meta["gates"] = edited.gates  # exact: JSON keeps a float's every bit
-    return StackFile(list(updates), meta)
+    if edited.gates is not None:  # exact: JSON keeps a float's every bit; a refitted direction is a tensor
+        meta["gates"] = [{"low": g["low"], "high": g["high"], "beta": g["beta"], **({"refit": True} if "a" in g else {})}
+                         for g in edited.gates]
+    return StackFile(list(updates), meta, gates=edited.gates)
 
 
 def save_stack_file(path: str | os.PathLike, sf: StackFile) -> None:
     """Write ``sf`` atomically, with its tensors' sha256 in the metadata (sf.meta too)."""
-    tensors = _tensors(sf.updates)
-    meta = {**sf.meta, "tensors_sha256": tensors_sha256(tensors, len(sf.updates))}
+    tensors = _tensors(sf.updates, sf.gates)
+    meta = {**sf.meta, "tensors_sha256": tensors_sha256(tensors, tensor_names(sf.meta))}
     errors = validate("stackfile", meta)
     if errors:
         raise StackFileError(f"{path}: stack file metadata {errors[0][0]}: {errors[0][1]}")
@@ -148,7 +160,7 @@ def load_stack_file(path: str | os.PathLike) -> StackFile:
             errors = validate("stackfile", meta)
             if errors:
                 raise StackFileError(f"{path}: metadata {errors[0][0]}: {errors[0][1]}")
-            want = [f"updates.{j}.{p}" for j in range(len(meta["updates"])) for p in ("u", "v")]
+            want = tensor_names(meta)
             extra, missing = sorted(set(f.keys()) - set(want)), [k for k in want if k not in set(f.keys())]
             if extra or missing:
                 raise StackFileError(f"{path}: {(extra or missing)[0]}: " + ("a tensor the metadata does not list"
@@ -159,6 +171,10 @@ def load_stack_file(path: str | os.PathLike) -> StackFile:
                     if shape != (d, e["rank"]):
                         raise StackFileError(f"{path}: updates.{j}.{p}: shape {shape}, the metadata says "
                                              f"{(d, e['rank'])}")
+            for name in want[2 * len(meta["updates"]):]:
+                shape = tuple(f.get_slice(name).get_shape())
+                if len(shape) != 1 or not 1 <= shape[0] <= 1048576:
+                    raise StackFileError(f"{path}: {name}: shape {shape}, not a gate direction (d_model,)")
             tensors = {k: f.get_tensor(k) for k in want}
     except StackFileError:
         raise
@@ -166,13 +182,16 @@ def load_stack_file(path: str | os.PathLike) -> StackFile:
         first = str(e).splitlines()[0] if str(e) else ""
         raise StackFileError(f"{path}: not a romeflow stack file ({type(e).__name__}: {first})") from e
     _check_tensors(str(path), meta, tensors)
-    digest = tensors_sha256(tensors, len(meta["updates"]))
+    digest = tensors_sha256(tensors, want)
     if digest != meta["tensors_sha256"]:
         raise StackFileError(f"{path}: tensors_sha256: the tensors' sha256 is {digest[:12]}..., the metadata says "
                              f"{meta['tensors_sha256'][:12]}... (the file was changed after it was written)")
     updates = [RankOneUpdate(e["module"], e["layer"], tensors[f"updates.{j}.u"], tensors[f"updates.{j}.v"])
                for j, e in enumerate(meta["updates"])]
-    return StackFile(updates, meta, str(path))
+    gates = None if "gates" not in meta else [
+        {"low": g["low"], "high": g["high"], "beta": g["beta"], **({"a": tensors[f"gates.{j}.a"]} if g.get("refit") else {})}
+        for j, g in enumerate(meta["gates"])]
+    return StackFile(updates, meta, str(path), gates)
 
 
 def _check_tensors(where: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -180,6 +199,10 @@ def _check_tensors(where: str, meta: dict, tensors: dict[str, torch.Tensor]) -> 
     if meta["updates"] and meta["composition"]["method"] != "joint":
         raise StackFileError(f"{where}: updates: solved updates in a stack composed by "
                              f"{meta['composition']['method']!r}; only a joint solve stores them")
+    for name in tensor_names(meta)[2 * len(meta["updates"]):]:
+        t = tensors[name]
+        if t.dtype != torch.float32 or not torch.isfinite(t).all():
+            raise StackFileError(f"{where}: {name}: not a finite float32 gate direction")
     for j in range(len(meta["updates"])):
         u, v = tensors[f"updates.{j}.u"], tensors[f"updates.{j}.v"]
         for part, t in (("u", u), ("v", v)):
