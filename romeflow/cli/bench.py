@@ -205,6 +205,8 @@ def bench_counterfact(ctx, records_path, n, start, methods, out, model_spec, ref
 @click.option("--records", "records_path", type=click.Path(dir_okay=False), default=None,
               help="COUNTERFACT records [default: params.yaml bench.counterfact.records].")
 @click.option("--n", "n", type=int, required=True, help="Edit the first N records (one delta, one manifest each).")
+@click.option("--skip", type=int, default=0, show_default=True,
+              help="Leave out the first SKIP records (e.g. those a setting was chosen on): edit the N after them.")
 @click.option("--k", "ks", default=",".join(map(str, (1, 10, 30, 100, 300))), show_default=True,
               help="Compose the first k deltas for each k (capped at N).")
 @click.option("--methods", default="sum,joint", show_default=True, help="Stack methods (params.yaml stack: for joint).")
@@ -222,7 +224,7 @@ def bench_counterfact(ctx, records_path, n, start, methods, out, model_spec, ref
               help="Compute no delta: compose and score only what the deltas already in the folder allow (e.g. the "
                    "small k while other processes still edit).")
 @click.pass_context
-def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shard, variants, compose_only):
+def bench_stack(ctx, records_path, n, skip, ks, methods, others, out, model_spec, shard, variants, compose_only):
     """Edits at scale: one delta per record, the first k composed with each stack method, scored.
 
     ES/PS/NS/NS_tok of the k edited records on the composed model, neighbourhood success and kept
@@ -243,6 +245,8 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
         raise click.BadParameter("must be at least 1", param_hint="--n")
     if others < 0:
         raise click.BadParameter("must be at least 0", param_hint="--others")
+    if skip < 0:
+        raise click.BadParameter("must be at least 0", param_hint="--skip")
     try:
         k_list = tuple(int(x) for x in ks.split(",") if x.strip())
     except ValueError:
@@ -269,12 +273,13 @@ def bench_stack(ctx, records_path, n, ks, methods, others, out, model_spec, shar
         raise ConfigError(f"{settings.path}: stack.heldout: {heldout} not found")
     spec = model_spec or settings.model
     all_records = load_counterfact(records_path)
-    if len(all_records) < n:
-        raise click.BadParameter(f"{records_path} has {len(all_records)} records, fewer than {n}", param_hint="--n")
+    if len(all_records) < skip + n:
+        raise click.BadParameter(f"{records_path} has {len(all_records)} records, fewer than {skip + n}"
+                                 + (f" (--skip {skip} + --n {n})" if skip else ""), param_hint="--n")
     facts = settings.bench.token_neighbors_facts
     known = load_known_facts(facts) if facts else []
     all_records = mine_token_neighbors(all_records, _tokenizer(ctx, spec), settings.bench.token_neighbors_k, known)
-    records, held = all_records[:n], all_records[n:n + others]
+    records, held = all_records[skip:skip + n], all_records[skip + n:skip + n + others]
     k_list = ks_up_to(k_list, n)
     _check_layers(ctx, spec, [(f"{settings.path}: rome.layer", settings.rome.layer)])
     lm = _load(ctx, spec)
