@@ -238,9 +238,9 @@ class JointSolve:
         """Each gated edit's thresholds {low, high, beta} with τ₀ raised until every one of ``gate_text`` corpus
         tokens is exactly closed, at most gated.MAX_LOW (never lowered; τ₁ by as much), in the order of
         ``gated_edits``. With gate_refit, a gate the cap leaves open on some of those tokens is refitted against
-        them (``refit_gate``), and the refit kept (its direction under "a") when it leaves fewer open. Each gate alone, against the inputs of
-        ``lm`` as it is (the caller's base model), so the result depends on neither the order nor the other
-        deltas."""
+        them (``refit_gate``), and the refit kept (its direction under "a") when it leaves fewer open. Each gate
+        alone, against the inputs of ``lm`` as it is (the caller's base model), so the result depends on
+        neither the order nor the other deltas."""
         out = []
         for d, i in gated_edits(deltas):
             up, stored = d.updates[i], d.meta["edits"][i].get("gate")
@@ -267,12 +267,12 @@ class JointSolve:
 
     def editor(self, lm: LoadedModel, d: Delta) -> Rome:
         """A ``Rome`` with the delta's hyper-parameters and its own context prefixes (what its gate was fitted
-        on), one per set of hyper-parameters."""
-        hyper = d.meta["hyperparameters"]
-        key = json.dumps(hyper, sort_keys=True)
+        on), one per set of hyper-parameters and prefixes."""
+        hyper, prefixes = d.meta["hyperparameters"], list(d.meta["context_prefixes"])
+        key = json.dumps([hyper, prefixes], sort_keys=True)
         if key not in self._editors:
             rome = Rome(lm, RomeParams.from_dict(hyper), self.second_moment, self.root, corpus=self.corpus)
-            rome._prefixes = list(d.meta["context_prefixes"])  # the prefixes the insert used, not generated again
+            rome._prefixes = prefixes  # the prefixes the insert used, not generated again
             self._editors[key] = rome
         return self._editors[key]
 
