@@ -15,6 +15,10 @@ does. δ is kept. Then, against the shipped composition of the same deltas:
   (the bench's ``_perplexity``), and ES/PS of the refitted edits' records in that composed model.
 
     python bench/gate_refit.py reports/bench/stack-dev1000-gated --n 1000 --compose --out FILE
+
+Kept as the diagnostic that was run (reports/bench/stack-dev1000-gated/gate-refit.json). The lever it led to is
+``compose.refit_gate`` (stack.gate_refit), which also closes the family as the insert does and keeps a refit only
+when it leaves fewer calibration tokens open; measure that one with `romeflow bench stack --variant`.
 """
 
 from __future__ import annotations

@@ -157,15 +157,16 @@ class StackBench:
                 missing.append((method, k))
                 continue
             scored = self.records[:k or max(self.ks)]  # unedited: the records of the largest stack
-            edits = [r for r in self.records[:k] if self.delta_path(r).is_file()]  # refused ones: scored unedited
+            refused = [r.case_id for r in self.records[:k] if not self.delta_path(r).is_file()]  # scored unedited
+            edits = [r for r in self.records[:k] if r.case_id not in refused]
             for r in edits:
                 if r.case_id not in loaded:
                     loaded[r.case_id] = load_delta(self.delta_path(r))
             deltas = [loaded[r.case_id] for r in edits]
             t = time.perf_counter()
             row: dict = {"method": method, "k": k}
-            if len(edits) < k:
-                row["refused"] = [r.case_id for r in self.records[:k] if not self.delta_path(r).is_file()]
+            if refused:
+                row["refused"] = refused
             try:
                 edited.compose(deltas, self.methods.get(method))
                 row.update(score_rows(self.lm, scored, self.others, self.text, self.window))
